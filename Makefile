@@ -1,0 +1,61 @@
+# infermesh: short public targets, _private helpers. Everything runs from .venv, which
+# the first target that needs it creates from the pinned constraints.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_REPOSITORY ?= models
+MODEL_NAME ?= finance-sentiment
+MODEL_VERSION ?= 1
+MODEL_STAMP := $(MODEL_REPOSITORY)/$(MODEL_NAME)/$(MODEL_VERSION)/config.json
+WEIGHTS := infermesh/model/weights/$(MODEL_NAME)
+DATA ?= ../shared/data/tfns
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# protoc finds its mypy plugins on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install proto lint fmt test run bench model train
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, alone and pinned, so nothing can pull a CUDA build in its place.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+model: install $(MODEL_STAMP)
+
+$(MODEL_STAMP): $(wildcard $(WEIGHTS)/*)
+	$(VENV)/bin/infermesh build-model --repository $(MODEL_REPOSITORY) --name $(MODEL_NAME) --version $(MODEL_VERSION)
+
+train: install
+	$(VENV)/bin/infermesh train --train $(DATA)/train.csv --valid $(DATA)/valid.csv --out $(WEIGHTS)
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=shared/pb --grpc_python_out=shared/pb \
+		--mypy_out=shared/pb --mypy_grpc_out=shared/pb protos/*.proto
+	# protoc emits absolute imports between generated modules (protobuf#1491).
+	sed -i -E 's/^import ([a-z0-9_]+_pb2)/from . import \1/' shared/pb/*_pb2*.py shared/pb/*_pb2*.pyi
+
+lint: proto
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+	git diff --exit-code shared/pb
+
+fmt: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: model
+	$(VENV)/bin/pytest -q
+
+run: model
+	$(VENV)/bin/infermesh run --repository $(MODEL_REPOSITORY)
+
+bench: model
+	$(PY) -m benchmarks.e2e --repository $(MODEL_REPOSITORY) --model $(MODEL_NAME)

@@ -1,0 +1,1 @@
+"""The finance sentiment model: LoRA fine-tuning, serving artifacts and evaluation."""

@@ -1,0 +1,73 @@
+"""Scores the served ONNX variants on labelled data, with the serving tokenizer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from infermesh.model.data import read_tfns_csv
+from infermesh.model.metrics import classification_report
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.tokenizer.core import Overflow, Tokenizer, TokenizerLimits
+from shared.calibration import expected_calibration_error, softmax
+from shared.model_repository import ModelRepository
+
+
+def _logits(backend: OnnxRuntimeBackend, ids: list[list[int]], batch_size: int = 64) -> npt.NDArray[np.float32]:
+    out = []
+    for start in range(0, len(ids), batch_size):
+        rows = ids[start : start + batch_size]
+        length = max(len(r) for r in rows)
+        input_ids = np.zeros((len(rows), length), dtype=np.int64)
+        mask = np.zeros_like(input_ids)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        out.append(backend.run(input_ids, mask))
+    return np.concatenate(out)
+
+
+def evaluate_repository_model(repository_root: Path, name: str, version: str, data: Path) -> dict[str, Any]:
+    repository = ModelRepository(repository_root)
+    config = repository.config(name, version)
+    folder = repository.path(name, config.version)
+    examples = read_tfns_csv(data, tuple(config.labels))
+    tokenizer = Tokenizer(
+        folder / config.tokenizer,
+        name,
+        TokenizerLimits(config.max_sequence_length, 0, len(examples), 1 << 20),
+    )
+    tokenized = tokenizer.tokenize([e.text for e in examples], overflow=Overflow.TRUNCATE)
+    ids = [t.chunks[0].input_ids for t in tokenized]
+    labels = np.array([e.label for e in examples])
+    variants: dict[str, Any] = {}
+    probabilities: dict[str, npt.NDArray[np.float64]] = {}
+    for variant, file in config.variants.items():
+        backend = OnnxRuntimeBackend(folder / file)
+        started = time.perf_counter()
+        logits = _logits(backend, ids)
+        seconds = time.perf_counter() - started
+        report = classification_report(logits.argmax(-1), labels, tuple(config.labels))
+        report["ece_uncalibrated"] = expected_calibration_error(softmax(logits), labels)
+        report["ece_calibrated"] = expected_calibration_error(softmax(logits, config.temperature), labels)
+        report["seconds"] = round(seconds, 2)
+        variants[variant] = report
+        probabilities[variant] = softmax(logits, config.temperature)
+    result: dict[str, Any] = {
+        "model": name,
+        "version": config.version,
+        "data": data.name,
+        "examples": len(examples),
+        "truncated": sum(t.truncated for t in tokenized),
+        "temperature": config.temperature,
+        "variants": variants,
+    }
+    if {"fp32", "int8"} <= probabilities.keys():
+        fp32, int8 = probabilities["fp32"], probabilities["int8"]
+        result["int8_fp32_label_agreement"] = float((fp32.argmax(-1) == int8.argmax(-1)).mean())
+        result["int8_fp32_max_probability_diff"] = float(np.abs(fp32 - int8).max())
+    return result

@@ -1,0 +1,236 @@
+"""The inference service's core: model versions, validation, dynamic batching, outputs.
+
+Internal implementation behind the OIP v2 servicer; knows no gRPC. A served model is a
+sequence classifier taking int64 `input_ids` and `attention_mask` [batch, sequence];
+it returns `logits`, calibrated `probabilities` (the version's temperature) and the
+top `label` as BYTES, so a stock OIP client gets a usable answer in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from services.inference.backends.base import Backend
+from services.inference.types import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    Tensor,
+    TensorMetadata,
+)
+from shared.batching import BatchPolicy, DynamicBatcher
+from shared.calibration import softmax
+from shared.errors import InputTooLarge, InvalidInput, ModelNotFound, ModelNotReady
+from shared.model_repository import ModelConfig, ModelRepository
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_INPUTS = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("logits", "probabilities", "label")
+
+BackendFactory = Callable[[ModelConfig, Path], Backend]
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One row of a request with its padding stripped."""
+
+    input_ids: npt.NDArray[np.int64]
+    attention_mask: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sequences_per_request: int = 1024
+    """Rows per ModelInfer request."""
+
+
+class LoadedVersion:
+    """One loaded model version: its config, backend and batcher."""
+
+    def __init__(self, config: ModelConfig, backend: Backend, policy: BatchPolicy, executor: ThreadPoolExecutor):
+        self.config = config
+        self.backend = backend
+        self._executor = executor
+        self.batcher: DynamicBatcher[Sequence, npt.NDArray[np.float32]] = DynamicBatcher(
+            self._run_batch, lambda s: len(s.input_ids), policy
+        )
+
+    async def _run_batch(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32]]:
+        longest = max(len(s.input_ids) for s in sequences)
+        input_ids = np.zeros((len(sequences), longest), dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, : len(sequence.input_ids)] = sequence.input_ids
+            attention_mask[row, : len(sequence.attention_mask)] = sequence.attention_mask
+        loop = asyncio.get_running_loop()
+        logits = await loop.run_in_executor(self._executor, self.backend.run, input_ids, attention_mask)
+        return list(logits)
+
+
+class InferenceCore:
+    """Serves the latest `versions_to_serve` versions of each model in a repository."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        backend_factory: BackendFactory,
+        policy: BatchPolicy,
+        model_names: list[str] | None = None,
+        versions_to_serve: int = 1,
+        limits: Limits | None = None,
+    ) -> None:
+        self.repository = repository
+        self._backend_factory = backend_factory
+        self._policy = policy
+        self._model_names = model_names
+        self._versions_to_serve = versions_to_serve
+        self.limits = limits or Limits()
+        self._models: dict[str, dict[str, LoadedVersion]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=policy.max_concurrent_batches, thread_name_prefix="backend")
+        self.ready = False
+
+    async def load(self) -> None:
+        """Loads every model version to serve; the server is ready only afterwards."""
+        names = self._model_names or self.repository.model_names()
+        if not names:
+            raise ModelNotFound(f"no models in repository {self.repository.root}")
+        for name in names:
+            versions = self.repository.versions(name)
+            if not versions:
+                raise ModelNotFound.named(name)
+            for version in versions[-self._versions_to_serve :]:
+                config = self.repository.config(name, version)
+                path = self.repository.path(name, version)
+                backend = await asyncio.to_thread(self._backend_factory, config, path)
+                self._models.setdefault(name, {})[version] = LoadedVersion(
+                    config, backend, self._policy, self._executor
+                )
+                logger.info("loaded %s version %s with %s", name, version, backend.name)
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        for versions in self._models.values():
+            for loaded in versions.values():
+                await loaded.batcher.close()
+                loaded.backend.close()
+        self._executor.shutdown(wait=False)
+
+    def _resolve(self, name: str, version: str) -> LoadedVersion:
+        versions = self._models.get(name)
+        if versions is None:
+            if not self.ready:
+                raise ModelNotReady(f"model {name!r} is still loading")
+            raise ModelNotFound.named(name)
+        if not version:
+            return versions[max(versions, key=int)]
+        loaded = versions.get(version)
+        if loaded is None:
+            raise ModelNotFound.named(name, version)
+        return loaded
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        self._resolve(name, version)
+        return self.ready
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        config = self._resolve(name, version).config
+        num_labels = len(config.labels)
+        return ModelMetadata(
+            name=name,
+            versions=sorted(self._models[name], key=int),
+            platform=config.platform,
+            inputs=[TensorMetadata(t.name, t.datatype, list(t.shape)) for t in config.inputs],
+            outputs=[
+                TensorMetadata("logits", "FP32", [-1, num_labels]),
+                TensorMetadata("probabilities", "FP32", [-1, num_labels]),
+                TensorMetadata("label", "BYTES", [-1]),
+            ],
+        )
+
+    def queue_depth(self) -> int:
+        return sum(v.batcher.queue_depth for versions in self._models.values() for v in versions.values())
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        loaded = self._resolve(request.model_name, request.model_version)
+        config = loaded.config
+        unknown_outputs = [name for name in request.requested_outputs if name not in OUTPUT_NAMES]
+        if unknown_outputs:
+            raise InvalidInput(f"model {config.name!r} has no output {unknown_outputs[0]!r}; outputs are {OUTPUT_NAMES}")
+        sequences = self._sequences(config, request)
+        logits = np.stack(await loaded.batcher.submit(sequences))
+        return InferenceResponse(
+            model_name=config.name,
+            model_version=config.version,
+            id=request.id,
+            outputs=self._outputs(config, logits, request.requested_outputs or list(OUTPUT_NAMES)),
+        )
+
+    def _sequences(self, config: ModelConfig, request: InferenceRequest) -> list[Sequence]:
+        by_name: dict[str, Tensor] = {}
+        for tensor in request.inputs:
+            if tensor.name not in REQUIRED_INPUTS:
+                raise InvalidInput(f"model {config.name!r} has no input {tensor.name!r}; inputs are {REQUIRED_INPUTS}")
+            if tensor.name in by_name:
+                raise InvalidInput(f"input {tensor.name!r} is given twice")
+            by_name[tensor.name] = tensor
+        for name in REQUIRED_INPUTS:
+            if name not in by_name:
+                raise InvalidInput(f"input {name!r} is missing; model {config.name!r} needs {REQUIRED_INPUTS}")
+            tensor = by_name[name]
+            if tensor.datatype != "INT64":
+                raise InvalidInput(f"input {name!r} has datatype {tensor.datatype}; the model expects INT64")
+            if tensor.data.ndim != 2 or 0 in tensor.data.shape:
+                raise InvalidInput(
+                    f"input {name!r} has shape {list(tensor.data.shape)}; expected [batch, sequence], both above 0"
+                )
+        ids = by_name["input_ids"].data.astype(np.int64, copy=False)
+        mask = by_name["attention_mask"].data.astype(np.int64, copy=False)
+        if ids.shape != mask.shape:
+            raise InvalidInput(
+                f"input_ids has shape {list(ids.shape)} but attention_mask has {list(mask.shape)}; they must match"
+            )
+        rows, length = ids.shape
+        if rows > self.limits.max_sequences_per_request:
+            raise InputTooLarge(
+                f"request has {rows} sequences; max is {self.limits.max_sequences_per_request} per request"
+            )
+        if length > config.max_sequence_length:
+            raise InputTooLarge(
+                f"sequence length is {length} tokens; max is {config.max_sequence_length} "
+                "(split longer texts into chunks with the tokenizer service)"
+            )
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise InvalidInput(f"input_ids holds a token id outside the vocabulary [0, {config.vocab_size})")
+        if not np.isin(mask, (0, 1)).all():
+            raise InvalidInput("attention_mask must hold only 0 and 1")
+        lengths = mask.sum(axis=1)
+        if (lengths == 0).any():
+            raise InvalidInput(f"sequence {int(np.argmin(lengths))} has an all-zero attention_mask")
+        # Right padding: keep each row up to its last attended token; the batch re-pads.
+        last = length - np.argmax(mask[:, ::-1], axis=1)
+        return [Sequence(ids[r, : last[r]], mask[r, : last[r]]) for r in range(rows)]
+
+    @staticmethod
+    def _outputs(config: ModelConfig, logits: npt.NDArray[np.float32], names: list[str]) -> list[Tensor]:
+        outputs: list[Tensor] = []
+        probabilities = softmax(logits, config.temperature).astype(np.float32)
+        for name in names:
+            if name == "logits":
+                outputs.append(Tensor("logits", "FP32", logits.astype(np.float32)))
+            elif name == "probabilities":
+                outputs.append(Tensor("probabilities", "FP32", probabilities))
+            else:
+                labels = np.empty(len(logits), dtype=np.object_)
+                labels[:] = [config.labels[i].encode() for i in probabilities.argmax(axis=1)]
+                outputs.append(Tensor("label", "BYTES", labels))
+        return outputs

@@ -1,0 +1,74 @@
+"""Composition root of the inference service."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import version
+from pathlib import Path
+
+import grpc
+
+from services.inference.backends.base import Backend
+from services.inference.core import InferenceCore, Limits
+from services.inference.servicer import InferenceServicer
+from services.inference.settings import InferenceSettings
+from shared.batching import BatchPolicy
+from shared.grpc_server import RunningServer, start_server, wait_for_termination_signal
+from shared.model_repository import ModelConfig, ModelRepository
+from shared.pb import grpc_predict_v2_pb2 as pb
+from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def build_core(settings: InferenceSettings) -> InferenceCore:
+    def make_backend(config: ModelConfig, path: Path) -> Backend:
+        from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+
+        variant = settings.variant or config.default_variant
+        if variant not in config.variants:
+            raise ValueError(f"model {config.name} has no variant {variant!r}; it has {sorted(config.variants)}")
+        return OnnxRuntimeBackend(
+            path / config.variants[variant],
+            intra_op_threads=settings.intra_op_threads,
+            allow_spinning=settings.allow_spinning,
+        )
+
+    policy = BatchPolicy(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue_delay_seconds=settings.max_queue_delay_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        max_concurrent_batches=settings.max_concurrent_batches,
+    )
+    return InferenceCore(
+        ModelRepository(settings.model_repository),
+        make_backend,
+        policy,
+        model_names=settings.models or None,
+        versions_to_serve=settings.versions_to_serve,
+        limits=Limits(max_sequences_per_request=settings.max_sequences_per_request),
+    )
+
+
+async def start(settings: InferenceSettings) -> tuple[RunningServer, InferenceCore]:
+    """Binds first (health NOT_SERVING), loads the models, then reports SERVING."""
+    core = build_core(settings)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, version("infermesh")), server)
+
+    running = await start_server(settings, register, [SERVICE_NAME])
+    await core.load()
+    await running.set_serving(True)
+    logger.info("inference serving on %s:%d", settings.host, running.port)
+    return running, core
+
+
+async def serve(settings: InferenceSettings) -> None:
+    running, core = await start(settings)
+    await wait_for_termination_signal()
+    await running.stop(settings.shutdown_grace_seconds)
+    await core.close()

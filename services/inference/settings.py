@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import BaseServiceSettings
+
+
+class InferenceSettings(BaseServiceSettings):
+    """Settings of the inference service (env prefix INFERMESH_INFERENCE_)."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_INFERENCE_", extra="ignore")
+
+    grpc_port: int = 8001
+    """Port where to listen for gRPC connections (Triton's, so stock clients need no flags)."""
+
+    model_repository: Path = Path("models")
+    """Folder holding `<name>/<version>/config.json`."""
+
+    models: list[str] = []
+    """Models to load; empty means every model in the repository."""
+
+    versions_to_serve: int = 1
+    """How many of each model's newest versions to load; requests may pin any of them."""
+
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    """Execution backend."""
+
+    variant: str = ""
+    """Model file variant (e.g. `int8`, `fp32`); empty means the model's default."""
+
+    intra_op_threads: int = 0
+    """ONNX Runtime threads per batch; 0 lets ONNX Runtime use every core."""
+
+    allow_spinning: bool = False
+    """Let ONNX Runtime threads spin between batches (faster alone, worse on shared cores)."""
+
+    max_batch_size: int = 64
+    """Sequences per batch."""
+
+    max_batch_tokens: int = 8192
+    """Padded tokens per batch (longest sequence times sequences)."""
+
+    max_queue_delay_ms: float = 1.0
+    """How long a batch waits for more sequences once it has one."""
+
+    max_queue_size: int = 2048
+    """Sequences waiting at most; beyond it requests get RESOURCE_EXHAUSTED."""
+
+    max_concurrent_batches: int = 1
+    """Batches executing at once."""
+
+    max_sequences_per_request: int = 1024
+    """Rows per ModelInfer request."""

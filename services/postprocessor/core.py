@@ -1,0 +1,157 @@
+"""Logits to calibrated labels: temperature scaling, thresholds with abstention, and
+aggregation of a long document's chunks into one result. Plain numpy; no transport."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.calibration import softmax
+from shared.errors import InputTooLarge, InvalidInput
+from shared.model_repository import ModelConfig, ModelRepository
+
+
+class Aggregation(enum.Enum):
+    MEAN = "mean"
+    """Token-weighted mean of the chunks' calibrated probabilities."""
+    MAX_CONFIDENCE = "max_confidence"
+    """The chunk with the most confident prediction decides."""
+
+
+@dataclass(frozen=True)
+class DocumentResult:
+    label: str
+    probabilities: list[float]
+    """Calibrated, in the order of `PostprocessResult.labels`."""
+    abstained: bool
+    num_chunks: int
+    deciding_chunk: int
+    """Index within the document of the chunk most in favour of the top label."""
+
+
+@dataclass(frozen=True)
+class PostprocessResult:
+    labels: list[str]
+    results: list[DocumentResult]
+    model_name: str
+    model_version: str
+    temperature: float
+    abstain_label: str
+
+
+class Postprocessor:
+    """Reads each model version's labels and temperature from the model repository."""
+
+    def __init__(self, repository: ModelRepository, abstain_label: str = "abstain", max_rows: int = 65536) -> None:
+        self.repository = repository
+        self.abstain_label = abstain_label
+        self.max_rows = max_rows
+        self._configs: dict[tuple[str, str], ModelConfig] = {}
+
+    def _config(self, name: str, version: str) -> ModelConfig:
+        resolved = self.repository.resolve(name, version)
+        key = (name, resolved)
+        if key not in self._configs:
+            self._configs[key] = self.repository.config(name, resolved)
+        return self._configs[key]
+
+    def process(
+        self,
+        model_name: str,
+        model_version: str,
+        logits: Sequence[float] | npt.NDArray[np.floating],
+        num_labels: int,
+        document_index: Sequence[int] = (),
+        row_weights: Sequence[float] = (),
+        thresholds: Mapping[str, float] | None = None,
+        aggregation: Aggregation = Aggregation.MEAN,
+    ) -> PostprocessResult:
+        if not model_name:
+            raise InvalidInput("model_name is empty")
+        config = self._config(model_name, model_version)
+        labels = config.labels
+        if num_labels != len(labels):
+            raise InvalidInput(f"num_labels is {num_labels}; model {model_name!r} has {len(labels)} labels")
+        flat = np.asarray(logits, dtype=np.float64)
+        if flat.size == 0:
+            raise InvalidInput("logits is empty")
+        if flat.size % num_labels:
+            raise InvalidInput(f"logits has {flat.size} values, not a multiple of num_labels ({num_labels})")
+        matrix = flat.reshape(-1, num_labels)
+        rows = len(matrix)
+        if rows > self.max_rows:
+            raise InputTooLarge(f"request has {rows} rows; max is {self.max_rows}")
+        bad_rows = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+        if bad_rows.size:
+            raise InvalidInput(f"logits row {int(bad_rows[0])} holds a NaN or infinite value")
+        documents = self._document_index(document_index, rows)
+        weights = self._weights(row_weights, rows)
+        limits = self._thresholds(thresholds or {}, labels)
+        probabilities = softmax(matrix, config.temperature)
+
+        results: list[DocumentResult] = []
+        for document in range(int(documents.max()) + 1):
+            rows_of_document = np.flatnonzero(documents == document)
+            chunk_probabilities = probabilities[rows_of_document]
+            if aggregation is Aggregation.MAX_CONFIDENCE:
+                combined = chunk_probabilities[int(chunk_probabilities.max(axis=1).argmax())]
+            else:
+                chunk_weights = weights[rows_of_document]
+                combined = (chunk_probabilities * chunk_weights[:, None]).sum(axis=0) / chunk_weights.sum()
+            top = int(combined.argmax())
+            abstained = combined[top] < limits.get(labels[top], 0.0)
+            results.append(
+                DocumentResult(
+                    label=self.abstain_label if abstained else labels[top],
+                    probabilities=[float(p) for p in combined],
+                    abstained=bool(abstained),
+                    num_chunks=len(rows_of_document),
+                    deciding_chunk=int(chunk_probabilities[:, top].argmax()),
+                )
+            )
+        return PostprocessResult(
+            labels=list(labels),
+            results=results,
+            model_name=model_name,
+            model_version=config.version,
+            temperature=config.temperature,
+            abstain_label=self.abstain_label,
+        )
+
+    @staticmethod
+    def _document_index(document_index: Sequence[int], rows: int) -> npt.NDArray[np.int64]:
+        if not document_index:
+            return np.arange(rows, dtype=np.int64)
+        if len(document_index) != rows:
+            raise InvalidInput(f"document_index has {len(document_index)} entries; logits have {rows} rows")
+        documents = np.asarray(document_index, dtype=np.int64)
+        count = int(documents.max()) + 1
+        missing = np.setdiff1d(np.arange(count), documents)
+        if missing.size:
+            raise InvalidInput(f"document {int(missing[0])} has no rows; document_index must cover 0..{count - 1}")
+        return documents
+
+    @staticmethod
+    def _weights(row_weights: Sequence[float], rows: int) -> npt.NDArray[np.float64]:
+        if not row_weights:
+            return np.ones(rows)
+        if len(row_weights) != rows:
+            raise InvalidInput(f"row_weights has {len(row_weights)} entries; logits have {rows} rows")
+        weights = np.asarray(row_weights, dtype=np.float64)
+        if not (np.isfinite(weights).all() and (weights > 0).all()):
+            raise InvalidInput("row_weights must be finite and above 0")
+        return weights
+
+    @staticmethod
+    def _thresholds(thresholds: Mapping[str, float], labels: Sequence[str]) -> dict[str, float]:
+        for label, value in thresholds.items():
+            if label not in labels:
+                raise InvalidInput(f"threshold for unknown label {label!r}; labels are {list(labels)}")
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise InvalidInput(f"threshold for {label!r} is {value}; it must be within [0, 1]")
+        return dict(thresholds)

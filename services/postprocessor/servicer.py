@@ -1,0 +1,55 @@
+"""gRPC shell over `Postprocessor`."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.postprocessor.core import Aggregation, Postprocessor, PostprocessResult
+from shared.pb import postprocess_pb2 as pb
+from shared.pb import postprocess_pb2_grpc as pb_grpc
+
+_AGGREGATION = {
+    pb.AGGREGATION_UNSPECIFIED: Aggregation.MEAN,
+    pb.AGGREGATION_MEAN: Aggregation.MEAN,
+    pb.AGGREGATION_MAX_CONFIDENCE: Aggregation.MAX_CONFIDENCE,
+}
+
+
+def result_to_pb(result: PostprocessResult) -> pb.PostprocessResponse:
+    return pb.PostprocessResponse(
+        labels=result.labels,
+        results=[
+            pb.DocumentResult(
+                label=r.label,
+                probabilities=r.probabilities,
+                abstained=r.abstained,
+                num_chunks=r.num_chunks,
+                deciding_chunk=r.deciding_chunk,
+            )
+            for r in result.results
+        ],
+        model_name=result.model_name,
+        model_version=result.model_version,
+        temperature=result.temperature,
+        abstain_label=result.abstain_label,
+    )
+
+
+class PostprocessorServicer(pb_grpc.PostprocessServiceServicer):
+    def __init__(self, postprocessor: Postprocessor) -> None:
+        self._postprocessor = postprocessor
+
+    async def Postprocess(
+        self, request: pb.PostprocessRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PostprocessResponse:
+        result = self._postprocessor.process(
+            request.model_name,
+            request.model_version,
+            request.logits,
+            request.num_labels,
+            document_index=request.document_index,
+            row_weights=request.row_weights,
+            thresholds=dict(request.thresholds),
+            aggregation=_AGGREGATION.get(request.aggregation, Aggregation.MEAN),
+        )
+        return result_to_pb(result)

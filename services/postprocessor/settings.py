@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import BaseServiceSettings
+
+
+class PostprocessorSettings(BaseServiceSettings):
+    """Settings of the post-processor (env prefix INFERMESH_POSTPROCESSOR_)."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_POSTPROCESSOR_", extra="ignore")
+
+    grpc_port: int = 50052
+    """Port where to listen for gRPC connections."""
+
+    model_repository: Path = Path("models")
+    """Model repository holding each version's labels and temperature."""
+
+    abstain_label: str = "abstain"
+    """Label returned when the top probability is below its threshold."""
+
+    max_rows: int = 65536
+    """Logit rows per request."""

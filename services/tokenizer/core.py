@@ -1,0 +1,163 @@
+"""Text to model inputs with the model's own tokenizer (Rust `tokenizers`).
+
+Long texts are never cut silently: by default they become overlapping chunks that
+together cover every token, and the caller aggregates the chunks' predictions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Encoding
+from tokenizers import Tokenizer as RustTokenizer
+
+from shared.errors import InputTooLarge, InvalidInput
+
+#: [CLS] and [SEP] around every chunk.
+SPECIAL_TOKENS_PER_CHUNK = 2
+
+
+class Overflow(enum.Enum):
+    CHUNK = "chunk"
+    TRUNCATE = "truncate"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    input_ids: list[int]
+    attention_mask: list[int]
+    offsets: list[tuple[int, int]] | None
+    """Character span of each token in the original text; (0, 0) for special tokens."""
+    word_ids: list[int] | None
+    """Word index of each token; -1 for special tokens."""
+    char_start: int
+    char_end: int
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    chunks: list[Chunk]
+    num_tokens: int
+    """Tokens in the whole text, special tokens not counted."""
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class TokenizerLimits:
+    max_length: int
+    """Tokens per chunk the model accepts, special tokens included."""
+    default_stride: int
+    """Tokens shared by consecutive chunks unless the request says otherwise."""
+    max_texts: int
+    """Texts per request."""
+    max_text_bytes: int
+    """UTF-8 bytes per text."""
+
+
+class Tokenizer:
+    """The tokenizer service's core: validation, truncation and chunking, no transport."""
+
+    def __init__(self, tokenizer_json: Path, model_name: str, limits: TokenizerLimits) -> None:
+        self.model_name = model_name
+        self.limits = limits
+        self._definition = tokenizer_json.read_text(encoding="utf-8")
+        base = RustTokenizer.from_str(self._definition)
+        self.vocab_size = base.get_vocab_size()
+        # A Rust tokenizer carries its truncation settings, so each (max_length, stride)
+        # gets its own instance; building one takes ~10 ms, so they are kept.
+        self._by_window: dict[tuple[int, int], RustTokenizer] = {}
+        self._lock = threading.Lock()
+        if limits.default_stride >= limits.max_length - SPECIAL_TOKENS_PER_CHUNK:
+            raise ValueError("default stride must be smaller than the chunk's content length")
+
+    def _for_window(self, max_length: int, stride: int) -> RustTokenizer:
+        key = (max_length, stride)
+        with self._lock:
+            tokenizer = self._by_window.get(key)
+            if tokenizer is None:
+                tokenizer = RustTokenizer.from_str(self._definition)
+                tokenizer.no_padding()
+                tokenizer.enable_truncation(max_length, stride=stride, strategy="longest_first")
+                self._by_window[key] = tokenizer
+            return tokenizer
+
+    def validate(self, texts: Sequence[str], max_length: int, stride: int) -> None:
+        limits = self.limits
+        if not texts:
+            raise InvalidInput("texts is empty; send at least one text")
+        if len(texts) > limits.max_texts:
+            raise InputTooLarge(f"request has {len(texts)} texts; max is {limits.max_texts}")
+        if not SPECIAL_TOKENS_PER_CHUNK < max_length <= limits.max_length:
+            raise InvalidInput(f"max_length is {max_length}; it must be in 3..{limits.max_length}")
+        if stride >= max_length - SPECIAL_TOKENS_PER_CHUNK:
+            raise InvalidInput(
+                f"stride is {stride}; it must be below max_length - {SPECIAL_TOKENS_PER_CHUNK} ({max_length - 2})"
+            )
+        for index, text in enumerate(texts):
+            size = len(text.encode("utf-8", errors="surrogatepass"))
+            if size > limits.max_text_bytes:
+                raise InputTooLarge(f"text {index} has {size} bytes; max is {limits.max_text_bytes}")
+            if not text.strip():
+                raise InvalidInput(f"text {index} is empty")
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        max_length: int | None = None,
+        stride: int | None = None,
+        overflow: Overflow = Overflow.CHUNK,
+        return_offsets: bool = False,
+    ) -> list[TokenizedText]:
+        """Tokenizes `texts`; one result per text, in order. Blocking: see `tokenize_async`."""
+        max_length = max_length or self.limits.max_length
+        if stride is None:
+            # A request for short chunks must not fail on the default overlap.
+            stride = min(self.limits.default_stride, (max_length - SPECIAL_TOKENS_PER_CHUNK) // 2)
+        self.validate(texts, max_length, stride)
+        tokenizer = self._for_window(max_length, stride)
+        encodings = tokenizer.encode_batch(list(texts))
+        return [self._to_result(encoding, stride, overflow, return_offsets) for encoding in encodings]
+
+    async def tokenize_async(
+        self,
+        texts: Sequence[str],
+        max_length: int | None = None,
+        stride: int | None = None,
+        overflow: Overflow = Overflow.CHUNK,
+        return_offsets: bool = False,
+    ) -> list[TokenizedText]:
+        return await asyncio.to_thread(self.tokenize, texts, max_length, stride, overflow, return_offsets)
+
+    @staticmethod
+    def _to_result(encoding: Encoding, stride: int, overflow: Overflow, return_offsets: bool) -> TokenizedText:
+        windows = [encoding, *encoding.overflowing]
+        content = [len(w.ids) - SPECIAL_TOKENS_PER_CHUNK for w in windows]
+        num_tokens = sum(content) - stride * (len(windows) - 1)
+        if overflow is Overflow.TRUNCATE:
+            windows = windows[:1]
+        return TokenizedText(
+            chunks=[_to_chunk(w, return_offsets) for w in windows],
+            num_tokens=num_tokens,
+            truncated=overflow is Overflow.TRUNCATE and len(encoding.overflowing) > 0,
+        )
+
+
+def _to_chunk(encoding: Encoding, return_offsets: bool) -> Chunk:
+    offsets = encoding.offsets
+    special = encoding.special_tokens_mask
+    spans = [span for span, is_special in zip(offsets, special, strict=True) if not is_special]
+    char_start = spans[0][0] if spans else 0
+    char_end = spans[-1][1] if spans else 0
+    return Chunk(
+        input_ids=list(encoding.ids),
+        attention_mask=list(encoding.attention_mask),
+        offsets=[(int(s), int(e)) for s, e in offsets] if return_offsets else None,
+        word_ids=[-1 if w is None else w for w in encoding.word_ids] if return_offsets else None,
+        char_start=char_start,
+        char_end=char_end,
+    )

@@ -1,0 +1,51 @@
+"""Composition root of the tokenizer service."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from services.tokenizer.core import Tokenizer, TokenizerLimits
+from services.tokenizer.servicer import TokenizerServicer
+from services.tokenizer.settings import TokenizerSettings
+from shared.grpc_server import RunningServer, start_server, wait_for_termination_signal
+from shared.model_repository import ModelRepository
+from shared.pb import tokenizer_pb2 as pb
+from shared.pb import tokenizer_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TokenizerService"].full_name
+
+
+def build_tokenizer(settings: TokenizerSettings) -> Tokenizer:
+    repository = ModelRepository(settings.model_repository)
+    version = repository.resolve(settings.model_name, settings.model_version)
+    config = repository.config(settings.model_name, version)
+    limits = TokenizerLimits(
+        max_length=settings.max_length or config.max_sequence_length,
+        default_stride=settings.stride,
+        max_texts=settings.max_texts,
+        max_text_bytes=settings.max_text_bytes,
+    )
+    path = repository.path(settings.model_name, version) / config.tokenizer
+    return Tokenizer(path, model_name=settings.model_name, limits=limits)
+
+
+async def start(settings: TokenizerSettings) -> RunningServer:
+    tokenizer = build_tokenizer(settings)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_TokenizerServiceServicer_to_server(TokenizerServicer(tokenizer), server)
+
+    running = await start_server(settings, register, [SERVICE_NAME])
+    await running.set_serving(True)
+    logger.info("tokenizer serving on %s:%d", settings.host, running.port)
+    return running
+
+
+async def serve(settings: TokenizerSettings) -> None:
+    running = await start(settings)
+    await wait_for_termination_signal()
+    await running.stop(settings.shutdown_grace_seconds)

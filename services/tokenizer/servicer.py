@@ -1,0 +1,57 @@
+"""gRPC shell over `Tokenizer`: protobuf in, core call, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.tokenizer.core import Overflow, TokenizedText, Tokenizer
+from shared.pb import tokenizer_pb2 as pb
+from shared.pb import tokenizer_pb2_grpc as pb_grpc
+
+_OVERFLOW = {
+    pb.OVERFLOW_UNSPECIFIED: Overflow.CHUNK,
+    pb.OVERFLOW_CHUNK: Overflow.CHUNK,
+    pb.OVERFLOW_TRUNCATE: Overflow.TRUNCATE,
+}
+
+
+def tokenized_to_pb(result: TokenizedText) -> pb.TokenizedText:
+    message = pb.TokenizedText(num_tokens=result.num_tokens, truncated=result.truncated)
+    for chunk in result.chunks:
+        out = message.chunks.add(char_start=chunk.char_start, char_end=chunk.char_end)
+        out.input_ids.extend(chunk.input_ids)
+        out.attention_mask.extend(chunk.attention_mask)
+        if chunk.offsets is not None:
+            out.offset_starts.extend(start for start, _ in chunk.offsets)
+            out.offset_ends.extend(end for _, end in chunk.offsets)
+        if chunk.word_ids is not None:
+            out.word_ids.extend(chunk.word_ids)
+    return message
+
+
+class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        results = await self._tokenizer.tokenize_async(
+            list(request.texts),
+            max_length=request.max_length or None,
+            stride=request.stride or None,
+            overflow=_OVERFLOW.get(request.overflow, Overflow.CHUNK),
+            return_offsets=request.return_offsets,
+        )
+        return pb.TokenizeResponse(results=[tokenized_to_pb(r) for r in results])
+
+    async def GetTokenizerInfo(
+        self, request: pb.GetTokenizerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTokenizerInfoResponse:
+        limits = self._tokenizer.limits
+        return pb.GetTokenizerInfoResponse(
+            model_name=self._tokenizer.model_name,
+            vocab_size=self._tokenizer.vocab_size,
+            max_length=limits.max_length,
+            default_stride=limits.default_stride,
+            max_texts=limits.max_texts,
+            max_text_bytes=limits.max_text_bytes,
+        )

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import BaseServiceSettings
+
+
+class TokenizerSettings(BaseServiceSettings):
+    """Settings of the tokenizer service (env prefix INFERMESH_TOKENIZER_)."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_TOKENIZER_", extra="ignore")
+
+    grpc_port: int = 50051
+    """Port where to listen for gRPC connections."""
+
+    model_repository: Path = Path("models")
+    """Model repository the tokenizer file is read from."""
+
+    model_name: str = "finance-sentiment"
+    """Model whose tokenizer this service runs."""
+
+    model_version: str = ""
+    """Version to take the tokenizer from; empty means the latest."""
+
+    max_length: int = 0
+    """Tokens per chunk, special tokens included; 0 means the model's max_sequence_length."""
+
+    stride: int = 32
+    """Tokens shared by consecutive chunks of a long text."""
+
+    max_texts: int = 512
+    """Texts per request."""
+
+    max_text_bytes: int = 256 * 1024
+    """UTF-8 bytes per text."""

@@ -1,0 +1,172 @@
+"""Dynamic batching on plain asyncio: callers submit items, a loop groups them.
+
+A batch closes when it holds `max_batch_size` items, when one more item would push the
+padded cost (`longest item * count`) past `max_batch_tokens`, or `max_queue_delay`
+after its first item was taken. Up to `max_concurrent_batches` batches run at once, so
+the next batch forms while the current one executes. The queue is bounded in items;
+a submit that would overflow it fails with `Overloaded` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from shared.errors import Overloaded
+
+logger = logging.getLogger(__name__)
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 64
+    """Items (sequences) per batch."""
+    max_batch_tokens: int = 8192
+    """Padded tokens per batch: the longest item's length times the item count."""
+    max_queue_delay_seconds: float = 0.001
+    """How long a batch may wait for more items once its first item is taken."""
+    max_queue_size: int = 2048
+    """Items waiting at most; beyond it submits fail with Overloaded."""
+    max_concurrent_batches: int = 1
+    """Batches executing at once."""
+
+
+@dataclass
+class _Entry(Generic[ItemT, ResultT]):
+    item: ItemT
+    length: int
+    future: asyncio.Future[ResultT]
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
+    """Groups items from concurrent callers into batches for `execute`.
+
+    `execute(items)` must return exactly one result per item, in order; if it raises,
+    every item of that batch fails with the same exception.
+    """
+
+    def __init__(
+        self,
+        execute: Callable[[list[ItemT]], Awaitable[list[ResultT]]],
+        length_of: Callable[[ItemT], int],
+        policy: BatchPolicy,
+    ) -> None:
+        self._execute = execute
+        self._length_of = length_of
+        self.policy = policy
+        self._queue: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()
+        # NOTE: asyncio primitives are created lazily, inside the running loop.
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+        """Items skipped because their caller had gone away (cancelled or timed out)."""
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
+        """Queues `items` together and waits for their results."""
+        if len(self._queue) + len(items) > self.policy.max_queue_size:
+            raise Overloaded(
+                f"batch queue holds {len(self._queue)} sequences; adding {len(items)} would pass "
+                f"the limit of {self.policy.max_queue_size}"
+            )
+        self._start()
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        entries = [_Entry(item, self._length_of(item), loop.create_future()) for item in items]
+        self._queue.extend(entries)
+        self._wakeup.set()
+        return list(await asyncio.gather(*(e.future for e in entries)))
+
+    def _start(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.policy.max_concurrent_batches)
+            self._loop_task = asyncio.create_task(self._batch_loop(), name="dynamic-batcher")
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _batch_loop(self) -> None:
+        assert self._wakeup is not None and self._slots is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()
+            batch = await self._collect()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take_live(self) -> _Entry[ItemT, ResultT] | None:
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                return entry
+            self.dropped += 1
+        return None
+
+    def _fits(self, batch: list[_Entry[ItemT, ResultT]], longest: int, candidate: _Entry[ItemT, ResultT]) -> bool:
+        if len(batch) >= self.policy.max_batch_size:
+            return False
+        return max(longest, candidate.length) * (len(batch) + 1) <= self.policy.max_batch_tokens
+
+    async def _collect(self) -> list[_Entry[ItemT, ResultT]]:
+        assert self._wakeup is not None
+        first = self._take_live()
+        if first is None:
+            return []
+        batch = [first]
+        longest = first.length
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.policy.max_queue_delay_seconds
+        while True:
+            while self._queue and self._fits(batch, longest, self._queue[0]):
+                entry = self._take_live()
+                if entry is None:
+                    break
+                batch.append(entry)
+                longest = max(longest, entry.length)
+            full = len(batch) >= self.policy.max_batch_size or bool(self._queue)
+            remaining = deadline - loop.time()
+            if full or remaining <= 0:
+                return batch
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                return batch
+
+    async def _run(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
+        assert self._slots is not None
+        try:
+            results = await self._execute([e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        except Exception as error:
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(error)
+        finally:
+            self._slots.release()

@@ -1,0 +1,90 @@
+"""The one error taxonomy of infermesh and its mapping to gRPC status codes and HTTP.
+
+Cores raise these; the gRPC error interceptor (shared.grpc_server) and, later, the
+gateway's problem handler translate them at the edge. Anything else becomes INTERNAL
+with a generic message, its traceback going only to the log.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class InfermeshError(Exception):
+    """Base of every error a caller may see; `detail` is safe to show them."""
+
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    http_status: int = 500
+    title: str = "Internal server error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidInput(InfermeshError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+    title = "Invalid input"
+
+
+class InputTooLarge(InfermeshError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 413
+    title = "Input too large"
+
+
+class ModelNotFound(InfermeshError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+    title = "Model not found"
+
+    @classmethod
+    def named(cls, name: str, version: str | None = None) -> ModelNotFound:
+        what = f"model {name!r} version {version!r}" if version else f"model {name!r}"
+        return cls(f"{what} is not in the model repository")
+
+
+class ModelNotReady(InfermeshError):
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    title = "Model not ready"
+
+
+class Overloaded(InfermeshError):
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+    title = "Overloaded"
+
+
+class DeadlineExceeded(InfermeshError):
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+    title = "Deadline exceeded"
+
+
+class Unavailable(InfermeshError):
+    """A downstream service could not be reached."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    title = "Service unavailable"
+
+
+_BY_GRPC_CODE: dict[grpc.StatusCode, type[InfermeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def from_grpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> InfermeshError:
+    """Turns a downstream gRPC failure back into our taxonomy, keeping its detail."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    detail = (error.details() if hasattr(error, "details") else None) or "downstream call failed"
+    cls = _BY_GRPC_CODE.get(code)
+    if cls is None:
+        return InfermeshError("downstream service failed")
+    return cls(detail)

@@ -1,0 +1,116 @@
+"""Builds every infermesh gRPC server the same way: error mapping, health, reflection,
+message limits, graceful shutdown. Services only register their servicers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.errors import InfermeshError
+from shared.settings import BaseServiceSettings
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR_DETAIL = "Internal server error"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps `shared.errors` to their status codes; anything else is INTERNAL with a
+    generic detail so no traceback or internal message reaches the caller."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except InfermeshError as error:
+                await context.abort(error.grpc_code, error.detail)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:
+                logger.exception("unhandled error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAIL)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass
+class RunningServer:
+    """A started server, the port it bound and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """Flips health to NOT_SERVING so balancers stop sending, then drains."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+async def start_server(
+    settings: BaseServiceSettings,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+) -> RunningServer:
+    """Starts a server on `settings.host:settings.grpc_port` (0 = any free port), health
+    NOT_SERVING until the caller says otherwise."""
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.grpc_port}")
+    await server.start()
+    running = RunningServer(server, port, health_servicer, tuple(service_names))
+    await running.set_serving(False)
+    return running
+
+
+async def wait_for_termination_signal() -> None:
+    """Returns on the first SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,84 @@
+"""The on-disk model repository every service reads: `<root>/<name>/<version>/config.json`.
+
+Versions are positive integers, as in Triton; the highest one is the latest. The
+tokenizer takes the tokenizer file from here, the inference service the ONNX graphs,
+the post-processor the labels and temperature, so all follow one version's artifacts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import ModelNotFound
+
+CONFIG_FILE = "config.json"
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelConfig(BaseModel):
+    """One version's `config.json`, written by `infermesh build-model`."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    name: str
+    version: str
+    platform: str
+    labels: list[str]
+    max_sequence_length: int = Field(gt=2)
+    vocab_size: int = Field(gt=0)
+    temperature: float = Field(gt=0)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    variants: dict[str, str]
+    default_variant: str
+    tokenizer: str = "tokenizer.json"
+    base_model: str = ""
+    sha256: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelRepository:
+    """Reads model folders; knows nothing about how models are run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def model_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def versions(self, name: str) -> list[str]:
+        """Versions with a config file, oldest first."""
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        found = [p.name for p in folder.iterdir() if p.name.isdigit() and (p / CONFIG_FILE).is_file()]
+        return sorted(found, key=int)
+
+    def resolve(self, name: str, version: str | None = None) -> str:
+        """The version to use: the one asked for, else the latest."""
+        versions = self.versions(name)
+        if not versions:
+            raise ModelNotFound.named(name)
+        if not version:
+            return versions[-1]
+        if version not in versions:
+            raise ModelNotFound.named(name, version)
+        return version
+
+    def path(self, name: str, version: str) -> Path:
+        return self.root / name / version
+
+    def config(self, name: str, version: str | None = None) -> ModelConfig:
+        resolved = self.resolve(name, version)
+        text = (self.path(name, resolved) / CONFIG_FILE).read_text(encoding="utf-8")
+        return ModelConfig.model_validate_json(text)

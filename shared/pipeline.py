@@ -1,0 +1,207 @@
+"""The one client for the whole classification path: tokenizer, inference and
+post-processor over gRPC, in sequence, with the chunk rows batched into few ModelInfer
+calls. The CLI uses it now; the gateway and workers use it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from shared import oip
+from shared.errors import DeadlineExceeded, InvalidInput, from_grpc_error
+from shared.pb import grpc_predict_v2_pb2 as infer_pb
+from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
+from shared.pb import postprocess_pb2 as post_pb
+from shared.pb import postprocess_pb2_grpc as post_grpc
+from shared.pb import tokenizer_pb2 as tok_pb
+from shared.pb import tokenizer_pb2_grpc as tok_grpc
+
+DEFAULT_MODEL = "finance-sentiment"
+
+
+@dataclass(frozen=True)
+class PipelineTargets:
+    """host:port of each service."""
+
+    tokenizer: str = "127.0.0.1:50051"
+    inference: str = "127.0.0.1:8001"
+    postprocessor: str = "127.0.0.1:50052"
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    probabilities: dict[str, float]
+    abstained: bool
+    num_chunks: int
+    num_tokens: int
+    deciding_chunk: int
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    model_name: str
+    model_version: str
+    results: list[Classification] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Row:
+    document: int
+    chunk: int
+    input_ids: Sequence[int]
+    attention_mask: Sequence[int]
+
+
+class PipelineClient:
+    """Classifies texts through the running services; reuse one instance per process."""
+
+    def __init__(
+        self,
+        targets: PipelineTargets | None = None,
+        model_name: str = DEFAULT_MODEL,
+        rows_per_infer_call: int = 64,
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        self.targets = targets or PipelineTargets()
+        self.model_name = model_name
+        self.rows_per_infer_call = rows_per_infer_call
+        self.timeout_seconds = timeout_seconds
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        self._channels = [
+            grpc.aio.insecure_channel(target, options=options)
+            for target in (self.targets.tokenizer, self.targets.inference, self.targets.postprocessor)
+        ]
+        self._tokenizer = tok_grpc.TokenizerServiceStub(self._channels[0])
+        self._inference = infer_grpc.GRPCInferenceServiceStub(self._channels[1])
+        self._postprocessor = post_grpc.PostprocessServiceStub(self._channels[2])
+
+    async def __aenter__(self) -> PipelineClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels))
+
+    async def classify(
+        self,
+        texts: Sequence[str],
+        model_version: str = "",
+        thresholds: Mapping[str, float] | None = None,
+        timeout_seconds: float | None = None,
+    ) -> ClassifyResult:
+        """Labels and calibrated probabilities for each text; long texts are chunked and
+        their chunks aggregated. Raises `shared.errors` types, never raw gRPC errors."""
+        if not texts:
+            raise InvalidInput("texts is empty; send at least one text")
+        deadline = time.monotonic() + (timeout_seconds or self.timeout_seconds)
+        try:
+            tokenized = await self._tokenizer.Tokenize(
+                tok_pb.TokenizeRequest(texts=list(texts)), timeout=_remaining(deadline)
+            )
+            rows = [
+                _Row(document, index, chunk.input_ids, chunk.attention_mask)
+                for document, result in enumerate(tokenized.results)
+                for index, chunk in enumerate(result.chunks)
+            ]
+            logits, version = await self._infer(rows, model_version, deadline)
+            post = await self._postprocessor.Postprocess(
+                post_pb.PostprocessRequest(
+                    model_name=self.model_name,
+                    model_version=version,
+                    logits=logits.reshape(-1).tolist(),
+                    num_labels=logits.shape[1],
+                    document_index=[row.document for row in rows],
+                    row_weights=[float(sum(row.attention_mask)) for row in rows],
+                    thresholds=dict(thresholds or {}),
+                ),
+                timeout=_remaining(deadline),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_grpc_error(error) from None
+        return ClassifyResult(
+            model_name=post.model_name,
+            model_version=post.model_version,
+            results=[
+                Classification(
+                    label=document.label,
+                    probabilities=dict(zip(post.labels, document.probabilities, strict=True)),
+                    abstained=document.abstained,
+                    num_chunks=document.num_chunks,
+                    num_tokens=tokens.num_tokens,
+                    deciding_chunk=document.deciding_chunk,
+                )
+                for document, tokens in zip(post.results, tokenized.results, strict=True)
+            ],
+        )
+
+    async def _infer(
+        self, rows: list[_Row], model_version: str, deadline: float
+    ) -> tuple[npt.NDArray[np.float32], str]:
+        """Logits per row, in row order, from as few ModelInfer calls as the row limit
+        allows. Rows are sorted by length so each call pads little."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+        groups = [order[i : i + self.rows_per_infer_call] for i in range(0, len(order), self.rows_per_infer_call)]
+        if not model_version:
+            # Pin the version the first call gets, so every row is scored by one version.
+            first_logits, model_version = await self._infer_group([rows[i] for i in groups[0]], "", deadline)
+            rest = await asyncio.gather(
+                *(self._infer_group([rows[i] for i in group], model_version, deadline) for group in groups[1:])
+            )
+            outputs = [first_logits, *(logits for logits, _ in rest)]
+        else:
+            results = await asyncio.gather(
+                *(self._infer_group([rows[i] for i in group], model_version, deadline) for group in groups)
+            )
+            outputs = [logits for logits, _ in results]
+        stacked = np.concatenate(outputs)
+        logits = np.empty_like(stacked)
+        logits[np.asarray(order)] = stacked
+        return logits, model_version
+
+    async def _infer_group(
+        self, rows: list[_Row], model_version: str, deadline: float
+    ) -> tuple[npt.NDArray[np.float32], str]:
+        length = max(len(row.input_ids) for row in rows)
+        input_ids = np.zeros((len(rows), length), dtype=np.int64)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row.input_ids)] = row.input_ids
+            attention_mask[index, : len(row.attention_mask)] = row.attention_mask
+        request = infer_pb.ModelInferRequest(
+            model_name=self.model_name,
+            model_version=model_version,
+            inputs=[
+                infer_pb.ModelInferRequest.InferInputTensor(
+                    name="input_ids", datatype="INT64", shape=list(input_ids.shape)
+                ),
+                infer_pb.ModelInferRequest.InferInputTensor(
+                    name="attention_mask", datatype="INT64", shape=list(attention_mask.shape)
+                ),
+            ],
+            outputs=[infer_pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")],
+            raw_input_contents=[input_ids.tobytes(), attention_mask.tobytes()],
+        )
+        response = await self._inference.ModelInfer(request, timeout=_remaining(deadline))
+        output = response.outputs[0]
+        logits = oip.decode_raw(output.name, output.datatype, list(output.shape), response.raw_output_contents[0])
+        return np.asarray(logits, dtype=np.float32), response.model_version
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the pipeline's deadline ran out before the next call")
+    return remaining

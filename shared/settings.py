@@ -1,0 +1,29 @@
+"""Settings every infermesh process shares; each service subclasses with its own prefix."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BaseServiceSettings(BaseSettings):
+    """Common settings: where to listen, how to log, how long to drain on shutdown."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Interface to bind; 0.0.0.0 in containers."""
+
+    grpc_port: int = 0
+    """Port where to listen for gRPC connections; 0 lets the OS pick one."""
+
+    log_json: bool = False
+    """Write logs as JSON lines instead of plain text."""
+
+    log_level: str = "INFO"
+    """Root log level."""
+
+    shutdown_grace_seconds: float = 5.0
+    """How long in-flight calls may finish after SIGTERM before they are cancelled."""
+
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""

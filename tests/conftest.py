@@ -1,0 +1,134 @@
+"""Real servers on loopback ports picked by the OS, over the real model built by `make model`.
+
+The repository fixture lays out two versions of the built model (links to the same ONNX
+files; version 2 has another temperature) so version routing is observable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from services.inference.server import start as start_inference
+from services.inference.settings import InferenceSettings
+from services.postprocessor.server import start as start_postprocessor
+from services.postprocessor.settings import PostprocessorSettings
+from services.tokenizer.server import start as start_tokenizer
+from services.tokenizer.settings import TokenizerSettings
+from shared.grpc_server import RunningServer
+from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
+from shared.pb import postprocess_pb2_grpc as post_grpc
+from shared.pb import tokenizer_pb2_grpc as tok_grpc
+from shared.pipeline import PipelineClient, PipelineTargets
+
+MODEL = "finance-sentiment"
+VERSION_2_TEMPERATURE = 2.5
+
+
+@pytest.fixture(scope="session")
+def built_model() -> Path:
+    """Version folder of the model `make model` built."""
+    root = Path(os.environ.get("INFERMESH_TEST_MODEL_REPOSITORY", "models"))
+    folder = root / MODEL / "1"
+    if not (folder / "config.json").is_file():
+        pytest.fail(f"no built model at {folder}; run `make model` (make test does it)")
+    return folder.resolve()
+
+
+@pytest.fixture(scope="session")
+def model_repository(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for version, temperature in (("1", None), ("2", VERSION_2_TEMPERATURE)):
+        folder = root / MODEL / version
+        folder.mkdir(parents=True)
+        for item in built_model.iterdir():
+            if item.name != "config.json":
+                (folder / item.name).symlink_to(item)
+        config = json.loads((built_model / "config.json").read_text())
+        config["version"] = version
+        if temperature is not None:
+            config["temperature"] = temperature
+        (folder / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_config(built_model: Path) -> dict[str, object]:
+    config: dict[str, object] = json.loads((built_model / "config.json").read_text())
+    return config
+
+
+@pytest_asyncio.fixture(scope="session")
+async def tokenizer_server(model_repository: Path) -> AsyncIterator[RunningServer]:
+    settings = TokenizerSettings(grpc_port=0, model_repository=model_repository, max_texts=64, max_text_bytes=20_000)
+    running = await start_tokenizer(settings)
+    yield running
+    await running.stop(0)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def inference_server(model_repository: Path) -> AsyncIterator[RunningServer]:
+    settings = InferenceSettings(
+        grpc_port=0,
+        model_repository=model_repository,
+        versions_to_serve=2,
+        max_queue_size=256,
+        max_sequences_per_request=128,
+    )
+    running, core = await start_inference(settings)
+    yield running
+    await running.stop(0)
+    await core.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def postprocessor_server(model_repository: Path) -> AsyncIterator[RunningServer]:
+    running = await start_postprocessor(PostprocessorSettings(grpc_port=0, model_repository=model_repository))
+    yield running
+    await running.stop(0)
+
+
+def _target(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest_asyncio.fixture(scope="session")
+async def tokenizer_stub(tokenizer_server: RunningServer) -> AsyncIterator[tok_grpc.TokenizerServiceStub]:
+    async with grpc.aio.insecure_channel(_target(tokenizer_server)) as channel:
+        yield tok_grpc.TokenizerServiceStub(channel)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def inference_stub(inference_server: RunningServer) -> AsyncIterator[infer_grpc.GRPCInferenceServiceStub]:
+    async with grpc.aio.insecure_channel(_target(inference_server)) as channel:
+        yield infer_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def postprocessor_stub(postprocessor_server: RunningServer) -> AsyncIterator[post_grpc.PostprocessServiceStub]:
+    async with grpc.aio.insecure_channel(_target(postprocessor_server)) as channel:
+        yield post_grpc.PostprocessServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def inference_target(inference_server: RunningServer) -> str:
+    return _target(inference_server)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def pipeline(
+    tokenizer_server: RunningServer, inference_server: RunningServer, postprocessor_server: RunningServer
+) -> AsyncIterator[PipelineClient]:
+    targets = PipelineTargets(
+        tokenizer=_target(tokenizer_server),
+        inference=_target(inference_server),
+        postprocessor=_target(postprocessor_server),
+    )
+    async with PipelineClient(targets, model_name=MODEL, rows_per_infer_call=8) as client:
+        yield client
