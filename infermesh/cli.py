@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 from dataclasses import asdict
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +18,7 @@ app = typer.Typer(help="infermesh: finance sentiment inference mesh.", no_args_i
 DEFAULT_WEIGHTS = Path(__file__).parent / "model" / "weights" / "finance-sentiment"
 
 
-class Service(str, Enum):
+class Service(StrEnum):
     tokenizer = "tokenizer"
     inference = "inference"
     postprocessor = "postprocessor"

@@ -40,9 +40,7 @@ def fit_temperature(logits: FloatArray, labels: npt.NDArray[np.integer]) -> floa
     return float(np.exp(result.x))
 
 
-def expected_calibration_error(
-    probabilities: FloatArray, labels: npt.NDArray[np.integer], bins: int = 15
-) -> float:
+def expected_calibration_error(probabilities: FloatArray, labels: npt.NDArray[np.integer], bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins (Guo et al., 2017)."""
     confidence = probabilities.max(axis=-1)
     correct = probabilities.argmax(axis=-1) == labels

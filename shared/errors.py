@@ -7,6 +7,9 @@ with a generic message, its traceback going only to the log.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import grpc
 
 
@@ -71,6 +74,10 @@ class Unavailable(InfermeshError):
     title = "Service unavailable"
 
 
+#: Trailing-metadata key naming the error class, so a caller can tell InputTooLarge
+#: from InvalidInput (both INVALID_ARGUMENT) and map it to the right HTTP status.
+ERROR_TYPE_METADATA_KEY = "infermesh-error-type"
+
 _BY_GRPC_CODE: dict[grpc.StatusCode, type[InfermeshError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
@@ -85,6 +92,21 @@ def from_grpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> InfermeshErr
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     detail = (error.details() if hasattr(error, "details") else None) or "downstream call failed"
     cls = _BY_GRPC_CODE.get(code)
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    pairs = cast(Iterable[tuple[str, str | bytes]], trailing or ())
+    named = next((value for key, value in pairs if key == ERROR_TYPE_METADATA_KEY), None)
+    if named:
+        cls = next((c for c in _all_errors() if c.__name__ == named and c.grpc_code == code), cls)
     if cls is None:
         return InfermeshError("downstream service failed")
     return cls(detail)
+
+
+def _all_errors() -> list[type[InfermeshError]]:
+    found: list[type[InfermeshError]] = []
+    pending = [InfermeshError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found

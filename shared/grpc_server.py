@@ -8,39 +8,43 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.errors import InfermeshError
+from shared.errors import ERROR_TYPE_METADATA_KEY, InfermeshError
 from shared.settings import BaseServiceSettings
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR_DETAIL = "Internal server error"
 
+#: What servicer methods receive; request/response types are fixed per method.
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps `shared.errors` to their status codes; anything else is INTERNAL with a
     generic detail so no traceback or internal message reaches the caller."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
+        inner = cast(Callable[[Any, ServicerContext], Awaitable[Any]], handler.unary_unary)
         method = handler_call_details.method
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(request: Any, context: ServicerContext) -> Any:
             try:
                 return await inner(request, context)
             except InfermeshError as error:
+                context.set_trailing_metadata(((ERROR_TYPE_METADATA_KEY, type(error).__name__),))
                 await context.abort(error.grpc_code, error.detail)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
@@ -65,9 +69,7 @@ class RunningServer:
     service_names: tuple[str, ...]
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -95,9 +97,7 @@ async def start_server(
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.grpc_port}")

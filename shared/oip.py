@@ -127,9 +127,7 @@ def decode_typed(name: str, datatype: str, shape: Sequence[int], values: Sequenc
     dtype = numpy_dtype(name, datatype)
     count = element_count(name, shape)
     if len(values) != count:
-        raise InvalidInput(
-            f"tensor {name!r}: contents hold {len(values)} elements; shape {list(shape)} needs {count}"
-        )
+        raise InvalidInput(f"tensor {name!r}: contents hold {len(values)} elements; shape {list(shape)} needs {count}")
     if datatype == "BYTES":
         array = np.empty(count, dtype=np.object_)
         array[:] = [bytes(v) for v in values]  # type: ignore[call-overload]

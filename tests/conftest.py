@@ -99,19 +99,21 @@ def _target(server: RunningServer) -> str:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def tokenizer_stub(tokenizer_server: RunningServer) -> AsyncIterator[tok_grpc.TokenizerServiceStub]:
+async def tokenizer_stub(tokenizer_server: RunningServer) -> AsyncIterator[tok_grpc.TokenizerServiceAsyncStub]:
     async with grpc.aio.insecure_channel(_target(tokenizer_server)) as channel:
         yield tok_grpc.TokenizerServiceStub(channel)
 
 
 @pytest_asyncio.fixture(scope="session")
-async def inference_stub(inference_server: RunningServer) -> AsyncIterator[infer_grpc.GRPCInferenceServiceStub]:
+async def inference_stub(inference_server: RunningServer) -> AsyncIterator[infer_grpc.GRPCInferenceServiceAsyncStub]:
     async with grpc.aio.insecure_channel(_target(inference_server)) as channel:
         yield infer_grpc.GRPCInferenceServiceStub(channel)
 
 
 @pytest_asyncio.fixture(scope="session")
-async def postprocessor_stub(postprocessor_server: RunningServer) -> AsyncIterator[post_grpc.PostprocessServiceStub]:
+async def postprocessor_stub(
+    postprocessor_server: RunningServer,
+) -> AsyncIterator[post_grpc.PostprocessServiceAsyncStub]:
     async with grpc.aio.insecure_channel(_target(postprocessor_server)) as channel:
         yield post_grpc.PostprocessServiceStub(channel)
 

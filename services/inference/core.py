@@ -165,7 +165,9 @@ class InferenceCore:
         config = loaded.config
         unknown_outputs = [name for name in request.requested_outputs if name not in OUTPUT_NAMES]
         if unknown_outputs:
-            raise InvalidInput(f"model {config.name!r} has no output {unknown_outputs[0]!r}; outputs are {OUTPUT_NAMES}")
+            raise InvalidInput(
+                f"model {config.name!r} has no output {unknown_outputs[0]!r}; outputs are {OUTPUT_NAMES}"
+            )
         sequences = self._sequences(config, request)
         logits = np.stack(await loaded.batcher.submit(sequences))
         return InferenceResponse(

@@ -20,9 +20,7 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PostprocessService"].full_na
 
 
 async def start(settings: PostprocessorSettings) -> RunningServer:
-    postprocessor = Postprocessor(
-        ModelRepository(settings.model_repository), settings.abstain_label, settings.max_rows
-    )
+    postprocessor = Postprocessor(ModelRepository(settings.model_repository), settings.abstain_label, settings.max_rows)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_PostprocessServiceServicer_to_server(PostprocessorServicer(postprocessor), server)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import grpc
-
 from services.postprocessor.core import Aggregation, Postprocessor, PostprocessResult
+from shared.grpc_server import ServicerContext
 from shared.pb import postprocess_pb2 as pb
 from shared.pb import postprocess_pb2_grpc as pb_grpc
 
@@ -39,9 +38,7 @@ class PostprocessorServicer(pb_grpc.PostprocessServiceServicer):
     def __init__(self, postprocessor: Postprocessor) -> None:
         self._postprocessor = postprocessor
 
-    async def Postprocess(
-        self, request: pb.PostprocessRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PostprocessResponse:
+    async def Postprocess(self, request: pb.PostprocessRequest, context: ServicerContext) -> pb.PostprocessResponse:
         result = self._postprocessor.process(
             request.model_name,
             request.model_version,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import grpc
-
 from services.tokenizer.core import Overflow, TokenizedText, Tokenizer
+from shared.grpc_server import ServicerContext
 from shared.pb import tokenizer_pb2 as pb
 from shared.pb import tokenizer_pb2_grpc as pb_grpc
 
@@ -33,7 +32,7 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
 
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+    async def Tokenize(self, request: pb.TokenizeRequest, context: ServicerContext) -> pb.TokenizeResponse:
         results = await self._tokenizer.tokenize_async(
             list(request.texts),
             max_length=request.max_length or None,
@@ -44,7 +43,7 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         return pb.TokenizeResponse(results=[tokenized_to_pb(r) for r in results])
 
     async def GetTokenizerInfo(
-        self, request: pb.GetTokenizerInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetTokenizerInfoRequest, context: ServicerContext
     ) -> pb.GetTokenizerInfoResponse:
         limits = self._tokenizer.limits
         return pb.GetTokenizerInfoResponse(

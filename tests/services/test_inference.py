@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -74,7 +75,7 @@ def output(response: pb.ModelInferResponse, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
-async def test_server_and_model_metadata(inference_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_server_and_model_metadata(inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub) -> None:
     assert (await inference_stub.ServerLive(pb.ServerLiveRequest())).live
     assert (await inference_stub.ServerReady(pb.ServerReadyRequest())).ready
     assert (await inference_stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
@@ -96,7 +97,7 @@ async def test_server_and_model_metadata(inference_stub: pb_grpc.GRPCInferenceSe
 
 
 async def test_raw_and_typed_contents_give_the_same_answer(
-    inference_stub: pb_grpc.GRPCInferenceServiceStub, built_model: Path
+    inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub, built_model: Path
 ) -> None:
     ids, mask = encode(built_model, HEADLINES)
     raw = await inference_stub.ModelInfer(raw_request(ids, mask, id="req-1"))
@@ -109,7 +110,7 @@ async def test_raw_and_typed_contents_give_the_same_answer(
 
 
 async def test_version_can_be_pinned_and_requested_outputs_are_honoured(
-    inference_stub: pb_grpc.GRPCInferenceServiceStub, built_model: Path
+    inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub, built_model: Path
 ) -> None:
     ids, mask = encode(built_model, HEADLINES)
     outputs = [pb.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")]
@@ -122,7 +123,7 @@ async def test_version_can_be_pinned_and_requested_outputs_are_honoured(
 
 
 async def test_padding_does_not_change_the_answer(
-    inference_stub: pb_grpc.GRPCInferenceServiceStub, built_model: Path
+    inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub, built_model: Path
 ) -> None:
     ids, mask = encode(built_model, HEADLINES[:1])
     padded_ids = np.pad(ids, ((0, 0), (0, 20)))
@@ -154,8 +155,12 @@ def _bytes_input(ids: np.ndarray, mask: np.ndarray) -> pb.ModelInferRequest:
     return pb.ModelInferRequest(
         model_name=MODEL,
         inputs=[
-            Input(name="input_ids", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"hi"])),
-            Input(name="attention_mask", datatype="INT64", shape=[1], contents=pb.InferTensorContents(int64_contents=[1])),
+            Input(
+                name="input_ids", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"hi"])
+            ),
+            Input(
+                name="attention_mask", datatype="INT64", shape=[1], contents=pb.InferTensorContents(int64_contents=[1])
+            ),
         ],
     )
 
@@ -217,7 +222,11 @@ def _missing_input(ids: np.ndarray, mask: np.ndarray) -> pb.ModelInferRequest:
     ],
 )
 async def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(
-    inference_stub: pb_grpc.GRPCInferenceServiceStub, built_model: Path, build, code, detail  # type: ignore[no-untyped-def]
+    inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub,
+    built_model: Path,
+    build: Callable[[np.ndarray, np.ndarray], pb.ModelInferRequest],
+    code: grpc.StatusCode,
+    detail: str,
 ) -> None:
     ids, mask = encode(built_model, HEADLINES)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -230,7 +239,7 @@ async def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(
 
 
 async def test_model_ready_and_metadata_for_unknown_model_are_not_found(
-    inference_stub: pb_grpc.GRPCInferenceServiceStub,
+    inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub,
 ) -> None:
     for call in (
         inference_stub.ModelReady(pb.ModelReadyRequest(name="missing")),

@@ -14,11 +14,12 @@ from tests.conftest import MODEL, VERSION_2_TEMPERATURE
 def _softmax(row: list[float], temperature: float) -> np.ndarray:
     scaled = np.array(row) / temperature
     exp = np.exp(scaled - scaled.max())
-    return exp / exp.sum()
+    result: np.ndarray = exp / exp.sum()
+    return result
 
 
 async def test_logits_become_calibrated_probabilities_of_the_version(
-    postprocessor_stub: pb_grpc.PostprocessServiceStub, model_config: dict[str, object]
+    postprocessor_stub: pb_grpc.PostprocessServiceAsyncStub, model_config: dict[str, object]
 ) -> None:
     logits = [2.0, 0.5, -1.0, -1.0, 0.0, 3.0]
     for version, temperature in (("1", float(model_config["temperature"])), ("2", VERSION_2_TEMPERATURE)):  # type: ignore[arg-type]
@@ -32,14 +33,16 @@ async def test_logits_become_calibrated_probabilities_of_the_version(
         assert math.isclose(sum(reply.results[1].probabilities), 1.0, rel_tol=1e-5)
 
 
-async def test_latest_version_is_the_default(postprocessor_stub: pb_grpc.PostprocessServiceStub) -> None:
-    reply = await postprocessor_stub.Postprocess(pb.PostprocessRequest(model_name=MODEL, logits=[1, 0, 0], num_labels=3))
+async def test_latest_version_is_the_default(postprocessor_stub: pb_grpc.PostprocessServiceAsyncStub) -> None:
+    reply = await postprocessor_stub.Postprocess(
+        pb.PostprocessRequest(model_name=MODEL, logits=[1, 0, 0], num_labels=3)
+    )
     assert reply.model_version == "2"
     assert math.isclose(reply.temperature, VERSION_2_TEMPERATURE, rel_tol=1e-6)
 
 
 async def test_chunks_are_aggregated_per_document_by_token_weight(
-    postprocessor_stub: pb_grpc.PostprocessServiceStub,
+    postprocessor_stub: pb_grpc.PostprocessServiceAsyncStub,
 ) -> None:
     # Document 0 has a long neutral chunk and a short negative one; document 1 one positive chunk.
     logits = [0, 4, 0, 4, 0, 0, 0, 0, 4]
@@ -72,7 +75,9 @@ async def test_chunks_are_aggregated_per_document_by_token_weight(
     assert strongest.results[0].label == "negative" and strongest.results[0].deciding_chunk == 1
 
 
-async def test_threshold_below_top_probability_abstains(postprocessor_stub: pb_grpc.PostprocessServiceStub) -> None:
+async def test_threshold_below_top_probability_abstains(
+    postprocessor_stub: pb_grpc.PostprocessServiceAsyncStub,
+) -> None:
     reply = await postprocessor_stub.Postprocess(
         pb.PostprocessRequest(
             model_name=MODEL,
@@ -95,8 +100,16 @@ async def test_threshold_below_top_probability_abstains(postprocessor_stub: pb_g
             grpc.StatusCode.NOT_FOUND,
             "version '9'",
         ),
-        (pb.PostprocessRequest(model_name=MODEL, logits=[1, 2], num_labels=2), grpc.StatusCode.INVALID_ARGUMENT, "3 labels"),
-        (pb.PostprocessRequest(model_name=MODEL, logits=[1, 2, 3, 4], num_labels=3), grpc.StatusCode.INVALID_ARGUMENT, "multiple"),
+        (
+            pb.PostprocessRequest(model_name=MODEL, logits=[1, 2], num_labels=2),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "3 labels",
+        ),
+        (
+            pb.PostprocessRequest(model_name=MODEL, logits=[1, 2, 3, 4], num_labels=3),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "multiple",
+        ),
         (
             pb.PostprocessRequest(model_name=MODEL, logits=[1, 2, 3, 1, float("nan"), 0], num_labels=3),
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -115,7 +128,10 @@ async def test_threshold_below_top_probability_abstains(postprocessor_stub: pb_g
     ],
 )
 async def test_bad_input_is_rejected(
-    postprocessor_stub: pb_grpc.PostprocessServiceStub, request_: pb.PostprocessRequest, code: grpc.StatusCode, detail: str
+    postprocessor_stub: pb_grpc.PostprocessServiceAsyncStub,
+    request_: pb.PostprocessRequest,
+    code: grpc.StatusCode,
+    detail: str,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await postprocessor_stub.Postprocess(request_)

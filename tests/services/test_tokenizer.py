@@ -13,14 +13,16 @@ LONG_TEXT = " ".join(
 )
 
 
-async def test_tokenize_returns_ids_offsets_and_word_ids(tokenizer_stub: pb_grpc.TokenizerServiceStub) -> None:
+async def test_tokenize_returns_ids_offsets_and_word_ids(tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub) -> None:
     text = "Tesla stock soars"
     reply = await tokenizer_stub.Tokenize(pb.TokenizeRequest(texts=[text], return_offsets=True))
     (result,) = reply.results
     (chunk,) = result.chunks
     assert chunk.input_ids[0] == 101 and chunk.input_ids[-1] == 102  # [CLS] ... [SEP]
     assert list(chunk.attention_mask) == [1] * len(chunk.input_ids)
-    words = [text[s:e] for s, e, w in zip(chunk.offset_starts, chunk.offset_ends, chunk.word_ids, strict=True) if w >= 0]
+    words = [
+        text[s:e] for s, e, w in zip(chunk.offset_starts, chunk.offset_ends, chunk.word_ids, strict=True) if w >= 0
+    ]
     assert "".join(words).lower() == "teslastocksoars"
     assert chunk.word_ids[0] == -1 and chunk.word_ids[-1] == -1
     assert result.num_tokens == len(chunk.input_ids) - 2
@@ -28,7 +30,7 @@ async def test_tokenize_returns_ids_offsets_and_word_ids(tokenizer_stub: pb_grpc
 
 
 async def test_long_text_is_chunked_with_overlap_and_fully_covered(
-    tokenizer_stub: pb_grpc.TokenizerServiceStub,
+    tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub,
 ) -> None:
     reply = await tokenizer_stub.Tokenize(
         pb.TokenizeRequest(texts=[LONG_TEXT], max_length=64, stride=16, return_offsets=True)
@@ -37,7 +39,7 @@ async def test_long_text_is_chunked_with_overlap_and_fully_covered(
     assert len(result.chunks) > 5
     assert all(len(chunk.input_ids) <= 64 for chunk in result.chunks)
     # Every character of every word lies in some chunk, and consecutive chunks overlap.
-    covered = set()
+    covered: set[int] = set()
     for chunk in result.chunks:
         for start, end in zip(chunk.offset_starts, chunk.offset_ends, strict=True):
             covered.update(range(start, end))
@@ -49,7 +51,7 @@ async def test_long_text_is_chunked_with_overlap_and_fully_covered(
     assert result.num_tokens == whole
 
 
-async def test_truncate_keeps_first_chunk_and_says_so(tokenizer_stub: pb_grpc.TokenizerServiceStub) -> None:
+async def test_truncate_keeps_first_chunk_and_says_so(tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub) -> None:
     reply = await tokenizer_stub.Tokenize(
         pb.TokenizeRequest(texts=[LONG_TEXT, "short"], max_length=32, overflow=pb.OVERFLOW_TRUNCATE)
     )
@@ -64,14 +66,18 @@ async def test_truncate_keeps_first_chunk_and_says_so(tokenizer_stub: pb_grpc.To
     [
         (pb.TokenizeRequest(texts=[]), grpc.StatusCode.INVALID_ARGUMENT, "texts is empty"),
         (pb.TokenizeRequest(texts=["ok", "  "]), grpc.StatusCode.INVALID_ARGUMENT, "text 1 is empty"),
-        (pb.TokenizeRequest(texts=["x" * 20_001]), grpc.StatusCode.INVALID_ARGUMENT, "text 0 has 20001 bytes; max is 20000"),
+        (
+            pb.TokenizeRequest(texts=["x" * 20_001]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "text 0 has 20001 bytes; max is 20000",
+        ),
         (pb.TokenizeRequest(texts=["a"] * 65), grpc.StatusCode.INVALID_ARGUMENT, "65 texts; max is 64"),
         (pb.TokenizeRequest(texts=["a"], max_length=600), grpc.StatusCode.INVALID_ARGUMENT, "max_length is 600"),
         (pb.TokenizeRequest(texts=["a"], max_length=32, stride=30), grpc.StatusCode.INVALID_ARGUMENT, "stride is 30"),
     ],
 )
 async def test_bad_input_is_rejected_with_a_precise_message(
-    tokenizer_stub: pb_grpc.TokenizerServiceStub, request_: pb.TokenizeRequest, code: grpc.StatusCode, detail: str
+    tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub, request_: pb.TokenizeRequest, code: grpc.StatusCode, detail: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await tokenizer_stub.Tokenize(request_)
@@ -82,7 +88,9 @@ async def test_bad_input_is_rejected_with_a_precise_message(
     assert len(reply.results) == 1
 
 
-async def test_info_and_health(tokenizer_stub: pb_grpc.TokenizerServiceStub, tokenizer_server: RunningServer) -> None:
+async def test_info_and_health(
+    tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub, tokenizer_server: RunningServer
+) -> None:
     info = await tokenizer_stub.GetTokenizerInfo(pb.GetTokenizerInfoRequest())
     assert info.vocab_size == 30522 and info.max_length == 128 and info.max_texts == 64
     async with grpc.aio.insecure_channel(f"127.0.0.1:{tokenizer_server.port}") as channel:

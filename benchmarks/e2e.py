@@ -1,0 +1,287 @@
+"""One table from one run on this machine, ~32-token finance headlines:
+
+1. the Hugging Face `transformers` pipeline on the same fine-tuned model (batch-1 loop, batched);
+2. ONNX Runtime on the model alone, fp32 and int8 (batch-1 loop, batched);
+3. our services end to end over gRPC as separate processes (one request at a time, and
+   concurrent clients), plus the ratios between them, the machine's fp32 GEMM rate, the
+   model's GFLOP per headline and the inference service's resident memory.
+
+Usage: python -m benchmarks.e2e [--repository models] [--model finance-sentiment]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Tokenizer
+
+from infermesh.mesh import SERVICES, LocalMesh
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from shared.model_repository import ModelRepository
+from shared.pipeline import PipelineClient, PipelineTargets
+
+T = TypeVar("T")
+
+TICKERS = ["AAPL", "TSLA", "MSFT", "AMZN", "NVDA", "JPM", "XOM", "BA", "NFLX", "KO", "PFE", "GS"]
+OPENINGS = [
+    "{t} shares slide after the company cuts its full-year revenue outlook",
+    "{t} stock jumps as quarterly earnings beat analyst estimates by a wide margin",
+    "{t} announces date of its annual shareholder meeting and board elections",
+    "Analysts downgrade {t} to sell, citing weakening demand and rising costs",
+    "{t} raises dividend and unveils a new share buyback programme",
+    "Regulators open an investigation into {t} accounting practices",
+]
+TAILS = [
+    "while investors weigh the impact of higher interest rates on consumer spending",
+    "as trading volume climbs to its highest level in three months across major exchanges",
+    "according to a filing published on Tuesday with the securities regulator",
+    "amid broader market volatility and uncertainty over the economic outlook",
+]
+
+
+@dataclass
+class Row:
+    name: str
+    headlines_per_second: float
+    p50_ms: float | None
+    p99_ms: float | None
+    note: str = ""
+
+
+def make_headlines(tokenizer_path: Path, count: int, target_tokens: int = 32, seed: int = 7) -> list[str]:
+    """Synthetic headlines cut at a word boundary to ~target_tokens tokens ([CLS]/[SEP] included)."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer.no_truncation()
+    rng = random.Random(seed)
+    headlines: list[str] = []
+    while len(headlines) < count:
+        words = (
+            f"{rng.choice(OPENINGS).format(t='$' + rng.choice(TICKERS))} {rng.choice(TAILS)} {rng.choice(TAILS)}"
+        ).split()
+        while len(tokenizer.encode(" ".join(words)).ids) > target_tokens:
+            words.pop()
+        headlines.append(" ".join(words))
+    return headlines
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q))
+
+
+def time_loop(name: str, items: Sequence[T], run: Callable[[T], object], note: str = "") -> Row:
+    run(items[0])  # warm-up
+    latencies = []
+    started = time.perf_counter()
+    for item in items:
+        t0 = time.perf_counter()
+        run(item)
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - started
+    return Row(name, len(items) / elapsed, percentile(latencies, 50), percentile(latencies, 99), note)
+
+
+def time_batched(
+    name: str, batches: Sequence[T], size_of: Callable[[T], int], run: Callable[[T], object], note: str = ""
+) -> Row:
+    run(batches[0])
+    started = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    elapsed = time.perf_counter() - started
+    return Row(name, sum(size_of(b) for b in batches) / elapsed, None, None, note)
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def bert_gflop(tokens: int, layers: int = 6, hidden: int = 384, intermediate: int = 1536) -> float:
+    """Multiply-adds x2 of the encoder for one sequence (projections, attention, FFN)."""
+    per_layer = (
+        2 * tokens * hidden * hidden * 4 + 2 * 2 * tokens * tokens * hidden + 2 * 2 * tokens * hidden * intermediate
+    )
+    return layers * per_layer / 1e9
+
+
+def bench_transformers(hf_dir: Path, headlines: list[str], batched: list[list[str]]) -> list[Row]:
+    import torch
+    from transformers import pipeline
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    classifier = pipeline("text-classification", model=str(hf_dir), tokenizer=str(hf_dir), device=-1)
+    return [
+        time_loop("transformers pipeline, batch 1 loop", list(headlines), lambda h: classifier(h), "torch fp32"),
+        time_batched(
+            "transformers pipeline, batch 32",
+            batched,
+            len,
+            lambda b: classifier(b, batch_size=len(b)),
+            "torch fp32",
+        ),
+    ]
+
+
+def _run(backend: OnnxRuntimeBackend, inputs: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]) -> object:
+    return backend.run(*inputs)
+
+
+def bench_onnxruntime(folder: Path, files: dict[str, str], headlines: list[str], batched: list[list[str]]) -> list[Row]:
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_truncation()
+
+    def encode(texts: list[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        tokenizer.enable_padding()
+        encodings = tokenizer.encode_batch(texts)
+        return (
+            np.array([e.ids for e in encodings], dtype=np.int64),
+            np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        )
+
+    singles = [encode([h]) for h in headlines]
+    batches = [encode(b) for b in batched]
+    rows = []
+    for variant in ("fp32", "int8"):
+        backend = OnnxRuntimeBackend(folder / files[variant])
+        rows.append(time_loop(f"ONNX Runtime {variant}, batch 1 loop", singles, partial(_run, backend), "model only"))
+        rows.append(
+            time_batched(
+                f"ONNX Runtime {variant}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"
+            )
+        )
+    return rows
+
+
+async def bench_mesh(client: PipelineClient, headlines: list[str], concurrency: int, per_request: int) -> Row:
+    requests = [headlines[i : i + per_request] for i in range(0, len(headlines), per_request)]
+    await client.classify(requests[0])
+    latencies: list[float] = []
+    queue = list(requests)
+
+    async def worker() -> None:
+        while queue:
+            batch = queue.pop()
+            t0 = time.perf_counter()
+            await client.classify(batch)
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return Row(
+        f"infermesh gRPC e2e, {concurrency} client{'s' if concurrency > 1 else ''} x {per_request} headline"
+        f"{'s' if per_request > 1 else ''}/request",
+        len(headlines) / elapsed,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        "tokenizer+inference+post-processor",
+    )
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Row], float]:
+    mesh = LocalMesh(repository.resolve(), extra_env={"INFERMESH_INFERENCE_LOG_LEVEL": "WARNING"})
+    mesh.start()
+    try:
+        addresses = {spec.name: mesh.address(spec) for spec in SERVICES}
+        targets = PipelineTargets(addresses["tokenizer"], addresses["inference"], addresses["postprocessor"])
+
+        async def go() -> list[Row]:
+            async with PipelineClient(targets) as client:
+                return [
+                    await bench_mesh(client, headlines[:300], concurrency=1, per_request=1),
+                    await bench_mesh(client, headlines, concurrency=16, per_request=1),
+                    await bench_mesh(client, headlines, concurrency=4, per_request=32),
+                ]
+
+        rows = asyncio.run(go())
+        memory = rss_mb(mesh.processes["inference"].pid)
+    finally:
+        mesh.stop()
+    return rows, memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=Path("models"))
+    parser.add_argument("--model", default="finance-sentiment")
+    parser.add_argument("--headlines", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/e2e.json"))
+    args = parser.parse_args()
+
+    repository = ModelRepository(args.repository)
+    config = repository.config(args.model)
+    folder = repository.path(args.model, config.version)
+    headlines = make_headlines(folder / "tokenizer.json", args.headlines)
+    batched = [headlines[i : i + 32] for i in range(0, len(headlines), 32)]
+    counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    mean_tokens = statistics.mean(len(counter.encode(h).ids) for h in headlines)
+
+    print(
+        f"benchmarking {args.model} v{config.version}: {len(headlines)} headlines, {mean_tokens:.1f} tokens on average"
+    )
+    mesh_rows, inference_rss = run_mesh_benchmarks(args.repository, headlines)
+    ort_rows = bench_onnxruntime(folder, config.variants, headlines[:300], batched)
+    hf_rows = bench_transformers(folder / "hf", headlines[:200], batched[:12])
+    rows = hf_rows + ort_rows + mesh_rows
+    gflops = gemm_gflops()
+    per_headline = bert_gflop(round(mean_tokens))
+
+    by_name = {row.name: row for row in rows}
+    hf_loop = by_name["transformers pipeline, batch 1 loop"].headlines_per_second
+    ort_int8 = by_name["ONNX Runtime int8, batch 32"].headlines_per_second
+    print()
+    print(f"{'path':<62} {'headlines/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'x HF loop':>10} {'x ORT int8 b32':>15}")
+    for row in rows:
+        p50 = f"{row.p50_ms:.2f}" if row.p50_ms is not None else "-"
+        p99 = f"{row.p99_ms:.2f}" if row.p99_ms is not None else "-"
+        print(
+            f"{row.name:<62} {row.headlines_per_second:>12.1f} {p50:>8} {p99:>8} "
+            f"{row.headlines_per_second / hf_loop:>10.2f} {row.headlines_per_second / ort_int8:>15.2f}"
+        )
+    print()
+    print(f"machine fp32 GEMM (numpy, 2048^3): {gflops:.0f} GFLOP/s; model: {per_headline:.2f} GFLOP per headline")
+    print(f"  => fp32 compute bound: {gflops / per_headline:.0f} headlines/s")
+    print(f"inference service resident memory after the run: {inference_rss:.0f} MB")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "rows": [asdict(r) for r in rows],
+                "gemm_gflops": gflops,
+                "gflop_per_headline": per_headline,
+                "mean_tokens": mean_tokens,
+                "inference_rss_mb": inference_rss,
+                "cpu_count": os.cpu_count(),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shared.batching import BatchPolicy, DynamicBatcher
+from shared.errors import Overloaded
+
+
+class Recorder:
+    """A backend stand-in that records the batches it is given and can be held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def __call__(self, items: list[str]) -> list[str]:
+        self.batches.append(items)
+        await self.release.wait()
+        if "boom" in items:
+            raise RuntimeError("backend failed")
+        return [item.upper() for item in items]
+
+
+def batcher(recorder: Recorder, **policy: float) -> DynamicBatcher[str, str]:
+    return DynamicBatcher(recorder, len, BatchPolicy(**policy))  # type: ignore[arg-type]
+
+
+async def test_concurrent_callers_share_batches_and_get_their_own_results() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    b = batcher(recorder, max_batch_size=8, max_queue_delay_seconds=0)
+    first = asyncio.create_task(b.submit(["a"]))
+    await asyncio.sleep(0.01)  # the first batch ("a") is now executing and held
+    rest = [asyncio.create_task(b.submit([w])) for w in ("bb", "cc", "dd")]
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    assert await first == ["A"]
+    assert [await t for t in rest] == [["BB"], ["CC"], ["DD"]]
+    assert recorder.batches == [["a"], ["bb", "cc", "dd"]]
+    await b.close()
+
+
+async def test_batch_closes_on_size_and_token_budget() -> None:
+    recorder = Recorder()
+    b = batcher(recorder, max_batch_size=3, max_batch_tokens=12, max_queue_delay_seconds=0.01)
+    # Lengths 4,4,4,4: the budget (12) allows 3 per batch; then 10+2: a 10-long item costs 20 with a partner.
+    results = await b.submit(["aaaa", "bbbb", "cccc", "dddd", "eeeeeeeeee", "ff"])
+    assert results == ["AAAA", "BBBB", "CCCC", "DDDD", "EEEEEEEEEE", "FF"]
+    assert [len(batch) for batch in recorder.batches] == [3, 1, 1, 1]
+    await b.close()
+
+
+async def test_a_failed_batch_fails_every_caller_in_it_and_the_batcher_goes_on() -> None:
+    recorder = Recorder()
+    b = batcher(recorder, max_batch_size=4, max_queue_delay_seconds=0.01)
+    with pytest.raises(RuntimeError, match="backend failed"):
+        await b.submit(["x", "boom"])
+    assert await b.submit(["fine"]) == ["FINE"]
+    await b.close()
+
+
+async def test_full_queue_is_overloaded_not_unbounded() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    b = batcher(recorder, max_batch_size=1, max_queue_size=3, max_queue_delay_seconds=0)
+    running = asyncio.create_task(b.submit(["a"]))
+    await asyncio.sleep(0.01)  # "a" executes (held); the queue is empty again
+    queued = asyncio.create_task(b.submit(["b", "c", "d"]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded, match="limit of 3"):
+        await b.submit(["e"])
+    recorder.release.set()
+    assert await running == ["A"] and await queued == ["B", "C", "D"]
+    await b.close()
+
+
+async def test_cancelled_callers_are_skipped_and_counted() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    b = batcher(recorder, max_batch_size=1, max_queue_delay_seconds=0)
+    running = asyncio.create_task(b.submit(["a"]))
+    await asyncio.sleep(0.01)
+    gone = asyncio.create_task(b.submit(["gone"]))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    recorder.release.set()
+    assert await running == ["A"]
+    assert await b.submit(["z"]) == ["Z"]
+    assert ["gone"] not in recorder.batches and b.dropped == 1
+    await b.close()

@@ -1,0 +1,85 @@
+"""`infermesh run` and `infermesh classify` as a user runs them, as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.test_pipeline import CLEAR_HEADLINES
+
+
+def _free_port() -> int:
+    # The mesh's children bind fixed ports from their environment, so this test has to
+    # pick them first; the window between close and re-bind is tiny on loopback.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repository: Path) -> None:
+    infermesh = shutil.which("infermesh", path=str(Path(sys.executable).parent))
+    assert infermesh, "the infermesh console script is not installed"
+    ports = {name: _free_port() for name in ("TOKENIZER", "INFERENCE", "POSTPROCESSOR")}
+    env = dict(os.environ) | {f"INFERMESH_{name}_GRPC_PORT": str(port) for name, port in ports.items()}
+    mesh = subprocess.Popen(
+        [infermesh, "run", "--repository", str(model_repository)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        assert mesh.stdout is not None
+        while time.monotonic() < deadline:
+            line = mesh.stdout.readline()
+            assert line, "infermesh run exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("ready."):
+                break
+        output = "".join(lines)
+        assert f"grpc://127.0.0.1:{ports['INFERENCE']}" in output
+
+        texts = list(CLEAR_HEADLINES)[:3]
+        classify = subprocess.run(
+            [
+                infermesh,
+                "classify",
+                *texts,
+                "--tokenizer",
+                f"127.0.0.1:{ports['TOKENIZER']}",
+                "--inference",
+                f"127.0.0.1:{ports['INFERENCE']}",
+                "--postprocessor",
+                f"127.0.0.1:{ports['POSTPROCESSOR']}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert classify.returncode == 0, classify.stderr
+        printed = json.loads(classify.stdout)
+        assert printed["model_name"] == "finance-sentiment"
+        assert [r["label"] for r in printed["results"]] == [CLEAR_HEADLINES[t] for t in texts]
+
+        bad = subprocess.run(
+            [infermesh, "classify", " ", "--tokenizer", f"127.0.0.1:{ports['TOKENIZER']}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 1
+        assert json.loads(bad.stderr) == {"error": "Invalid input", "detail": "text 0 is empty"}
+    finally:
+        mesh.send_signal(signal.SIGINT)
+        rest, _ = mesh.communicate(timeout=30)
+    assert mesh.returncode == 0, rest
+    assert rest.rstrip().endswith("stopped")
