@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 model: install $(MODEL_STAMP)
 
-$(MODEL_STAMP): $(wildcard $(WEIGHTS)/*) | $(VENV)/.installed
+$(MODEL_STAMP): $(WEIGHTS)/adapter_model.safetensors $(WEIGHTS)/adapter_config.json $(WEIGHTS)/training.json | $(VENV)/.installed
 	$(VENV)/bin/infermesh build-model --repository $(MODEL_REPOSITORY) --name $(MODEL_NAME) --version $(MODEL_VERSION)
 
 train: install

@@ -65,6 +65,7 @@ def make_headlines(tokenizer_path: Path, count: int, target_tokens: int = 32, se
     """Synthetic headlines cut at a word boundary to ~target_tokens tokens ([CLS]/[SEP] included)."""
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.no_truncation()
+    tokenizer.no_padding()  # the packaged tokenizer.json pads to 128 by default
     rng = random.Random(seed)
     headlines: list[str] = []
     while len(headlines) < count:
@@ -239,6 +240,7 @@ def main() -> None:
     headlines = make_headlines(folder / "tokenizer.json", args.headlines)
     batched = [headlines[i : i + 32] for i in range(0, len(headlines), 32)]
     counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    counter.no_padding()
     mean_tokens = statistics.mean(len(counter.encode(h).ids) for h in headlines)
 
     print(

@@ -1,9 +1,10 @@
 """Dynamic batching on plain asyncio: callers submit items, a loop groups them.
 
-A batch closes when it holds `max_batch_size` items, when one more item would push the
-padded cost (`longest item * count`) past `max_batch_tokens`, or `max_queue_delay`
-after its first item was taken. Up to `max_concurrent_batches` batches run at once, so
-the next batch forms while the current one executes. The queue is bounded in items;
+A batch closes when it holds `max_batch_size` items, when one more item would push its
+cost past `max_batch_tokens`, or `max_queue_delay` after its first item was taken. The
+cost is `longest item * count` for padded model inputs, or the plain sum of lengths.
+Up to `max_concurrent_batches` batches run at once, so the next batch forms while the
+current one executes. The queue is bounded in items;
 a submit that would overflow it fails with `Overloaded` instead of waiting.
 """
 
@@ -36,6 +37,8 @@ class BatchPolicy:
     """Items waiting at most; beyond it submits fail with Overloaded."""
     max_concurrent_batches: int = 1
     """Batches executing at once."""
+    padded_cost: bool = True
+    """Cost a batch as `longest * count` (padded tensors); False: the sum of lengths."""
 
 
 @dataclass
@@ -48,13 +51,14 @@ class _Entry(Generic[ItemT, ResultT]):
 class DynamicBatcher(Generic[ItemT, ResultT]):
     """Groups items from concurrent callers into batches for `execute`.
 
-    `execute(items)` must return exactly one result per item, in order; if it raises,
-    every item of that batch fails with the same exception.
+    `execute(items)` must return exactly one result per item, in order. A result that is
+    an exception fails that item alone; if `execute` raises, every item of the batch
+    fails with that exception.
     """
 
     def __init__(
         self,
-        execute: Callable[[list[ItemT]], Awaitable[list[ResultT]]],
+        execute: Callable[[list[ItemT]], Awaitable[list[ResultT | BaseException]]],
         length_of: Callable[[ItemT], int],
         policy: BatchPolicy,
     ) -> None:
@@ -124,10 +128,19 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self.dropped += 1
         return None
 
-    def _fits(self, batch: list[_Entry[ItemT, ResultT]], longest: int, candidate: _Entry[ItemT, ResultT]) -> bool:
+    def _fits(self, batch: list[_Entry[ItemT, ResultT]], cost: int, candidate: _Entry[ItemT, ResultT]) -> bool:
         if len(batch) >= self.policy.max_batch_size:
             return False
-        return max(longest, candidate.length) * (len(batch) + 1) <= self.policy.max_batch_tokens
+        return self._cost_with(batch, cost, candidate) <= self.policy.max_batch_tokens
+
+    def _cost_with(self, batch: list[_Entry[ItemT, ResultT]], cost: int, candidate: _Entry[ItemT, ResultT]) -> int:
+        """The batch's cost once `candidate` joins; `cost` is the longest item or the sum."""
+        if self.policy.padded_cost:
+            return max(cost, candidate.length) * (len(batch) + 1)
+        return cost + candidate.length
+
+    def _new_cost(self, cost: int, entry: _Entry[ItemT, ResultT]) -> int:
+        return max(cost, entry.length) if self.policy.padded_cost else cost + entry.length
 
     async def _collect(self) -> list[_Entry[ItemT, ResultT]]:
         assert self._wakeup is not None
@@ -135,16 +148,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if first is None:
             return []
         batch = [first]
-        longest = first.length
+        cost = first.length
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.policy.max_queue_delay_seconds
         while True:
-            while self._queue and self._fits(batch, longest, self._queue[0]):
+            while self._queue and self._fits(batch, cost, self._queue[0]):
                 entry = self._take_live()
                 if entry is None:
                     break
+                cost = self._new_cost(cost, entry)
                 batch.append(entry)
-                longest = max(longest, entry.length)
             full = len(batch) >= self.policy.max_batch_size or bool(self._queue)
             remaining = deadline - loop.time()
             if full or remaining <= 0:
@@ -162,7 +175,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
             for entry, result in zip(batch, results, strict=True):
-                if not entry.future.done():
+                if entry.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    entry.future.set_exception(result)
+                else:
                     entry.future.set_result(result)
         except Exception as error:
             for entry in batch:

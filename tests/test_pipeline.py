@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from shared.errors import InputTooLarge, InvalidInput, ModelNotFound
@@ -58,3 +60,15 @@ async def test_errors_surface_as_the_shared_taxonomy(pipeline: PipelineClient) -
         await pipeline.classify(["x"] * 65)
     with pytest.raises(ModelNotFound, match="version '9'"):
         await pipeline.classify(["fine"], model_version="9")
+
+
+async def test_concurrent_calls_are_coalesced_without_mixing_answers_or_errors(pipeline: PipelineClient) -> None:
+    texts = list(CLEAR_HEADLINES)
+    calls = [pipeline.classify([text]) for text in texts]
+    calls.insert(3, pipeline.classify(["fine", " "]))  # one caller with a bad text
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    bad = outcomes.pop(3)
+    assert isinstance(bad, InvalidInput) and "text 1 is empty" in bad.detail
+    for text, outcome in zip(texts, outcomes, strict=True):
+        assert not isinstance(outcome, BaseException), outcome
+        assert [r.label for r in outcome.results] == [CLEAR_HEADLINES[text]]

@@ -64,7 +64,7 @@ class LoadedVersion:
             self._run_batch, lambda s: len(s.input_ids), policy
         )
 
-    async def _run_batch(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32]]:
+    async def _run_batch(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32] | BaseException]:
         longest = max(len(s.input_ids) for s in sequences)
         input_ids = np.zeros((len(sequences), longest), dtype=np.int64)
         attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)

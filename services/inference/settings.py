@@ -43,8 +43,10 @@ class InferenceSettings(BaseServiceSettings):
     max_batch_tokens: int = 8192
     """Padded tokens per batch (longest sequence times sequences)."""
 
-    max_queue_delay_ms: float = 1.0
-    """How long a batch waits for more sequences once it has one."""
+    max_queue_delay_ms: float = 0.0
+    """How long a batch waits for more sequences once it has one. 0 suits one CPU model
+    executing one batch at a time: requests that arrive while a batch runs queue up and
+    form the next batch anyway, and an idle model should not wait."""
 
     max_queue_size: int = 2048
     """Sequences waiting at most; beyond it requests get RESOURCE_EXHAUSTED."""

@@ -54,6 +54,9 @@ class Postprocessor:
         self._configs: dict[tuple[str, str], ModelConfig] = {}
 
     def _config(self, name: str, version: str) -> ModelConfig:
+        # A pinned version is immutable once built: no need to list the repository again.
+        if (name, version) in self._configs:
+            return self._configs[(name, version)]
         resolved = self.repository.resolve(name, version)
         key = (name, resolved)
         if key not in self._configs:

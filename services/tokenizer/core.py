@@ -20,6 +20,8 @@ from shared.errors import InputTooLarge, InvalidInput
 
 #: [CLS] and [SEP] around every chunk.
 SPECIAL_TOKENS_PER_CHUNK = 2
+#: Requests up to this many characters are tokenized on the event loop.
+INLINE_CHARACTERS = 4096
 
 
 class Overflow(enum.Enum):
@@ -131,6 +133,9 @@ class Tokenizer:
         overflow: Overflow = Overflow.CHUNK,
         return_offsets: bool = False,
     ) -> list[TokenizedText]:
+        if sum(len(text) for text in texts) <= INLINE_CHARACTERS:
+            # A few headlines tokenize in microseconds, less than a thread hand-off costs.
+            return self.tokenize(texts, max_length, stride, overflow, return_offsets)
         return await asyncio.to_thread(self.tokenize, texts, max_length, stride, overflow, return_offsets)
 
     @staticmethod

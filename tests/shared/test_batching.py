@@ -91,3 +91,24 @@ async def test_cancelled_callers_are_skipped_and_counted() -> None:
     assert await b.submit(["z"]) == ["Z"]
     assert ["gone"] not in recorder.batches and b.dropped == 1
     await b.close()
+
+
+async def test_an_item_can_fail_alone_and_sum_cost_counts_every_item() -> None:
+    seen: list[list[str]] = []
+
+    async def execute(items: list[str]) -> list[str | BaseException]:
+        seen.append(items)
+        return [ValueError(f"bad {item}") if item.startswith("x") else item.upper() for item in items]
+
+    b: DynamicBatcher[str, str] = DynamicBatcher(
+        execute,
+        len,
+        BatchPolicy(max_batch_size=10, max_batch_tokens=6, max_queue_delay_seconds=0.01, padded_cost=False),
+    )
+    good, bad = await asyncio.gather(b.submit(["aa", "bb"]), b.submit(["xx"]), return_exceptions=True)
+    assert good == ["AA", "BB"]
+    assert isinstance(bad, ValueError) and str(bad) == "bad xx"
+    assert seen == [["aa", "bb", "xx"]]  # 2 + 2 + 2 = 6 fits the budget exactly
+    assert await b.submit(["aaaa", "bbbb"]) == ["AAAA", "BBBB"]
+    assert seen[-2:] == [["aaaa"], ["bbbb"]]  # 4 + 4 would pass 6
+    await b.close()
