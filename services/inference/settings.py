@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import BaseServiceSettings
@@ -56,3 +57,12 @@ class InferenceSettings(BaseServiceSettings):
 
     max_sequences_per_request: int = 1024
     """Rows per ModelInfer request."""
+
+    @model_validator(mode="after")
+    def _a_request_fits_the_queue(self) -> InferenceSettings:
+        if self.max_sequences_per_request > self.max_queue_size:
+            raise ValueError(
+                f"max_sequences_per_request ({self.max_sequences_per_request}) must not exceed "
+                f"max_queue_size ({self.max_queue_size}): such a request could never be queued"
+            )
+        return self

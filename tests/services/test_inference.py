@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from services.inference.server import start as start_inference
+from services.inference.settings import InferenceSettings
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.conftest import MODEL
@@ -248,3 +251,37 @@ async def test_model_ready_and_metadata_for_unknown_model_are_not_found(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_full_queue_answers_resource_exhausted_and_recovers(model_repository: Path, built_model: Path) -> None:
+    settings = InferenceSettings(
+        grpc_port=0, model_repository=model_repository, max_queue_size=8, max_sequences_per_request=8
+    )
+    running, core = await start_inference(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            # Eight full-length sequences per request, twenty requests at once: while one
+            # batch runs, the bounded queue fills and the rest are turned away, not queued.
+            ids = np.full((8, 128), 2000, dtype=np.int64)
+            mask = np.ones((8, 128), dtype=np.int64)
+            outcomes = await asyncio.gather(
+                *(stub.ModelInfer(raw_request(ids, mask)) for _ in range(20)), return_exceptions=True
+            )
+            rejected = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+            served = [o for o in outcomes if isinstance(o, pb.ModelInferResponse)]
+            assert rejected and served and len(rejected) + len(served) == 20
+            for error in rejected:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "limit of 8" in (error.details() or "")
+            ids, mask = encode(built_model, HEADLINES)
+            after = await stub.ModelInfer(raw_request(ids, mask))
+            assert list(output(after, "label")) == ["negative", "positive"]
+    finally:
+        await running.stop(0)
+        await core.close()
+
+
+def test_settings_refuse_a_request_limit_above_the_queue() -> None:
+    with pytest.raises(ValueError, match="could never be queued"):
+        InferenceSettings(max_queue_size=4, max_sequences_per_request=5)

@@ -98,3 +98,11 @@ async def test_info_and_health(
         for service in ("", "infermesh.tokenizer.v1.TokenizerService"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_message_over_the_grpc_size_limit_is_resource_exhausted(
+    tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tokenizer_stub.Tokenize(pb.TokenizeRequest(texts=["word " * 1_000_000] * 4))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
