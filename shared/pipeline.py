@@ -23,6 +23,7 @@ import numpy.typing as npt
 from shared import oip
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput, from_grpc_error
+from shared.padding import pad_right
 from shared.pb import grpc_predict_v2_pb2 as infer_pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
 from shared.pb import postprocess_pb2 as post_pb
@@ -237,12 +238,7 @@ class PipelineClient:
     async def _infer_group(
         self, rows: list[_Row], model_version: str, deadline: float
     ) -> tuple[npt.NDArray[np.float32], str]:
-        length = max(len(row.input_ids) for row in rows)
-        input_ids = np.zeros((len(rows), length), dtype=np.int64)
-        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row.input_ids)] = row.input_ids
-            attention_mask[index, : len(row.attention_mask)] = row.attention_mask
+        input_ids, attention_mask = pad_right([row.input_ids for row in rows])
         request = infer_pb.ModelInferRequest(
             model_name=self.model_name,
             model_version=model_version,

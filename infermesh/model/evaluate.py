@@ -15,19 +15,13 @@ from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.tokenizer.core import Overflow, Tokenizer, TokenizerLimits
 from shared.calibration import expected_calibration_error, softmax
 from shared.model_repository import ModelRepository
+from shared.padding import pad_right
 
 
 def _logits(backend: OnnxRuntimeBackend, ids: list[list[int]], batch_size: int = 64) -> npt.NDArray[np.float32]:
     out = []
     for start in range(0, len(ids), batch_size):
-        rows = ids[start : start + batch_size]
-        length = max(len(r) for r in rows)
-        input_ids = np.zeros((len(rows), length), dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
-        out.append(backend.run(input_ids, mask))
+        out.append(backend.run(*pad_right(ids[start : start + batch_size])))
     return np.concatenate(out)
 
 

@@ -30,6 +30,7 @@ from shared.batching import BatchPolicy, DynamicBatcher
 from shared.calibration import softmax
 from shared.errors import InputTooLarge, InvalidInput, ModelNotFound, ModelNotReady
 from shared.model_repository import ModelConfig, ModelRepository
+from shared.padding import pad_right
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,9 @@ BackendFactory = Callable[[ModelConfig, Path], Backend]
 
 @dataclass(frozen=True)
 class Sequence:
-    """One row of a request with its padding stripped."""
+    """One row of a request with its padding stripped (its attention mask is all ones)."""
 
     input_ids: npt.NDArray[np.int64]
-    attention_mask: npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,7 @@ class LoadedVersion:
         )
 
     async def _run_batch(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32] | BaseException]:
-        longest = max(len(s.input_ids) for s in sequences)
-        input_ids = np.zeros((len(sequences), longest), dtype=np.int64)
-        attention_mask = np.zeros((len(sequences), longest), dtype=np.int64)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, : len(sequence.input_ids)] = sequence.input_ids
-            attention_mask[row, : len(sequence.attention_mask)] = sequence.attention_mask
+        input_ids, attention_mask = pad_right([s.input_ids for s in sequences])
         loop = asyncio.get_running_loop()
         logits = await loop.run_in_executor(self._executor, self.backend.run, input_ids, attention_mask)
         return list(logits)
@@ -220,7 +215,9 @@ class InferenceCore:
             raise InvalidInput(f"sequence {int(np.argmin(lengths))} has an all-zero attention_mask")
         # Right padding: keep each row up to its last attended token; the batch re-pads.
         last = length - np.argmax(mask[:, ::-1], axis=1)
-        return [Sequence(ids[r, : last[r]], mask[r, : last[r]]) for r in range(rows)]
+        if not all(mask[r, : last[r]].all() for r in range(rows)):
+            raise InvalidInput("attention_mask must be ones then zeros (right padding); found a gap inside a sequence")
+        return [Sequence(ids[r, : last[r]]) for r in range(rows)]
 
     @staticmethod
     def _outputs(config: ModelConfig, logits: npt.NDArray[np.float32], names: list[str]) -> list[Tensor]:

@@ -196,6 +196,10 @@ def _bad_token(ids: np.ndarray, mask: np.ndarray) -> pb.ModelInferRequest:
     return raw_request(bad, mask)
 
 
+def _left_padded(ids: np.ndarray, mask: np.ndarray) -> pb.ModelInferRequest:
+    return raw_request(np.pad(ids, ((0, 0), (3, 0))), np.pad(mask, ((0, 0), (3, 0))))
+
+
 def _unknown_output(ids: np.ndarray, mask: np.ndarray) -> pb.ModelInferRequest:
     return raw_request(ids, mask, outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="embedding")])
 
@@ -221,6 +225,7 @@ def _missing_input(ids: np.ndarray, mask: np.ndarray) -> pb.ModelInferRequest:
         (_too_many, grpc.StatusCode.INVALID_ARGUMENT, "129 sequences; max is 128"),
         (_bad_token, grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
         (_unknown_output, grpc.StatusCode.INVALID_ARGUMENT, "no output 'embedding'"),
+        (_left_padded, grpc.StatusCode.INVALID_ARGUMENT, "right padding"),
         (_missing_input, grpc.StatusCode.INVALID_ARGUMENT, "'attention_mask' is missing"),
     ],
 )
