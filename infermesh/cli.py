@@ -24,6 +24,10 @@ class Service(StrEnum):
     postprocessor = "postprocessor"
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def run(
     repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
@@ -40,7 +44,10 @@ def run(
     for spec in SERVICES:
         typer.echo(f"  {spec.name:<14} grpc://{mesh.address(spec)}")
     typer.echo('ready. try: infermesh classify "Apple shares plunge after weak iPhone sales"   (Ctrl-C stops)')
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Installed explicitly: a shell that starts us in the background sets SIGINT to
+    # "ignore", and Python then never raises KeyboardInterrupt on Ctrl-C.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _raise_keyboard_interrupt)
     try:
         exited = mesh.wait()
         typer.echo(f"{exited} exited; stopping the others", err=True)
