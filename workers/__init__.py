@@ -1,1 +1,1 @@
-"""Coming with its issue; see README "Not yet here"."""
+"""Kafka consumers of the mesh."""

@@ -123,6 +123,9 @@ class Tokenizer:
         self.validate(texts, max_length, stride)
         tokenizer = self._for_window(max_length, stride)
         encodings = tokenizer.encode_batch(list(texts))
+        for index, encoding in enumerate(encodings):
+            if len(encoding.ids) <= SPECIAL_TOKENS_PER_CHUNK:
+                raise InvalidInput(f"text {index} has no tokens (only invisible or control characters)")
         return [self._to_result(encoding, stride, overflow, return_offsets) for encoding in encodings]
 
     async def tokenize_async(

@@ -66,6 +66,7 @@ async def test_truncate_keeps_first_chunk_and_says_so(tokenizer_stub: pb_grpc.To
     [
         (pb.TokenizeRequest(texts=[]), grpc.StatusCode.INVALID_ARGUMENT, "texts is empty"),
         (pb.TokenizeRequest(texts=["ok", "  "]), grpc.StatusCode.INVALID_ARGUMENT, "text 1 is empty"),
+        (pb.TokenizeRequest(texts=["\u200b\u200d\x00"]), grpc.StatusCode.INVALID_ARGUMENT, "text 0 has no tokens"),
         (
             pb.TokenizeRequest(texts=["x" * 20_001]),
             grpc.StatusCode.INVALID_ARGUMENT,

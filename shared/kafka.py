@@ -1,0 +1,93 @@
+"""Kafka client settings shared by workers and tools (kafka-python 3.x).
+
+`KAFKA_BOOTSTRAP_SERVERS` and the security variables are read without a service prefix,
+as Kafka tooling usually does; empty means "start the embedded broker" for `infermesh run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaSettings(BaseSettings):
+    """Where Kafka is and how to authenticate (env prefix KAFKA_)."""
+
+    model_config = SettingsConfigDict(env_prefix="KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = ""
+    """Comma-separated host:port list; empty means the embedded broker on 127.0.0.1:9092."""
+
+    security_protocol: str = "PLAINTEXT"
+    """PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."""
+
+    sasl_mechanism: str | None = None
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL_*."""
+
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    ssl_cafile: str | None = None
+    """CA bundle that signed the brokers' certificates."""
+
+    def client_config(self, default_bootstrap: str = "127.0.0.1:9092") -> dict[str, Any]:
+        """Keyword arguments for any kafka-python client."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": (self.bootstrap_servers or default_bootstrap).split(","),
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config["sasl_mechanism"] = self.sasl_mechanism
+            config["sasl_plain_username"] = self.sasl_username
+            config["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.ssl_cafile:
+            config["ssl_cafile"] = self.ssl_cafile
+        return config
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int = 1
+    configs: Mapping[str, str] | None = None
+
+
+def ensure_topics(client_config: Mapping[str, Any], topics: list[TopicSpec], timeout_seconds: float = 30.0) -> None:
+    """Creates the topics that do not exist yet; existing ones are left as they are."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            admin = KafkaAdminClient(**client_config)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t.name not in existing]
+        if missing:
+            try:
+                admin.create_topics(
+                    [
+                        NewTopic(t.name, t.partitions, t.replication, topic_configs=dict(t.configs or {}))
+                        for t in missing
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by another worker
+            logger.info("created topics %s", ", ".join(t.name for t in missing))
+    finally:
+        admin.close()

@@ -1,0 +1,168 @@
+"""Windows, alerts, attribution and poison rules as pure code (no broker)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workers.sentiment_monitor.attribution import TickerAttributor
+from workers.sentiment_monitor.core import AlertRule, AlertSettings, TumblingWindows, WindowSettings, window_start
+from workers.sentiment_monitor.messages import NewsItem, PoisonRecord, ScoredItem, decode_news, news_json_schema
+
+T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+NOW = T0 + timedelta(days=1)
+
+
+def scored(item_id: str, ticker: str, minute: float, label: str = "neutral") -> ScoredItem:
+    negative = {"negative": 0.9, "neutral": 0.05, "positive": 0.05}
+    neutral = {"negative": 0.05, "neutral": 0.9, "positive": 0.05}
+    probabilities = negative if label == "negative" else neutral
+    return ScoredItem(
+        id=f"{item_id}:{ticker}",
+        item_id=item_id,
+        ticker=ticker,
+        published_at=T0 + timedelta(minutes=minute),
+        source="test",
+        headline=f"headline {item_id}",
+        label=label,
+        probabilities=probabilities,
+        score=probabilities["positive"] - probabilities["negative"],
+        model_name="m",
+        model_version="1",
+    )
+
+
+def test_window_start_aligns_to_the_size() -> None:
+    assert window_start(T0 + timedelta(minutes=7, seconds=3), timedelta(minutes=5)) == T0 + timedelta(minutes=5)
+
+
+def test_windows_close_when_the_watermark_passes_and_count_each_item_once() -> None:
+    windows = TumblingWindows(WindowSettings(size=timedelta(minutes=5), allowed_lateness=timedelta(minutes=1)))
+    for item in (scored("a", "AAPL", 0), scored("b", "AAPL", 1, "negative"), scored("b", "AAPL", 1, "negative")):
+        assert windows.add(item, NOW)
+    assert windows.add(scored("c", "MSFT", 2), NOW)
+    assert windows.close_due() == []  # watermark 00:01
+    windows.add(scored("d", "AAPL", 5.5), NOW)
+    assert windows.close_due() == []  # watermark 00:04:30, lateness not over yet
+    windows.add(scored("e", "AAPL", 6.5), NOW)
+    closed = windows.close_due()  # watermark 00:05:30
+    assert [(w.ticker, w.count) for w in closed] == [("AAPL", 2), ("MSFT", 1)]
+    aapl = closed[0]
+    assert aapl.id == f"AAPL:{T0.isoformat()}"
+    assert aapl.share_negative == 0.5
+    assert [e.item_id for e in aapl.top_negative] == ["b"]
+    # Too late for a closed window; far-future items are ignored too.
+    assert not windows.add(scored("late", "AAPL", 3), NOW)
+    assert not windows.add(scored("future", "AAPL", 60 * 48), NOW)
+    assert (windows.dropped_late, windows.dropped_future) == (1, 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.permutations(list(range(30))))
+def test_arrival_order_within_the_lateness_does_not_change_the_windows(order: list[int]) -> None:
+    # 30 items one every 20 s over 10 minutes; any arrival order within 10 minutes of lateness.
+    items = [
+        scored(f"i{n}", "TSLA" if n % 2 else "NVDA", n / 3, "negative" if n % 5 == 0 else "neutral") for n in range(30)
+    ]
+
+    def run(sequence: list[ScoredItem]) -> list[tuple[str, str, int, float]]:
+        windows = TumblingWindows(WindowSettings(allowed_lateness=timedelta(minutes=10)))
+        for item in sequence:
+            windows.add(item, NOW)
+        windows.add(scored("flush", "ZZZ", 60), NOW)
+        return [(w.ticker, w.id, w.count, round(w.share_negative, 6)) for w in windows.close_due()]
+
+    assert run([items[i] for i in order]) == run(items)
+
+
+def window(ticker: str, index: int, count: int, negatives: int) -> object:
+    windows = TumblingWindows()
+    for n in range(count):
+        windows.add(
+            scored(f"{ticker}-{index}-{n}", ticker, index * 5 + n * 0.1, "negative" if n < negatives else "neutral"),
+            NOW,
+        )
+    windows.add(scored("flush", ticker, index * 5 + 30), NOW)
+    (closed, *_) = windows.close_due()
+    return closed
+
+
+def test_a_negative_episode_raises_exactly_one_alert_and_steady_tickers_none() -> None:
+    rule = AlertRule(AlertSettings(min_items=5, z_threshold=3.0, cooldown=timedelta(minutes=30)))
+    alerts = []
+    for index in range(20):
+        episode = 8 <= index <= 10  # three windows of mostly negative news
+        alerts += [rule.observe(window("ACME", index, 10, 8 if episode else 1))]  # type: ignore[arg-type]
+        alerts += [rule.observe(window("STDY", index, 10, 1))]  # type: ignore[arg-type]
+    raised = [a for a in alerts if a is not None]
+    assert len(raised) == 1
+    alert = raised[0]
+    assert alert.ticker == "ACME" and alert.window.window_start == T0 + timedelta(minutes=40)
+    assert alert.baseline_share_negative == pytest.approx(0.1) and alert.z_score >= 3
+    assert alert.window.top_negative and alert.id == alert.window.id
+
+
+def test_small_windows_and_young_tickers_do_not_alert() -> None:
+    rule = AlertRule(AlertSettings(min_items=5, min_baseline_windows=3))
+    assert rule.observe(window("NEW", 0, 10, 10)) is None  # type: ignore[arg-type]  # no history yet
+    for index in range(1, 4):
+        rule.observe(window("NEW", index, 10, 0))  # type: ignore[arg-type]
+    assert rule.observe(window("NEW", 4, 4, 4)) is None  # type: ignore[arg-type]  # too few items
+
+
+def test_attribution_from_cashtags_field_and_company_names() -> None:
+    attributor = TickerAttributor.from_csv()
+    item = NewsItem(
+        id="1",
+        published_at=T0,
+        source="wire",
+        headline="$tsla and Bank of America slide; $5M fine for a $BRK.B unit",
+        body="Analysts at Goldman Sachs see more pain.",
+        tickers=["AAPL"],
+    )
+    assert attributor.tickers(item) == ["AAPL", "BAC", "BRK.B", "GS", "TSLA"]
+    assert TickerAttributor({}).tickers(item) == ["AAPL", "BRK.B", "TSLA"]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, "empty"),
+        (b"\xff\xfe{}", "invalid-utf8"),
+        (b"{not json", "not-json"),
+        (json.dumps({"id": "1", "source": "s", "headline": "h"}).encode(), "schema"),
+        (
+            json.dumps({"id": "1", "published_at": "2026-11-24T09:00:00", "source": "s", "headline": "h"}).encode(),
+            "schema",
+        ),
+        (
+            json.dumps(
+                {"id": "1", "published_at": "2026-11-24T09:00:00Z", "source": "s", "headline": "h", "tickers": ["$A"]}
+            ).encode(),
+            "schema",
+        ),
+        (b'{"id": "1"}' + b" " * 5000, "too-large"),
+    ],
+)
+def test_poison_records_name_their_reason(value: bytes | None, reason: str) -> None:
+    with pytest.raises(PoisonRecord) as caught:
+        decode_news(value, max_bytes=4096)
+    assert caught.value.reason == reason and caught.value.detail
+
+
+def test_a_good_record_decodes_and_the_schema_is_published() -> None:
+    item = decode_news(
+        json.dumps(
+            {"id": "n1", "published_at": "2026-11-24T09:00:00+01:00", "source": "wire", "headline": " Up ", "extra": 1}
+        ).encode(),
+        max_bytes=4096,
+    )
+    assert item.headline == "Up" and item.published_at.utcoffset() == timedelta(hours=1)
+    schema = news_json_schema()
+    assert set(schema["required"]) == {"id", "published_at", "source", "headline"}
+    with open("docs/schemas/finance.news.v1.json", encoding="utf-8") as published:
+        assert json.load(published) == schema, "run `infermesh schema > docs/schemas/finance.news.v1.json`"

@@ -1,0 +1,1 @@
+"""Finance sentiment monitoring: score news from Kafka, window it per ticker, raise alerts."""

@@ -1,0 +1,188 @@
+"""The scoring stage: `finance.news.v1` in, `finance.sentiment.v1` (and dead letters) out.
+
+One batch at a time, at least once: poll up to `max_batch` records, dead-letter the
+poison, score the rest through the mesh, produce one ScoredItem per (item, ticker),
+wait for the broker to acknowledge every output, and only then commit the offsets.
+Transient failures of the mesh are retried with back-off and nothing is committed
+meanwhile; a crash re-delivers the batch, and the deterministic output ids let
+consumers drop the duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from shared.errors import DeadlineExceeded, InfermeshError, InputTooLarge, InvalidInput, Overloaded, Unavailable
+from shared.pipeline import ClassifyResult
+from workers.sentiment_monitor.attribution import TickerAttributor
+from workers.sentiment_monitor.messages import (
+    DLQ_TOPIC,
+    NEWS_TOPIC,
+    SENTIMENT_TOPIC,
+    NewsItem,
+    PoisonRecord,
+    ScoredItem,
+    decode_news,
+)
+from workers.sentiment_monitor.settings import MonitorSettings
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT = (Unavailable, Overloaded, DeadlineExceeded)
+
+
+class Scorer(Protocol):
+    def classify(self, texts: Sequence[str], timeout_seconds: float) -> ClassifyResult: ...
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    records: int
+    scored: int
+    dead_lettered: int
+
+
+def dead_letter_headers(record: Any, reason: str, detail: str) -> list[tuple[str, bytes]]:
+    return [
+        ("error-type", reason.encode()),
+        ("error-detail", detail.encode()),
+        ("source-topic", record.topic.encode()),
+        ("source-partition", str(record.partition).encode()),
+        ("source-offset", str(record.offset).encode()),
+    ]
+
+
+class NewsScorer:
+    """Owns one consumer (group member) and one producer; `run` until `stop()`."""
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        scorer: Scorer,
+        attributor: TickerAttributor,
+        settings: MonitorSettings,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.scorer = scorer
+        self.attributor = attributor
+        self.settings = settings
+        self._sleep = sleep
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch, commit and return."""
+        self._stopping.set()
+
+    def run(self) -> None:
+        self.consumer.subscribe([NEWS_TOPIC])
+        while not self._stopping.is_set():
+            self.run_once()
+
+    def run_once(self, timeout_ms: int = 500) -> BatchOutcome:
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch)
+        records = [record for batch in polled.values() for record in batch]
+        if not records:
+            return BatchOutcome(0, 0, 0)
+        acks = []
+        good: list[tuple[Any, NewsItem]] = []
+        for record in records:
+            try:
+                good.append((record, decode_news(record.value, self.settings.max_record_bytes)))
+            except PoisonRecord as poison:
+                acks.append(self._dead_letter(record, poison.reason, poison.detail))
+        scored = 0
+        for (record, item), outcome in zip(good, self._score([item for _, item in good]), strict=True):
+            if isinstance(outcome, InfermeshError):
+                acks.append(self._dead_letter(record, "rejected", outcome.detail))
+                continue
+            for scored_item in self._scored_items(item, outcome):
+                acks.append(
+                    self.producer.send(
+                        SENTIMENT_TOPIC,
+                        key=scored_item.ticker.encode() if scored_item.ticker else None,
+                        value=scored_item.model_dump_json().encode(),
+                    )
+                )
+            scored += 1
+        self.producer.flush()
+        for ack in acks:
+            ack.get(timeout=30)  # raises if the broker refused an output: nothing is committed
+        self._commit(records)
+        return BatchOutcome(len(records), scored, len(records) - scored)
+
+    def _dead_letter(self, record: Any, reason: str, detail: str) -> Any:
+        logger.warning("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        return self.producer.send(
+            DLQ_TOPIC, key=record.key, value=record.value or b"", headers=dead_letter_headers(record, reason, detail)
+        )
+
+    def _score(self, items: list[NewsItem]) -> list[tuple[ClassifyResult, int] | InfermeshError]:
+        """Per item, its result (and index into it) or the error that rejects it alone."""
+        if not items:
+            return []
+        try:
+            result = self._classify([i.text() for i in items])
+            return [(result, index) for index in range(len(items))]
+        except (InvalidInput, InputTooLarge):
+            if len(items) == 1:
+                raise
+        # One item spoils the batch: score each alone so only the bad one is rejected.
+        outcomes: list[tuple[ClassifyResult, int] | InfermeshError] = []
+        for item in items:
+            try:
+                outcomes.append((self._classify([item.text()]), 0))
+            except (InvalidInput, InputTooLarge) as error:
+                outcomes.append(error)
+        return outcomes
+
+    def _classify(self, texts: list[str]) -> ClassifyResult:
+        """Scores with back-off on transient failures; caller-attributable errors raise at once."""
+        delay = self.settings.retry_initial_seconds
+        deadline = time.monotonic() + self.settings.retry_budget_seconds
+        while True:
+            try:
+                return self.scorer.classify(texts, self.settings.score_timeout_seconds)
+            except TRANSIENT as error:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("scoring failed (%s: %s); retrying in %.1f s", type(error).__name__, error.detail, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_seconds)
+
+    def _scored_items(self, item: NewsItem, outcome: tuple[ClassifyResult, int]) -> list[ScoredItem]:
+        result, index = outcome
+        classification = result.results[index]
+        probabilities = classification.probabilities
+        base = {
+            "item_id": item.id,
+            "published_at": item.published_at,
+            "source": item.source,
+            "headline": item.headline,
+            "label": classification.label,
+            "probabilities": probabilities,
+            "score": probabilities.get("positive", 0.0) - probabilities.get("negative", 0.0),
+            "model_name": result.model_name,
+            "model_version": result.model_version,
+        }
+        tickers = self.attributor.tickers(item)
+        if not tickers:
+            return [ScoredItem(id=item.id, ticker=None, **base)]
+        return [ScoredItem(id=f"{item.id}:{ticker}", ticker=ticker, **base) for ticker in tickers]
+
+    def _commit(self, records: list[Any]) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for record in records:
+            partition = TopicPartition(record.topic, record.partition)
+            offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
+        self.consumer.commit(offsets)

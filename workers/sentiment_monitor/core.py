@@ -1,0 +1,163 @@
+"""Per-ticker event-time tumbling windows and the negative-spike alert rule.
+
+Pure and deterministic: no Kafka, no clock reads (callers pass times in), so the rules
+are tested directly and a restarted worker that replays the same scored records
+rebuilds the same windows and raises the same alerts (with the same ids).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from workers.sentiment_monitor.messages import Alert, HeadlineEvidence, ScoredItem, WindowAggregate
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def window_start(moment: datetime, size: timedelta) -> datetime:
+    """Start of the tumbling window holding `moment` (windows align to the Unix epoch)."""
+    steps = (moment - EPOCH) // size
+    return EPOCH + steps * size
+
+
+@dataclass
+class _OpenWindow:
+    ticker: str
+    start: datetime
+    end: datetime
+    scores: dict[str, ScoredItem] = field(default_factory=dict)
+    """By item id: a redelivered item counts once."""
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    size: timedelta = timedelta(minutes=5)
+    allowed_lateness: timedelta = timedelta(minutes=1)
+    """How far behind the newest event time an item may arrive and still be counted."""
+    max_future: timedelta = timedelta(hours=1)
+    """Items stamped further ahead of the caller's clock are ignored (they would close
+    every open window at once)."""
+    top_headlines: int = 3
+
+
+class TumblingWindows:
+    """Collects scored items into per-ticker windows; emits a window once the watermark
+    (newest event time seen minus the allowed lateness) passes its end."""
+
+    def __init__(self, settings: WindowSettings | None = None) -> None:
+        self.settings = settings or WindowSettings()
+        self._open: dict[tuple[str, datetime], _OpenWindow] = {}
+        self.watermark: datetime | None = None
+        self.dropped_late = 0
+        self.dropped_future = 0
+
+    def add(self, item: ScoredItem, now: datetime) -> bool:
+        """Adds an item with a ticker; False (and counted) when it is too late or too far ahead."""
+        if item.ticker is None:
+            return False
+        if item.published_at > now + self.settings.max_future:
+            self.dropped_future += 1
+            return False
+        start = window_start(item.published_at, self.settings.size)
+        end = start + self.settings.size
+        if self.watermark is not None and end <= self.watermark:
+            self.dropped_late += 1
+            return False
+        window = self._open.setdefault((item.ticker, start), _OpenWindow(item.ticker, start, end))
+        window.scores[item.item_id] = item
+        newest = item.published_at - self.settings.allowed_lateness
+        if self.watermark is None or newest > self.watermark:
+            self.watermark = newest
+        return True
+
+    def close_due(self) -> list[WindowAggregate]:
+        """Windows whose end the watermark has passed, oldest first."""
+        if self.watermark is None:
+            return []
+        due = sorted(
+            (key for key, window in self._open.items() if window.end <= self.watermark),
+            key=lambda key: (key[1], key[0]),
+        )
+        return [self._aggregate(self._open.pop(key)) for key in due]
+
+    def open_windows(self) -> int:
+        return len(self._open)
+
+    def _aggregate(self, window: _OpenWindow) -> WindowAggregate:
+        items = list(window.scores.values())
+        negative = [i for i in items if i.label == "negative"]
+        top = sorted(negative, key=lambda i: (-i.probabilities.get("negative", 0.0), i.item_id))
+        return WindowAggregate(
+            id=f"{window.ticker}:{window.start.isoformat()}",
+            ticker=window.ticker,
+            window_start=window.start,
+            window_end=window.end,
+            count=len(items),
+            mean_score=statistics.fmean(i.score for i in items),
+            share_negative=len(negative) / len(items),
+            top_negative=[
+                HeadlineEvidence(
+                    item_id=i.item_id, headline=i.headline, negative_probability=i.probabilities.get("negative", 0.0)
+                )
+                for i in top[: self.settings.top_headlines]
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    min_items: int = 5
+    """A window needs at least this many items to alert."""
+    z_threshold: float = 3.0
+    """How many baseline standard deviations above the baseline the share must be."""
+    min_share_negative: float = 0.4
+    """And at least this share of negative items, whatever the baseline."""
+    baseline_windows: int = 12
+    """Closed windows of the ticker the baseline is computed from."""
+    min_baseline_windows: int = 3
+    """No alert before a ticker has this many windows of history."""
+    stddev_floor: float = 0.05
+    """Lower bound on the baseline's spread, so a perfectly steady ticker does not alert
+    on one extra negative item."""
+    cooldown: timedelta = timedelta(minutes=30)
+    """After an alert, the ticker stays quiet this long (one episode, one alert)."""
+
+
+class AlertRule:
+    """Per-ticker rolling baseline of the share of negative items; alerts on spikes."""
+
+    def __init__(self, settings: AlertSettings | None = None) -> None:
+        self.settings = settings or AlertSettings()
+        self._history: dict[str, deque[float]] = {}
+        self._quiet_until: dict[str, datetime] = {}
+
+    def observe(self, window: WindowAggregate) -> Alert | None:
+        """Feeds one closed window (in window order per ticker); returns an alert or None."""
+        settings = self.settings
+        history = self._history.setdefault(window.ticker, deque(maxlen=settings.baseline_windows))
+        alert = None
+        if len(history) >= settings.min_baseline_windows and window.count >= settings.min_items:
+            baseline = statistics.fmean(history)
+            spread = max(statistics.pstdev(history), settings.stddev_floor)
+            z_score = (window.share_negative - baseline) / spread
+            quiet_until = self._quiet_until.get(window.ticker)
+            cooling = quiet_until is not None and window.window_start < quiet_until
+            if z_score >= settings.z_threshold and window.share_negative >= settings.min_share_negative and not cooling:
+                alert = Alert(
+                    id=window.id,
+                    ticker=window.ticker,
+                    window=window,
+                    baseline_share_negative=baseline,
+                    baseline_stddev=spread,
+                    baseline_windows=len(history),
+                    z_score=z_score if math.isfinite(z_score) else 1e9,
+                )
+                self._quiet_until[window.ticker] = window.window_end + settings.cooldown
+        # A spike stays out of the baseline it is judged against only while it is judged;
+        # afterwards it is history like any other window.
+        history.append(window.share_negative)
+        return alert

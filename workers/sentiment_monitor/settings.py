@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.sentiment_monitor.attribution import DEFAULT_COMPANIES
+
+
+class MonitorSettings(BaseSettings):
+    """Settings of the sentiment monitor worker (env prefix INFERMESH_WORKER_)."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_WORKER_", extra="ignore")
+
+    scorer_group: str = "infermesh-sentiment-scorer"
+    """Consumer group of the scoring stage (reads finance.news.v1)."""
+
+    tokenizer: str = "127.0.0.1:50051"
+    """Tokenizer service address."""
+
+    inference: str = "127.0.0.1:8001"
+    """Inference service address."""
+
+    postprocessor: str = "127.0.0.1:50052"
+    """Post-processor address."""
+
+    model_name: str = "finance-sentiment"
+    """Model to score with."""
+
+    max_batch: int = 64
+    """Records polled, scored and committed together: the bound on records in flight."""
+
+    max_record_bytes: int = 256 * 1024
+    """Larger input records are dead-lettered."""
+
+    score_timeout_seconds: float = 10.0
+    """Deadline of one batch's scoring call."""
+
+    retry_initial_seconds: float = 0.2
+    """First back-off after a transient failure (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED)."""
+
+    retry_max_seconds: float = 5.0
+    """Longest back-off between retries."""
+
+    retry_budget_seconds: float = 120.0
+    """Retrying one batch longer than this stops the worker (its records stay uncommitted)."""
+
+    partitions: int = 4
+    """Partitions of the topics the worker creates when they are missing."""
+
+    companies_csv: Path = DEFAULT_COMPANIES
+    """`ticker,name` dictionary for attribution by company name."""
