@@ -6,6 +6,7 @@ as Kafka tooling usually does; empty means "start the embedded broker" for `infe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -79,15 +80,13 @@ def ensure_topics(client_config: Mapping[str, Any], topics: list[TopicSpec], tim
         existing = set(admin.list_topics())
         missing = [t for t in topics if t.name not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
                 admin.create_topics(
                     [
                         NewTopic(t.name, t.partitions, t.replication, topic_configs=dict(t.configs or {}))
                         for t in missing
                     ]
                 )
-            except TopicAlreadyExistsError:
-                pass  # created concurrently by another worker
             logger.info("created topics %s", ", ".join(t.name for t in missing))
     finally:
         admin.close()
