@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from pydantic import SecretStr
@@ -90,3 +90,34 @@ def ensure_topics(client_config: Mapping[str, Any], topics: list[TopicSpec], tim
             logger.info("created topics %s", ", ".join(t.name for t in missing))
     finally:
         admin.close()
+
+
+def read_to_end(
+    client_config: Mapping[str, Any], topic: str, partitions: list[int], timeout_seconds: float = 30.0
+) -> list[Any]:
+    """Every record now in `partitions` of `topic`, in offset order per partition.
+
+    The end is the high-water mark a fetch reports, not `end_offsets()`, which the
+    embedded broker answers wrongly."""
+    if not partitions:
+        return []
+    consumer = KafkaConsumer(**client_config, enable_auto_commit=False)
+    assigned = [TopicPartition(topic, p) for p in partitions]
+    consumer.assign(assigned)
+    consumer.seek_to_beginning(*assigned)
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        pending = set(assigned)
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} {sorted(p.partition for p in pending)} to the end")
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+            for partition in list(pending):
+                highwater = consumer.highwater(partition)
+                if highwater is not None and consumer.position(partition) >= highwater:
+                    pending.discard(partition)
+    finally:
+        consumer.close(autocommit=False)
+    return records

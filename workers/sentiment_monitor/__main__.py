@@ -1,11 +1,13 @@
-"""python -m workers.sentiment_monitor: the scoring stage of the monitor."""
+"""python -m workers.sentiment_monitor (or `infermesh serve worker`): the monitor's stages."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import sys
+import threading
 from types import FrameType
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -17,47 +19,77 @@ from workers.sentiment_monitor.consumer import NewsScorer
 from workers.sentiment_monitor.scoring import BlockingPipeline
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
+from workers.sentiment_monitor.windowing import WindowStage
 
 logger = logging.getLogger("workers.sentiment_monitor")
 
 
-def main() -> None:
-    settings = MonitorSettings()
-    kafka = KafkaSettings()
-    configure_logging(json_lines=False)
-    client = kafka.client_config()
-    ensure_topics(client, monitor_topics(settings.partitions))
-    consumer = KafkaConsumer(
+def group_consumer(client: dict[str, Any], group: str, max_poll_records: int) -> KafkaConsumer:
+    return KafkaConsumer(
         **client,
-        group_id=settings.scorer_group,
+        group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_poll_records=settings.max_batch,
+        max_poll_records=max_poll_records,
         # The broker holds a group join for half the session timeout; the 45 s default
         # would mean ~23 s of nothing after every rebalance.
         session_timeout_ms=6000,
         heartbeat_interval_ms=1500,
     )
+
+
+def main() -> None:
+    settings = MonitorSettings()
+    client = KafkaSettings().client_config()
+    configure_logging(json_lines=False)
+    ensure_topics(client, monitor_topics(settings.partitions))
     producer = KafkaProducer(**client, acks="all", enable_idempotence=True, linger_ms=5)
-    pipeline = BlockingPipeline(
-        PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor), settings.model_name
-    )
-    scorer = NewsScorer(consumer, producer, pipeline, TickerAttributor.from_csv(settings.companies_csv), settings)
+    stages: list[NewsScorer | WindowStage] = []
+    pipeline = None
+    if "score" in settings.stages:
+        pipeline = BlockingPipeline(
+            PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor), settings.model_name
+        )
+        consumer = group_consumer(client, settings.scorer_group, settings.max_batch)
+        stages.append(
+            NewsScorer(consumer, producer, pipeline, TickerAttributor.from_csv(settings.companies_csv), settings)
+        )
+    if "windows" in settings.stages:
+        consumer = group_consumer(client, settings.windows_group, settings.max_batch * 4)
+        stages.append(WindowStage(consumer, producer, client, settings))
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        logger.info("signal %d: finishing the current batch", signum)
-        scorer.stop()
+        logger.info("signal %d: finishing the current batches", signum)
+        for stage in stages:
+            stage.stop()
 
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, stop)
-    logger.info("scoring %s as group %s", client["bootstrap_servers"], settings.scorer_group)
-    try:
-        scorer.run()
-    finally:
-        consumer.close(autocommit=False)  # leave the group at once; commits only happen in run_once
-        producer.close()
+    failed: list[str] = []
+
+    def run_stage(stage: NewsScorer | WindowStage) -> None:
+        try:
+            stage.run()
+        except Exception:
+            # A stage that cannot go on takes the process down: its records stay
+            # uncommitted, and the group hands its partitions to a healthy member.
+            logger.exception("%s failed; stopping the worker", type(stage).__name__)
+            failed.append(type(stage).__name__)
+            for other in stages:
+                other.stop()
+
+    threads = [threading.Thread(target=run_stage, args=(stage,), name=type(stage).__name__) for stage in stages]
+    for thread in threads:
+        thread.start()
+    logger.info("sentiment monitor running stages %s against %s", settings.stages, client["bootstrap_servers"])
+    for thread in threads:
+        thread.join()
+    for stage in stages:
+        stage.consumer.close(autocommit=False)  # leave the group at once; commits happen per batch
+    producer.close()
+    if pipeline is not None:
         pipeline.close()
-    sys.exit(0)
+    sys.exit(1 if failed else 0)
 
 
 main()

@@ -24,6 +24,11 @@ def window_start(moment: datetime, size: timedelta) -> datetime:
     return EPOCH + steps * size
 
 
+def window_id(ticker: str, start: datetime) -> str:
+    """The deterministic id of a ticker's window; an alert on it has the same id."""
+    return f"{ticker}:{start.isoformat()}"
+
+
 @dataclass
 class _OpenWindow:
     ticker: str
@@ -55,6 +60,12 @@ class TumblingWindows:
         self.dropped_late = 0
         self.dropped_future = 0
 
+    def window_of(self, item: ScoredItem) -> str | None:
+        """Id of the window the item belongs to (None without a ticker)."""
+        if item.ticker is None:
+            return None
+        return window_id(item.ticker, window_start(item.published_at, self.settings.size))
+
     def add(self, item: ScoredItem, now: datetime) -> bool:
         """Adds an item with a ticker; False (and counted) when it is too late or too far ahead."""
         if item.ticker is None:
@@ -84,15 +95,15 @@ class TumblingWindows:
         )
         return [self._aggregate(self._open.pop(key)) for key in due]
 
-    def open_windows(self) -> int:
-        return len(self._open)
+    def open_window_ids(self) -> set[str]:
+        return {window_id(ticker, start) for ticker, start in self._open}
 
     def _aggregate(self, window: _OpenWindow) -> WindowAggregate:
         items = list(window.scores.values())
         negative = [i for i in items if i.label == "negative"]
         top = sorted(negative, key=lambda i: (-i.probabilities.get("negative", 0.0), i.item_id))
         return WindowAggregate(
-            id=f"{window.ticker}:{window.start.isoformat()}",
+            id=window_id(window.ticker, window.start),
             ticker=window.ticker,
             window_start=window.start,
             window_end=window.end,
@@ -134,6 +145,18 @@ class AlertRule:
         self.settings = settings or AlertSettings()
         self._history: dict[str, deque[float]] = {}
         self._quiet_until: dict[str, datetime] = {}
+
+    def remember(self, window: WindowAggregate) -> None:
+        """Restores history from an already emitted window (after a restart)."""
+        self._history.setdefault(window.ticker, deque(maxlen=self.settings.baseline_windows)).append(
+            window.share_negative
+        )
+
+    def remember_alert(self, alert: Alert) -> None:
+        """Restores a ticker's cooldown from an already emitted alert."""
+        quiet_until = alert.window.window_end + self.settings.cooldown
+        if quiet_until > self._quiet_until.get(alert.ticker, quiet_until - timedelta(1)):
+            self._quiet_until[alert.ticker] = quiet_until
 
     def observe(self, window: WindowAggregate) -> Alert | None:
         """Feeds one closed window (in window order per ticker); returns an alert or None."""

@@ -50,3 +50,30 @@ class MonitorSettings(BaseSettings):
 
     companies_csv: Path = DEFAULT_COMPANIES
     """`ticker,name` dictionary for attribution by company name."""
+
+    windows_group: str = "infermesh-sentiment-windows"
+    """Consumer group of the windowing stage (reads finance.sentiment.v1, keyed by ticker)."""
+
+    stages: list[str] = ["score", "windows"]
+    """Stages this process runs: `score` (news to scored items), `windows` (windows, alerts)."""
+
+    window_minutes: float = 5.0
+    """Tumbling window size."""
+
+    allowed_lateness_seconds: float = 60.0
+    """How far behind the newest event time an item may arrive and still count."""
+
+    alert_min_items: int = 5
+    """A window needs this many items to raise an alert."""
+
+    alert_z_threshold: float = 3.0
+    """Baseline standard deviations above the baseline share of negative items."""
+
+    alert_min_share_negative: float = 0.4
+    """Minimum share of negative items in an alerting window."""
+
+    alert_baseline_windows: int = 12
+    """Windows of history in a ticker's baseline."""
+
+    alert_cooldown_minutes: float = 30.0
+    """Quiet period after an alert, so one episode raises one alert."""
