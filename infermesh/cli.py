@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import sys
+import threading
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +25,15 @@ class Service(StrEnum):
     tokenizer = "tokenizer"
     inference = "inference"
     postprocessor = "postprocessor"
+    worker = "worker"
+
+
+class Topic(StrEnum):
+    news = "news"
+    sentiment = "sentiment"
+    windows = "windows"
+    alerts = "alerts"
+    dlq = "dlq"
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -31,31 +43,72 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 @app.command()
 def run(
     repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
+    demo: Annotated[bool, typer.Option(help="Replay the bundled demo news stream.")] = True,
+    kafka: Annotated[bool, typer.Option(help="Run Kafka, the worker and the demo (else gRPC services only).")] = True,
 ) -> None:
-    """Run every service as a local process until Ctrl-C."""
+    """Run the whole mesh locally until Ctrl-C: broker (unless KAFKA_BOOTSTRAP_SERVERS is
+    set), tokenizer, inference, post-processor, the sentiment monitor and the demo feed."""
+    from infermesh.broker import EmbeddedBroker
     from infermesh.mesh import SERVICES, LocalMesh
+    from shared.kafka import KafkaSettings, ensure_topics
+    from workers.sentiment_monitor.settings import MonitorSettings
+    from workers.sentiment_monitor.topics import monitor_topics
 
     if not any(repository.glob("*/*/config.json")):
         typer.echo(f"no model in {repository}; run `infermesh build-model` (or `make model`) first", err=True)
         raise typer.Exit(2)
-    mesh = LocalMesh(repository.resolve())
-    typer.echo("starting tokenizer, inference and post-processor ...")
-    mesh.start()
-    for spec in SERVICES:
-        typer.echo(f"  {spec.name:<14} grpc://{mesh.address(spec)}")
-    typer.echo('ready. try: infermesh classify "Apple shares plunge after weak iPhone sales"   (Ctrl-C stops)')
     # Installed explicitly: a shell that starts us in the background sets SIGINT to
     # "ignore", and Python then never raises KeyboardInterrupt on Ctrl-C.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, _raise_keyboard_interrupt)
+    broker: EmbeddedBroker | None = None
+    mesh = LocalMesh(repository.resolve())
+    feeder: threading.Thread | None = None
     try:
+        kafka_settings = KafkaSettings()
+        if kafka and not kafka_settings.bootstrap_servers:
+            broker = EmbeddedBroker(port=int(os.environ.get("INFERMESH_BROKER_PORT", "9092"))).start()
+            typer.echo(f"  kafka          {broker.bootstrap_servers} (embedded Tansu broker, memory only)")
+        typer.echo("starting tokenizer, inference and post-processor ...")
+        mesh.start()
+        for spec in SERVICES:
+            typer.echo(f"  {spec.name:<14} grpc://{mesh.address(spec)}")
+        if kafka:
+            bootstrap = kafka_settings.bootstrap_servers or (broker.bootstrap_servers if broker else "")
+            client = KafkaSettings(bootstrap_servers=bootstrap).client_config()
+            ensure_topics(client, monitor_topics(MonitorSettings().partitions))
+            mesh.start_worker(bootstrap)
+            typer.echo(f"  worker         sentiment monitor on {bootstrap}")
+            if demo:
+                feeder = threading.Thread(target=_feed_demo, args=(client,), daemon=True, name="demo-feed")
+                feeder.start()
+                typer.echo("  demo feed      replaying the bundled news stream onto finance.news.v1")
+        typer.echo('ready. try: infermesh classify "Apple shares plunge after weak iPhone sales"')
+        if kafka:
+            typer.echo("       infermesh tail alerts    (windows | sentiment | dlq)")
+        typer.echo("Ctrl-C stops everything.")
         exited = mesh.wait()
         typer.echo(f"{exited} exited; stopping the others", err=True)
     except KeyboardInterrupt:
         typer.echo("stopping ...")
     finally:
         mesh.stop()
+        if broker is not None:
+            broker.stop()
     typer.echo("stopped")
+
+
+def _feed_demo(client: dict[str, object]) -> None:
+    from kafka import KafkaProducer
+
+    from workers.sentiment_monitor.demo import replay
+
+    producer = KafkaProducer(**client, acks="all")
+    try:
+        count = replay(producer)
+        typer.echo(f"demo feed: {count} news items sent")
+    finally:
+        producer.close()
 
 
 @app.command()
@@ -77,6 +130,10 @@ def serve(service: Service) -> None:
         inference_settings = InferenceSettings()
         configure_logging(inference_settings.log_json, inference_settings.log_level)
         asyncio.run(serve_inference(inference_settings))
+    elif service is Service.worker:
+        import runpy
+
+        runpy.run_module("workers.sentiment_monitor", run_name="__main__")
     else:
         from services.postprocessor.server import serve as serve_postprocessor
         from services.postprocessor.settings import PostprocessorSettings
@@ -162,3 +219,90 @@ def evaluate(
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(weights, card)
     typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "variants"}, indent=2))
+
+
+@app.command()
+def produce(
+    file: Annotated[Path, typer.Argument(help="JSON Lines file of finance.news.v1 items; - for stdin.")],
+) -> None:
+    """Send your own news items to finance.news.v1 (keyed by id); bad lines are reported, not sent."""
+    from kafka import KafkaProducer
+
+    from shared.kafka import KafkaSettings
+    from workers.sentiment_monitor.messages import NEWS_TOPIC, PoisonRecord, decode_news
+
+    lines = sys.stdin.buffer.read().splitlines() if str(file) == "-" else file.read_bytes().splitlines()
+    producer = KafkaProducer(**KafkaSettings().client_config(), acks="all", enable_idempotence=True)
+    sent = rejected = 0
+    try:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = decode_news(line, max_bytes=1 << 20)
+            except PoisonRecord as poison:
+                typer.echo(f"line {number}: {poison.reason}: {poison.detail}", err=True)
+                rejected += 1
+                continue
+            producer.send(NEWS_TOPIC, key=item.id.encode(), value=line)
+            sent += 1
+        producer.flush()
+    finally:
+        producer.close()
+    typer.echo(json.dumps({"sent": sent, "rejected": rejected}))
+    if rejected:
+        raise typer.Exit(1)
+
+
+@app.command()
+def tail(
+    topic: Annotated[Topic, typer.Argument(help="Which topic to print.")],
+    from_beginning: Annotated[bool, typer.Option(help="Start at the oldest record.")] = True,
+    limit: Annotated[int, typer.Option(help="Stop after this many records (0: never).")] = 0,
+    idle_seconds: Annotated[float, typer.Option(help="Stop after this long without records (0: never).")] = 0,
+) -> None:
+    """Print a topic's records as JSON lines (dead letters with their reason headers)."""
+    from kafka import KafkaConsumer
+
+    from shared.kafka import KafkaSettings
+    from workers.sentiment_monitor import messages
+
+    name = {
+        Topic.news: messages.NEWS_TOPIC,
+        Topic.sentiment: messages.SENTIMENT_TOPIC,
+        Topic.windows: messages.WINDOWS_TOPIC,
+        Topic.alerts: messages.ALERTS_TOPIC,
+        Topic.dlq: messages.DLQ_TOPIC,
+    }[topic]
+    consumer = KafkaConsumer(
+        name,
+        **KafkaSettings().client_config(),
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        consumer_timeout_ms=int(idle_seconds * 1000) if idle_seconds else float("inf"),
+    )
+    printed = 0
+    try:
+        for record in consumer:
+            if topic is Topic.dlq:
+                line = {
+                    "headers": {key: value.decode("utf-8", "replace") for key, value in record.headers},
+                    "value": record.value.decode("utf-8", "replace"),
+                }
+                typer.echo(json.dumps(line))
+            else:
+                typer.echo(record.value.decode("utf-8", "replace"))
+            printed += 1
+            if limit and printed >= limit:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of finance.news.v1 items."""
+    from workers.sentiment_monitor.messages import news_json_schema
+
+    typer.echo(json.dumps(news_json_schema(), indent=2))

@@ -69,6 +69,17 @@ class LocalMesh:
                 self.stop()
                 raise RuntimeError(f"{spec.name} did not become SERVING on {self.address(spec)}")
 
+    def start_worker(self, kafka_bootstrap: str) -> None:
+        """The sentiment monitor worker, pointed at these services and that Kafka."""
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        addresses = {spec.name: self.address(spec) for spec in SERVICES}
+        env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
+        env["INFERMESH_WORKER_TOKENIZER"] = addresses["tokenizer"]
+        env["INFERMESH_WORKER_INFERENCE"] = addresses["inference"]
+        env["INFERMESH_WORKER_POSTPROCESSOR"] = addresses["postprocessor"]
+        self.processes["worker"] = subprocess.Popen([sys.executable, "-m", "workers.sentiment_monitor"], env=env)
+
     def address(self, spec: ServiceSpec) -> str:
         port = self.extra_env.get(f"{spec.env_prefix}GRPC_PORT", os.environ.get(f"{spec.env_prefix}GRPC_PORT"))
         return f"{self.host}:{port or spec.port}"

@@ -42,3 +42,5 @@ def configure_logging(json_lines: bool, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # kafka-python narrates every connection and rebalance at INFO.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))

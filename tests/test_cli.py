@@ -28,6 +28,9 @@ def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repos
     assert infermesh, "the infermesh console script is not installed"
     ports = {name: _free_port() for name in ("TOKENIZER", "INFERENCE", "POSTPROCESSOR")}
     env = dict(os.environ) | {f"INFERMESH_{name}_GRPC_PORT": str(port) for name, port in ports.items()}
+    broker_port = _free_port()
+    env["INFERMESH_BROKER_PORT"] = str(broker_port)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     mesh = subprocess.Popen(
         [infermesh, "run", "--repository", str(model_repository)],
         env=env,
@@ -47,6 +50,7 @@ def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repos
                 break
         output = "".join(lines)
         assert f"grpc://127.0.0.1:{ports['INFERENCE']}" in output
+        assert f"127.0.0.1:{broker_port} (embedded" in output
 
         texts = list(CLEAR_HEADLINES)[:3]
         classify = subprocess.run(
@@ -78,6 +82,20 @@ def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repos
         )
         assert bad.returncode == 1
         assert json.loads(bad.stderr) == {"error": "Invalid input", "detail": "text 0 is empty"}
+
+        # The demo feed's scripted TSLA episode reaches the alerts topic through the
+        # embedded broker and the worker, well within a minute.
+        alerts = subprocess.run(
+            [infermesh, "tail", "alerts", "--limit", "1", "--idle-seconds", "90"],
+            env=env | {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{broker_port}"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert alerts.returncode == 0, alerts.stderr
+        alert = json.loads(alerts.stdout)
+        assert alert["ticker"] == "TSLA" and alert["window"]["share_negative"] >= 0.5
+        assert alert["window"]["top_negative"]
     finally:
         mesh.send_signal(signal.SIGINT)
         rest, _ = mesh.communicate(timeout=30)
