@@ -16,22 +16,31 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from tokenizers import Tokenizer
 
+from infermesh.broker import EmbeddedBroker
 from infermesh.mesh import SERVICES, LocalMesh
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from shared.kafka import KafkaSettings, ensure_topics
 from shared.model_repository import ModelRepository
 from shared.pipeline import PipelineClient, PipelineTargets
+from workers.sentiment_monitor.messages import NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
+from workers.sentiment_monitor.settings import MonitorSettings
+from workers.sentiment_monitor.topics import monitor_topics
 
 T = TypeVar("T")
 
@@ -204,7 +213,78 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Row], float]:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def bench_kafka(mesh: LocalMesh, headlines: list[str]) -> tuple[Row, list[int]]:
+    """Produce every headline as a news item, time until each is scored on the output topic.
+
+    Runs the worker's scoring stage as its own process against the embedded broker;
+    samples the scorer group's lag (produced minus committed) every 0.25 s."""
+    with EmbeddedBroker(port=_free_port()) as broker:
+        client = KafkaSettings(bootstrap_servers=broker.bootstrap_servers).client_config()
+        ensure_topics(client, monitor_topics(4))
+        mesh.start_worker(broker.bootstrap_servers, {"INFERMESH_WORKER_STAGES": json.dumps(["score"])})
+        producer = KafkaProducer(**client, acks="all", linger_ms=5)
+        reader = KafkaConsumer(SENTIMENT_TOPIC, **client, auto_offset_reset="earliest")
+        stamp = datetime.now(UTC).isoformat()
+
+        def item(n: int, text: str) -> bytes:
+            return json.dumps({"id": f"b{n}", "published_at": stamp, "source": "bench", "headline": text}).encode()
+
+        def wait_for(ids: set[str], timeout: float = 300.0) -> None:
+            deadline = time.monotonic() + timeout
+            while ids and time.monotonic() < deadline:
+                for records in reader.poll(timeout_ms=200).values():
+                    ids.difference_update(ScoredItem.model_validate_json(r.value).item_id for r in records)
+            if ids:
+                raise RuntimeError(f"{len(ids)} items were not scored in time")
+
+        producer.send(NEWS_TOPIC, value=item(-1, headlines[0]))  # warm-up: the worker has joined once this is scored
+        producer.flush()
+        wait_for({"b-1"})
+        lags: list[int] = []
+        done = threading.Event()
+
+        def sample_lag() -> None:
+            admin = KafkaAdminClient(**client)
+            try:
+                while not done.wait(0.25):
+                    offsets = admin.list_group_offsets({MonitorSettings().scorer_group: None})
+                    committed = sum(o.offset for o in next(iter(offsets.values()), {}).values())
+                    lags.append(max(0, len(headlines) + 1 - committed))
+            finally:
+                admin.close()
+
+        sampler = threading.Thread(target=sample_lag, daemon=True)
+        started = time.perf_counter()
+        sampler.start()
+        for n, text in enumerate(headlines):
+            producer.send(NEWS_TOPIC, key=f"b{n}".encode(), value=item(n, text))
+        producer.flush()
+        wait_for({f"b{n}" for n in range(len(headlines))})
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        producer.close()
+        reader.close()
+        worker = mesh.processes.pop("worker")
+        worker.terminate()
+        worker.wait(timeout=30)
+    row = Row(
+        "infermesh via Kafka e2e (produce N, until all scored)",
+        len(headlines) / elapsed,
+        None,
+        None,
+        "embedded broker + scoring worker",
+    )
+    return row, lags
+
+
+def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Row], float, list[int]]:
     mesh = LocalMesh(repository.resolve(), extra_env={"INFERMESH_INFERENCE_LOG_LEVEL": "WARNING"})
     mesh.start()
     try:
@@ -220,10 +300,12 @@ def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Ro
                 ]
 
         rows = asyncio.run(go())
+        kafka_row, lags = bench_kafka(mesh, headlines)
+        rows.append(kafka_row)
         memory = rss_mb(mesh.processes["inference"].pid)
     finally:
         mesh.stop()
-    return rows, memory
+    return rows, memory, lags
 
 
 def main() -> None:
@@ -246,7 +328,7 @@ def main() -> None:
     print(
         f"benchmarking {args.model} v{config.version}: {len(headlines)} headlines, {mean_tokens:.1f} tokens on average"
     )
-    mesh_rows, inference_rss = run_mesh_benchmarks(args.repository, headlines)
+    mesh_rows, inference_rss, lags = run_mesh_benchmarks(args.repository, headlines)
     ort_rows = bench_onnxruntime(folder, config.variants, headlines[:300], batched)
     hf_rows = bench_transformers(folder / "hf", headlines[:200], batched[:12])
     rows = hf_rows + ort_rows + mesh_rows
@@ -269,6 +351,14 @@ def main() -> None:
     print(f"machine fp32 GEMM (numpy, 2048^3): {gflops:.0f} GFLOP/s; model: {per_headline:.2f} GFLOP per headline")
     print(f"  => fp32 compute bound: {gflops / per_headline:.0f} headlines/s")
     print(f"inference service resident memory after the run: {inference_rss:.0f} MB")
+    if lags:
+        print(
+            f"Kafka consumer lag during the run (records): max {max(lags)}, "
+            f"mean {statistics.fmean(lags):.0f}, final {lags[-1]}"
+        )
+    kafka_rate = by_name["infermesh via Kafka e2e (produce N, until all scored)"].headlines_per_second
+    best_grpc = max(r.headlines_per_second for r in mesh_rows if r.name.startswith("infermesh gRPC"))
+    print(f"Kafka e2e / best gRPC e2e: {kafka_rate / best_grpc:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -278,6 +368,7 @@ def main() -> None:
                 "gflop_per_headline": per_headline,
                 "mean_tokens": mean_tokens,
                 "inference_rss_mb": inference_rss,
+                "kafka_lag_samples": lags,
                 "cpu_count": os.cpu_count(),
             },
             indent=2,

@@ -69,10 +69,11 @@ class LocalMesh:
                 self.stop()
                 raise RuntimeError(f"{spec.name} did not become SERVING on {self.address(spec)}")
 
-    def start_worker(self, kafka_bootstrap: str) -> None:
+    def start_worker(self, kafka_bootstrap: str, extra_env: Mapping[str, str] | None = None) -> None:
         """The sentiment monitor worker, pointed at these services and that Kafka."""
         env = dict(os.environ)
         env.update(self.extra_env)
+        env.update(extra_env or {})
         addresses = {spec.name: self.address(spec) for spec in SERVICES}
         env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
         env["INFERMESH_WORKER_TOKENIZER"] = addresses["tokenizer"]
