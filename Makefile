@@ -15,7 +15,9 @@ export TRANSFORMERS_OFFLINE := 1
 # protoc finds its mypy plugins on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install proto lint fmt test run bench model train
+.PHONY: install proto lint fmt test run bench model train _browser
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(VENV)/.installed
 
@@ -51,8 +53,14 @@ fmt: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: model
+test: model _browser
 	$(VENV)/bin/pytest -q
+
+# The dashboard test looks at the page in Debian's chromium (no browser download).
+_browser:
+	@command -v chromium >/dev/null || { \
+		echo "installing Debian chromium for the page tests"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 run: model
 	$(VENV)/bin/infermesh run --repository $(MODEL_REPOSITORY)

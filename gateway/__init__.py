@@ -1,1 +1,1 @@
-"""Coming with its issue; see README "Not yet here"."""
+"""The REST gateway: /v1 sentiment API, the live monitoring dashboard, problem+json errors."""

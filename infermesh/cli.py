@@ -73,12 +73,18 @@ def run(
         mesh.start()
         for spec in SERVICES:
             typer.echo(f"  {spec.name:<14} grpc://{mesh.address(spec)}")
+        bootstrap = ""
         if kafka:
             bootstrap = kafka_settings.bootstrap_servers or (broker.bootstrap_servers if broker else "")
             client = KafkaSettings(bootstrap_servers=bootstrap).client_config()
             ensure_topics(client, monitor_topics(MonitorSettings().partitions))
             mesh.start_worker(bootstrap)
             typer.echo(f"  worker         sentiment monitor on {bootstrap}")
+        gateway_port = int(os.environ.get("INFERMESH_GATEWAY_HTTP_PORT", "8080"))
+        gateway_url = mesh.start_gateway(bootstrap, gateway_port)
+        typer.echo(f"  gateway        {gateway_url}/docs (REST API)")
+        if kafka:
+            typer.echo(f"  dashboard      {gateway_url}/dashboard")
             if demo:
                 feeder = threading.Thread(target=_feed_demo, args=(client,), daemon=True, name="demo-feed")
                 feeder.start()

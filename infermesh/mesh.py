@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,30 @@ class LocalMesh:
         env["INFERMESH_WORKER_INFERENCE"] = addresses["inference"]
         env["INFERMESH_WORKER_POSTPROCESSOR"] = addresses["postprocessor"]
         self.processes["worker"] = subprocess.Popen([sys.executable, "-m", "workers.sentiment_monitor"], env=env)
+
+    def start_gateway(self, kafka_bootstrap: str, http_port: int, timeout_seconds: float = 60.0) -> str:
+        """The REST gateway and dashboard; returns its base URL once /healthz answers."""
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        addresses = {spec.name: self.address(spec) for spec in SERVICES}
+        env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
+        env["INFERMESH_GATEWAY_HOST"] = self.host
+        env["INFERMESH_GATEWAY_HTTP_PORT"] = str(http_port)
+        env["INFERMESH_GATEWAY_DASHBOARD"] = "true" if kafka_bootstrap else "false"
+        env["INFERMESH_GATEWAY_TOKENIZER"] = addresses["tokenizer"]
+        env["INFERMESH_GATEWAY_INFERENCE"] = addresses["inference"]
+        env["INFERMESH_GATEWAY_POSTPROCESSOR"] = addresses["postprocessor"]
+        self.processes["gateway"] = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
+        url = f"http://{self.host}:{http_port}"
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=1) as reply:
+                    if reply.status == 200:
+                        return url
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the gateway did not answer on {url}")
 
     def address(self, spec: ServiceSpec) -> str:
         port = self.extra_env.get(f"{spec.env_prefix}GRPC_PORT", os.environ.get(f"{spec.env_prefix}GRPC_PORT"))

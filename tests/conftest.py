@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
 
+from infermesh.broker import EmbeddedBroker
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
 from services.postprocessor.server import start as start_postprocessor
@@ -22,10 +25,12 @@ from services.postprocessor.settings import PostprocessorSettings
 from services.tokenizer.server import start as start_tokenizer
 from services.tokenizer.settings import TokenizerSettings
 from shared.grpc_server import RunningServer
+from shared.kafka import KafkaSettings, ensure_topics
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
 from shared.pb import postprocess_pb2_grpc as post_grpc
 from shared.pb import tokenizer_pb2_grpc as tok_grpc
 from shared.pipeline import PipelineClient, PipelineTargets
+from workers.sentiment_monitor.topics import monitor_topics
 
 MODEL = "finance-sentiment"
 VERSION_2_TEMPERATURE = 2.5
@@ -134,3 +139,24 @@ async def pipeline(
     )
     async with PipelineClient(targets, model_name=MODEL, rows_per_infer_call=8) as client:
         yield client
+
+
+def free_port() -> int:
+    # Tansu takes a fixed port; the bind-close window is tiny on loopback.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    """A fresh broker per test: memory only, so every test starts with empty topics."""
+    with EmbeddedBroker(port=free_port()) as running:
+        yield running
+
+
+@pytest.fixture
+def kafka_config(broker: EmbeddedBroker) -> dict[str, Any]:
+    config = KafkaSettings(bootstrap_servers=broker.bootstrap_servers).client_config()
+    ensure_topics(config, monitor_topics(partitions=2))
+    return config

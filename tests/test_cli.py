@@ -6,30 +6,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.conftest import free_port
 from tests.test_pipeline import CLEAR_HEADLINES
-
-
-def _free_port() -> int:
-    # The mesh's children bind fixed ports from their environment, so this test has to
-    # pick them first; the window between close and re-bind is tiny on loopback.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repository: Path) -> None:
     infermesh = shutil.which("infermesh", path=str(Path(sys.executable).parent))
     assert infermesh, "the infermesh console script is not installed"
-    ports = {name: _free_port() for name in ("TOKENIZER", "INFERENCE", "POSTPROCESSOR")}
+    ports = {name: free_port() for name in ("TOKENIZER", "INFERENCE", "POSTPROCESSOR")}
     env = dict(os.environ) | {f"INFERMESH_{name}_GRPC_PORT": str(port) for name, port in ports.items()}
-    broker_port = _free_port()
+    broker_port = free_port()
     env["INFERMESH_BROKER_PORT"] = str(broker_port)
+    gateway_port = free_port()
+    env["INFERMESH_GATEWAY_HTTP_PORT"] = str(gateway_port)
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     mesh = subprocess.Popen(
         [infermesh, "run", "--repository", str(model_repository)],
@@ -51,6 +45,7 @@ def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repos
         output = "".join(lines)
         assert f"grpc://127.0.0.1:{ports['INFERENCE']}" in output
         assert f"127.0.0.1:{broker_port} (embedded" in output
+        assert f"http://127.0.0.1:{gateway_port}/dashboard" in output
 
         texts = list(CLEAR_HEADLINES)[:3]
         classify = subprocess.run(

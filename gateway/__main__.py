@@ -1,0 +1,11 @@
+"""python -m gateway"""
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from shared.telemetry import configure_logging
+
+settings = GatewaySettings()
+configure_logging(settings.log_json)
+uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None)

@@ -1,0 +1,56 @@
+"""Builds the gateway's FastAPI app; the composition root is `create_app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import dashboard, routes
+from gateway.limits import BodySizeLimit
+from gateway.problems import install_problem_handlers
+from gateway.settings import GatewaySettings
+from shared.kafka import KafkaSettings
+from shared.pipeline import PipelineClient, PipelineTargets
+from workers.sentiment_monitor.settings import MonitorSettings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        targets = PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor)
+        app.state.pipeline = PipelineClient(targets, model_name=settings.model_name)
+        feed = None
+        if settings.dashboard:
+            feed = dashboard.DashboardFeed((kafka or KafkaSettings()).client_config(), MonitorSettings().scorer_group)
+            feed.start()
+            app.state.dashboard = feed
+        if not settings.api_keys:
+            logger.warning("no API keys configured: /v1 is open to anyone who can reach %s", settings.host)
+        yield
+        await app.state.pipeline.close()
+        if feed is not None:
+            feed.stop()
+
+    app = FastAPI(
+        title="infermesh gateway",
+        version="0.1.0",
+        summary="Finance sentiment over REST: classification and the live monitoring dashboard.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_problem_handlers(app)
+    app.include_router(routes.router)
+    if settings.dashboard:
+        app.include_router(dashboard.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,81 @@
+"""The /v1 REST routes: thin adapters over the shared PipelineClient."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+
+from gateway.problems import Problem
+from gateway.schemas import SentimentRequest, SentimentResponse, SentimentResult
+from gateway.settings import GatewaySettings
+from shared.errors import InfermeshError, InputTooLarge
+from shared.pipeline import PipelineClient
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
+    for status, description in {
+        400: "Malformed request",
+        401: "Missing or invalid API key",
+        404: "Unknown model or version",
+        413: "Too many texts, or a text or body too large",
+        422: "Request does not match the schema",
+        429: "Overloaded; retry after the Retry-After delay",
+        503: "A service is unavailable",
+        504: "The request's deadline ran out",
+    }.items()
+}
+
+
+class Unauthorized(InfermeshError):
+    http_status = 401
+    title = "Unauthorized"
+
+
+def require_api_key(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> None:
+    settings: GatewaySettings = request.app.state.settings
+    if not settings.api_keys:
+        return
+    offered = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
+    if offered is None:
+        raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` or `X-API-Key`")
+    # Compare against every key in constant time, so timing reveals neither key nor match.
+    matches = [hmac.compare_digest(offered.encode(), key.get_secret_value().encode()) for key in settings.api_keys]
+    if not any(matches):
+        raise Unauthorized("the API key is not valid")
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=PROBLEMS)
+
+
+@router.post("/sentiment", response_model=SentimentResponse, summary="Classify finance texts")
+async def sentiment(body: SentimentRequest, request: Request) -> SentimentResponse:
+    settings: GatewaySettings = request.app.state.settings
+    if len(body.texts) > settings.max_texts:
+        raise InputTooLarge(f"request has {len(body.texts)} texts; max is {settings.max_texts}")
+    client: PipelineClient = request.app.state.pipeline
+    result = await client.classify(
+        body.texts,
+        model_version=body.model_version,
+        thresholds=body.thresholds,
+        timeout_seconds=settings.request_timeout_seconds,
+    )
+    return SentimentResponse(
+        model_name=result.model_name,
+        model_version=result.model_version,
+        results=[
+            SentimentResult(
+                label=r.label,
+                probabilities=r.probabilities,
+                abstained=r.abstained,
+                num_chunks=r.num_chunks,
+                num_tokens=r.num_tokens,
+            )
+            for r in result.results
+        ],
+    )

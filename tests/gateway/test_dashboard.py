@@ -1,0 +1,106 @@
+"""The live dashboard through a real uvicorn server, fed by the real embedded broker,
+looked at in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+from kafka import KafkaProducer
+from playwright.async_api import async_playwright
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from shared.kafka import KafkaSettings
+from tests.workers.test_windowing import T0, episode_items
+from workers.sentiment_monitor.core import AlertRule, TumblingWindows
+from workers.sentiment_monitor.messages import ALERTS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC
+
+
+def publish_episode(kafka_config: dict[str, Any]) -> None:
+    """Windows and the one alert of the scripted ACME episode, as the worker would emit them."""
+    producer = KafkaProducer(**kafka_config, acks="all")
+    windows, rule = TumblingWindows(), AlertRule()
+    for item in episode_items(0, 19):
+        windows.add(item, T0.replace(year=2100))
+        producer.send(SENTIMENT_TOPIC, key=item.ticker.encode(), value=item.model_dump_json().encode())
+        for closed in windows.close_due():
+            producer.send(WINDOWS_TOPIC, key=closed.ticker.encode(), value=closed.model_dump_json().encode())
+            alert = rule.observe(closed)
+            if alert is not None:
+                producer.send(ALERTS_TOPIC, key=alert.ticker.encode(), value=alert.model_dump_json().encode())
+    producer.flush()
+    producer.close()
+
+
+@pytest_asyncio.fixture
+async def gateway_url(kafka_config: dict[str, Any], broker: Any) -> AsyncIterator[str]:
+    settings = GatewaySettings(dashboard=True)
+    app = create_app(settings, KafkaSettings(bootstrap_servers=broker.bootstrap_servers))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    await task
+
+
+async def test_events_stream_carries_windows_and_alerts(kafka_config: dict[str, Any], gateway_url: str) -> None:
+    publish_episode(kafka_config)
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        for _ in range(30):
+            async with client.stream("GET", "/dashboard/events") as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                line = await anext(aiter(stream.aiter_lines()))
+            state = json.loads(line.removeprefix("data: "))
+            if state["alerts"] and len(state["tickers"].get("ACME", [])) == 19:
+                break
+            await asyncio.sleep(0.5)
+    assert [a["ticker"] for a in state["alerts"]] == ["ACME"]
+    assert set(state["tickers"]) == {"ACME", "STDY"}
+    assert state["scored_total"] == 400
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
+async def test_dashboard_page_shows_the_alert_in_a_browser(
+    kafka_config: dict[str, Any], gateway_url: str, tmp_path: Path
+) -> None:
+    publish_episode(kafka_config)
+    screenshot = tmp_path / "dashboard.png"
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=shutil.which("chromium"),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = await browser.new_page(viewport={"width": 1400, "height": 900})
+        await page.goto(f"{gateway_url}/dashboard")
+        alert = await page.wait_for_selector(".alert[data-ticker=ACME]", timeout=30_000)
+        assert alert is not None
+        text = await alert.inner_text()
+        assert "ACME: 80% negative" in text and "a8-" in text
+        await page.wait_for_function("document.querySelectorAll('.card').length == 2")
+        assert await page.get_attribute(".card[data-ticker=ACME]", "class") == "card alerting"
+        assert await page.get_attribute(".card[data-ticker=STDY]", "class") == "card"
+        await page.screenshot(path=str(screenshot), full_page=True)
+        await browser.close()
+    assert screenshot.stat().st_size > 20_000

@@ -1,0 +1,107 @@
+"""The REST API in process (httpx over ASGI) against the real services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import pytest_asyncio
+from pydantic import SecretStr
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from shared.grpc_server import RunningServer
+
+
+def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySettings:
+    tokenizer, inference, postprocessor = (f"127.0.0.1:{s.port}" for s in servers)
+    return GatewaySettings(
+        tokenizer=tokenizer,
+        inference=inference,
+        postprocessor=postprocessor,
+        dashboard=False,
+        max_texts=8,
+        max_body_bytes=4096,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest_asyncio.fixture
+async def servers(
+    tokenizer_server: RunningServer, inference_server: RunningServer, postprocessor_server: RunningServer
+) -> list[RunningServer]:
+    return [tokenizer_server, inference_server, postprocessor_server]
+
+
+async def client_for(settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+
+
+@pytest_asyncio.fixture
+async def client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in client_for(settings_for(servers)):
+        yield c
+
+
+@pytest_asyncio.fixture
+async def keyed_client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in client_for(settings_for(servers, api_keys=[SecretStr("k-123"), SecretStr("k-456")])):
+        yield c
+
+
+async def test_sentiment_classifies_texts(client: httpx.AsyncClient) -> None:
+    reply = await client.post(
+        "/v1/sentiment", json={"texts": ["Acme shares plunge after profit warning", "Acme beats estimates"]}
+    )
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["model_name"] == "finance-sentiment" and body["model_version"] == "2"
+    assert [r["label"] for r in body["results"]] == ["negative", "positive"]
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "detail"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"texts": "one string"}', 422, "texts"),
+        (b'{"texts": []}', 422, "at least 1 item"),
+        (b'{"texts": [1, 2]}', 422, "texts.0"),
+        (b'{"texts": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}', 413, "9 texts; max is 8"),
+        (b'{"texts": ["' + b"x" * 5000 + b'"]}', 413, "max is 4096"),
+        (b'{"texts": ["fine", "  "]}', 400, "text 1 is empty"),
+        (b'{"texts": ["fine"], "model_version": "9"}', 404, "version '9'"),
+        (b'{"texts": ["fine"], "thresholds": {"bullish": 0.5}}', 400, "unknown label 'bullish'"),
+    ],
+)
+async def test_bad_requests_are_problem_json(
+    client: httpx.AsyncClient, content: bytes, status: int, detail: str
+) -> None:
+    reply = await client.post("/v1/sentiment", content=content, headers={"content-type": "application/json"})
+    assert reply.status_code == status
+    assert reply.headers["content-type"] == "application/problem+json"
+    problem = reply.json()
+    assert problem["status"] == status and detail in problem["detail"]
+    assert problem["instance"] == "/v1/sentiment" and len(problem["trace_id"]) == 32
+    assert "Traceback" not in reply.text
+
+
+async def test_api_keys_are_required_when_configured(keyed_client: httpx.AsyncClient) -> None:
+    body = {"texts": ["Acme beats estimates"]}
+    missing = await keyed_client.post("/v1/sentiment", json=body)
+    assert missing.status_code == 401 and "API key is required" in missing.json()["detail"]
+    wrong = await keyed_client.post("/v1/sentiment", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["detail"] == "the API key is not valid"
+    for headers in ({"Authorization": "Bearer k-456"}, {"X-API-Key": "k-123"}):
+        assert (await keyed_client.post("/v1/sentiment", json=body, headers=headers)).status_code == 200
+
+
+async def test_openapi_declares_the_problem_responses(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    responses = document["paths"]["/v1/sentiment"]["post"]["responses"]
+    assert {"200", "400", "401", "404", "413", "422", "429", "503", "504"} <= set(responses)
+    assert "application/problem+json" in responses["413"]["content"]
