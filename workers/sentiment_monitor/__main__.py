@@ -31,6 +31,10 @@ def group_consumer(client: dict[str, Any], group: str, max_poll_records: int) ->
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=max_poll_records,
+        # Let a fetch gather a batch's worth of records (or wait 50 ms) rather than
+        # returning the first few: small batches leave the inference service idle.
+        fetch_min_bytes=64 * 1024,
+        fetch_max_wait_ms=50,
         # The broker holds a group join for half the session timeout; the 45 s default
         # would mean ~23 s of nothing after every rebalance.
         session_timeout_ms=6000,
@@ -55,7 +59,7 @@ def main() -> None:
             NewsScorer(consumer, producer, pipeline, TickerAttributor.from_csv(settings.companies_csv), settings)
         )
     if "windows" in settings.stages:
-        consumer = group_consumer(client, settings.windows_group, settings.max_batch * 4)
+        consumer = group_consumer(client, settings.windows_group, settings.max_batch)
         stages.append(WindowStage(consumer, producer, client, settings))
 
     def stop(signum: int, frame: FrameType | None) -> None:

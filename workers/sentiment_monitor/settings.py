@@ -27,8 +27,14 @@ class MonitorSettings(BaseSettings):
     model_name: str = "finance-sentiment"
     """Model to score with."""
 
-    max_batch: int = 64
-    """Records polled, scored and committed together: the bound on records in flight."""
+    max_batch: int = 256
+    """Records polled, scored and committed together: the bound on records in flight.
+    Each batch pays a produce, flush and commit round trip, so small batches waste the
+    inference service's time between them."""
+
+    scorers: int = 2
+    """Scoring consumers per process (group members sharing the partitions): while one
+    waits on Kafka round trips, another's batch is being scored."""
 
     max_record_bytes: int = 256 * 1024
     """Larger input records are dead-lettered."""

@@ -127,7 +127,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.run_once()
 
     def run_once(self, timeout_ms: int = 500) -> int:
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch * 4)
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch)
         acks = []
         touched: list[TopicPartition] = []
         now = self.clock()
