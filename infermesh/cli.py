@@ -26,6 +26,7 @@ class Service(StrEnum):
     inference = "inference"
     postprocessor = "postprocessor"
     worker = "worker"
+    gateway = "gateway"
 
 
 class Topic(StrEnum):
@@ -136,10 +137,11 @@ def serve(service: Service) -> None:
         inference_settings = InferenceSettings()
         configure_logging(inference_settings.log_json, inference_settings.log_level)
         asyncio.run(serve_inference(inference_settings))
-    elif service is Service.worker:
+    elif service in (Service.worker, Service.gateway):
         import runpy
 
-        runpy.run_module("workers.sentiment_monitor", run_name="__main__")
+        module = "workers.sentiment_monitor" if service is Service.worker else "gateway"
+        runpy.run_module(module, run_name="__main__")
     else:
         from services.postprocessor.server import serve as serve_postprocessor
         from services.postprocessor.settings import PostprocessorSettings
