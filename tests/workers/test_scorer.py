@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -113,8 +114,9 @@ async def test_every_item_is_scored_once_per_ticker_and_offsets_are_committed(
     assert all(r.key == ScoredItem.model_validate_json(r.value).ticker.encode() for r in records)  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("max_batch", [1, 16])
 async def test_poison_goes_to_the_dead_letter_topic_with_its_reason_and_good_items_flow(
-    kafka_config: dict[str, Any], pipeline: BlockingPipeline
+    kafka_config: dict[str, Any], pipeline: BlockingPipeline, max_batch: int
 ) -> None:
     poison = {
         "invalid-utf8": b'{"id": "\xff"}',
@@ -129,7 +131,7 @@ async def test_poison_goes_to_the_dead_letter_topic_with_its_reason_and_good_ite
         news("ok2", "$MSFT misses estimates"),
     ]
     produce(kafka_config, values)
-    scorer = make_scorer(kafka_config, pipeline, max_record_bytes=1500)
+    scorer = make_scorer(kafka_config, pipeline, max_record_bytes=1500, max_batch=max_batch)
     try:
         assert await drain(scorer, len(values)) == len(values)
     finally:
@@ -160,6 +162,14 @@ class FlakyScorer:
         if self.calls <= self.failures:
             raise Unavailable("inference service unreachable")
         return self.real.classify(texts, timeout_seconds)
+
+    def submit(self, texts: Sequence[str], timeout_seconds: float) -> Future[ClassifyResult]:
+        future: Future[ClassifyResult] = Future()
+        try:
+            future.set_result(self.classify(texts, timeout_seconds))
+        except Unavailable as error:
+            future.set_exception(error)
+        return future
 
 
 async def test_transient_failures_are_retried_not_dead_lettered(

@@ -1,8 +1,8 @@
 """The scoring stage: `finance.news.v1` in, `finance.sentiment.v1` (and dead letters) out.
 
-One batch at a time, at least once: poll up to `max_batch` records, dead-letter the
-poison, score the rest through the mesh, produce one ScoredItem per (item, ticker),
-wait for the broker to acknowledge every output, and only then commit the offsets.
+At least once: poll up to `max_batch` records, dead-letter the poison, score the rest
+through the mesh, produce one ScoredItem per (item, ticker), wait for the broker to
+acknowledge every output, and only then commit the offsets.
 Transient failures of the mesh are retried with back-off and nothing is committed
 meanwhile; a crash re-delivers the batch, and the deterministic output ids let
 consumers drop the duplicates.
@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -40,7 +41,24 @@ TRANSIENT = (Unavailable, Overloaded, DeadlineExceeded)
 
 
 class Scorer(Protocol):
-    def classify(self, texts: Sequence[str], timeout_seconds: float) -> ClassifyResult: ...
+    def classify(self, texts: Sequence[str], timeout_seconds: float) -> ClassifyResult:
+        """Blocks until scored; raises shared.errors types."""
+        ...
+
+    def submit(self, texts: Sequence[str], timeout_seconds: float) -> Future[ClassifyResult]:
+        """Starts scoring and returns at once."""
+        ...
+
+
+@dataclass
+class _Batch:
+    """A polled batch on its way from poll to commit."""
+
+    records: list[Any]
+    good: list[tuple[Any, NewsItem]] = field(default_factory=list)
+    acks: list[Any] = field(default_factory=list)
+    """Broker acknowledgements to wait for before committing."""
+    scoring: Future[ClassifyResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,29 +103,51 @@ class NewsScorer:
         self._stopping.set()
 
     def run(self) -> None:
+        """Overlaps batches: batch N+1 is polled and sent for scoring before batch N's
+        outputs are flushed and its offsets committed, so the mesh is not idle during
+        Kafka round trips. Offsets are still committed in order, each after its outputs."""
         self.consumer.subscribe([NEWS_TOPIC])
+        pending: _Batch | None = None
         while not self._stopping.is_set():
-            self.run_once()
+            batch = self._start()
+            if pending is not None:
+                self._finish(pending)
+            pending = batch
+        if pending is not None:
+            self._finish(pending)
 
     def run_once(self, timeout_ms: int = 500) -> BatchOutcome:
+        """One batch from poll to commit."""
+        batch = self._start(timeout_ms)
+        return self._finish(batch) if batch is not None else BatchOutcome(0, 0, 0)
+
+    def _start(self, timeout_ms: int = 500) -> _Batch | None:
+        """Polls, dead-letters the poison, and sends the rest for scoring (not awaited)."""
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch)
         records = [record for batch in polled.values() for record in batch]
         if not records:
-            return BatchOutcome(0, 0, 0)
-        acks = []
-        good: list[tuple[Any, NewsItem]] = []
+            return None
+        batch = _Batch(records)
         for record in records:
             try:
-                good.append((record, decode_news(record.value, self.settings.max_record_bytes)))
+                batch.good.append((record, decode_news(record.value, self.settings.max_record_bytes)))
             except PoisonRecord as poison:
-                acks.append(self._dead_letter(record, poison.reason, poison.detail))
+                batch.acks.append(self._dead_letter(record, poison.reason, poison.detail))
+        if batch.good:
+            texts = [item.text() for _, item in batch.good]
+            batch.scoring = self.scorer.submit(texts, self.settings.score_timeout_seconds)
+        return batch
+
+    def _finish(self, batch: _Batch) -> BatchOutcome:
+        """Waits for the scores, produces the outputs, waits for their acks, commits."""
         scored = 0
-        for (record, item), outcome in zip(good, self._score([item for _, item in good]), strict=True):
+        outcomes = self._score([item for _, item in batch.good], batch.scoring)
+        for (record, item), outcome in zip(batch.good, outcomes, strict=True):
             if isinstance(outcome, InfermeshError):
-                acks.append(self._dead_letter(record, "rejected", outcome.detail))
+                batch.acks.append(self._dead_letter(record, "rejected", outcome.detail))
                 continue
             for scored_item in self._scored_items(item, outcome):
-                acks.append(
+                batch.acks.append(
                     self.producer.send(
                         SENTIMENT_TOPIC,
                         key=scored_item.ticker.encode() if scored_item.ticker else None,
@@ -116,10 +156,10 @@ class NewsScorer:
                 )
             scored += 1
         self.producer.flush()
-        for ack in acks:
+        for ack in batch.acks:
             ack.get(timeout=30)  # raises if the broker refused an output: nothing is committed
-        self._commit(records)
-        return BatchOutcome(len(records), scored, len(records) - scored)
+        self._commit(batch.records)
+        return BatchOutcome(len(batch.records), scored, len(batch.records) - scored)
 
     def _dead_letter(self, record: Any, reason: str, detail: str) -> Any:
         logger.warning("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
@@ -127,21 +167,27 @@ class NewsScorer:
             DLQ_TOPIC, key=record.key, value=record.value or b"", headers=dead_letter_headers(record, reason, detail)
         )
 
-    def _score(self, items: list[NewsItem]) -> list[tuple[ClassifyResult, int] | InfermeshError]:
+    def _score(
+        self, items: list[NewsItem], submitted: Future[ClassifyResult] | None
+    ) -> list[tuple[ClassifyResult, int] | InfermeshError]:
         """Per item, its result (and index into it) or the error that rejects it alone."""
-        if not items:
+        if not items or submitted is None:
             return []
+        texts = [item.text() for item in items]
         try:
-            result = self._classify([i.text() for i in items])
+            try:
+                result = submitted.result()
+            except TRANSIENT:
+                result = self._classify(texts)  # from here on with back-off
             return [(result, index) for index in range(len(items))]
-        except (InvalidInput, InputTooLarge):
+        except (InvalidInput, InputTooLarge) as error:
             if len(items) == 1:
-                raise
+                return [error]
         # One item spoils the batch: score each alone so only the bad one is rejected.
         outcomes: list[tuple[ClassifyResult, int] | InfermeshError] = []
-        for item in items:
+        for text in texts:
             try:
-                outcomes.append((self._classify([item.text()]), 0))
+                outcomes.append((self._classify([text]), 0))
             except (InvalidInput, InputTooLarge) as error:
                 outcomes.append(error)
         return outcomes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from shared.pipeline import ClassifyResult, PipelineClient, PipelineTargets
@@ -31,6 +32,12 @@ class BlockingPipeline:
     def classify(self, texts: Sequence[str], timeout_seconds: float) -> ClassifyResult:
         """Raises shared.errors types, as PipelineClient.classify does."""
         return self._call(self._client.classify(texts, timeout_seconds=timeout_seconds))
+
+    def submit(self, texts: Sequence[str], timeout_seconds: float) -> Future[ClassifyResult]:
+        """Starts scoring on the pipeline's loop; the future raises shared.errors types."""
+        return asyncio.run_coroutine_threadsafe(
+            self._client.classify(list(texts), timeout_seconds=timeout_seconds), self._loop
+        )
 
     def close(self) -> None:
         self._call(self._client.close())
