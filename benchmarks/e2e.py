@@ -219,8 +219,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bench_kafka(mesh: LocalMesh, headlines: list[str]) -> tuple[Row, list[int]]:
-    """Produce every headline as a news item, time until each is scored on the output topic.
+def bench_kafka(mesh: LocalMesh, headlines: list[str], repeats: int = 4) -> tuple[Row, list[int]]:
+    """Produce the headlines `repeats` times as news items (distinct ids), time until each
+    is scored on the output topic; long enough that group joins and the first fetches do
+    not dominate.
 
     Runs the worker's scoring stage as its own process against the embedded broker;
     samples the scorer group's lag (produced minus committed) every 0.25 s."""
@@ -255,17 +257,18 @@ def bench_kafka(mesh: LocalMesh, headlines: list[str]) -> tuple[Row, list[int]]:
                 while not done.wait(0.25):
                     offsets = admin.list_group_offsets({MonitorSettings().scorer_group: None})
                     committed = sum(o.offset for o in next(iter(offsets.values()), {}).values())
-                    lags.append(max(0, len(headlines) + 1 - committed))
+                    lags.append(max(0, len(headlines) * repeats + 1 - committed))
             finally:
                 admin.close()
 
         sampler = threading.Thread(target=sample_lag, daemon=True)
         started = time.perf_counter()
         sampler.start()
-        for n, text in enumerate(headlines):
+        stream = [text for _ in range(repeats) for text in headlines]
+        for n, text in enumerate(stream):
             producer.send(NEWS_TOPIC, key=f"b{n}".encode(), value=item(n, text))
         producer.flush()
-        wait_for({f"b{n}" for n in range(len(headlines))})
+        wait_for({f"b{n}" for n in range(len(stream))})
         elapsed = time.perf_counter() - started
         done.set()
         sampler.join()
@@ -276,7 +279,7 @@ def bench_kafka(mesh: LocalMesh, headlines: list[str]) -> tuple[Row, list[int]]:
         worker.wait(timeout=30)
     row = Row(
         "infermesh via Kafka e2e (produce N, until all scored)",
-        len(headlines) / elapsed,
+        len(headlines) * repeats / elapsed,
         None,
         None,
         "embedded broker + scoring worker",

@@ -32,9 +32,9 @@ class MonitorSettings(BaseSettings):
     Each batch pays a produce, flush and commit round trip, so small batches waste the
     inference service's time between them."""
 
-    scorers: int = 2
-    """Scoring consumers per process (group members sharing the partitions): while one
-    waits on Kafka round trips, another's batch is being scored."""
+    scorers: int = 1
+    """Scoring consumers per process (group members sharing the partitions). One is
+    enough on two cores: each already scores its next batch while committing the last."""
 
     max_record_bytes: int = 256 * 1024
     """Larger input records are dead-lettered."""
