@@ -86,10 +86,11 @@ class DashboardFeed:
 
     def _follow(self) -> None:
         consumer = KafkaConsumer(**self._client, auto_offset_reset="earliest", enable_auto_commit=False)
-        consumer.subscribe([WINDOWS_TOPIC, ALERTS_TOPIC, SENTIMENT_TOPIC, DLQ_TOPIC, NEWS_TOPIC])
-        admin = KafkaAdminClient(**self._client)
+        admin: KafkaAdminClient | None = None
         next_lag = 0.0
         try:
+            consumer.subscribe([WINDOWS_TOPIC, ALERTS_TOPIC, SENTIMENT_TOPIC, DLQ_TOPIC, NEWS_TOPIC])
+            admin = KafkaAdminClient(**self._client)
             while not self._stop.is_set():
                 for partition, records in consumer.poll(timeout_ms=500).items():
                     self._ingest(partition.topic, records)
@@ -98,13 +99,17 @@ class DashboardFeed:
                     next_lag = time.monotonic() + 2
         finally:
             consumer.close(autocommit=False)
-            admin.close()
+            if admin is not None:
+                admin.close()
 
     def _ingest(self, topic: str, records: list[Any]) -> None:
         with self._lock:
             if topic == SENTIMENT_TOPIC:
+                now = time.monotonic()
                 self._scored_total += len(records)
-                self._scored_at.extend([time.monotonic()] * len(records))
+                self._scored_at.extend([now] * len(records))
+                while self._scored_at and self._scored_at[0] < now - 10:
+                    self._scored_at.popleft()
             elif topic == DLQ_TOPIC:
                 self._dead_letters += len(records)
             for record in records:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.problems import PROBLEM_JSON, trace_id
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class BodySizeLimit:
@@ -28,7 +25,6 @@ class BodySizeLimit:
             await self._refuse(scope, send, int(declared))
             return
         seen = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal seen
@@ -36,19 +32,13 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    # An HTTPException passes through FastAPI's body parsing to the problem handler.
+                    raise HTTPException(
+                        413, f"request body has more than {self.max_bytes} bytes; max is {self.max_bytes}"
+                    )
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(scope, send, seen)
+        await self.app(scope, limited_receive, send)
 
     async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
         body: dict[str, Any] = {

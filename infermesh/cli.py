@@ -242,6 +242,7 @@ def produce(
     lines = sys.stdin.buffer.read().splitlines() if str(file) == "-" else file.read_bytes().splitlines()
     producer = KafkaProducer(**KafkaSettings().client_config(), acks="all", enable_idempotence=True)
     sent = rejected = 0
+    pending = []
     try:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -252,9 +253,15 @@ def produce(
                 typer.echo(f"line {number}: {poison.reason}: {poison.detail}", err=True)
                 rejected += 1
                 continue
-            producer.send(NEWS_TOPIC, key=item.id.encode(), value=line)
-            sent += 1
+            pending.append((number, producer.send(NEWS_TOPIC, key=item.id.encode(), value=line)))
         producer.flush()
+        for number, future in pending:
+            try:
+                future.get(timeout=30)
+                sent += 1
+            except Exception as error:  # the broker refused it (too large, unauthorised, ...)
+                typer.echo(f"line {number}: not accepted by Kafka: {error}", err=True)
+                rejected += 1
     finally:
         producer.close()
     typer.echo(json.dumps({"sent": sent, "rejected": rejected}))

@@ -97,6 +97,9 @@ def from_grpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> InfermeshErr
     named = next((value for key, value in pairs if key == ERROR_TYPE_METADATA_KEY), None)
     if named:
         cls = next((c for c in _all_errors() if c.__name__ == named and c.grpc_code == code), cls)
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in detail:
+        # gRPC's own message-size limit, not a full queue: retrying cannot help.
+        cls = InputTooLarge
     if cls is None:
         return InfermeshError("downstream service failed")
     return cls(detail)

@@ -32,6 +32,8 @@ from shared.pb import tokenizer_pb2 as tok_pb
 from shared.pb import tokenizer_pb2_grpc as tok_grpc
 
 DEFAULT_MODEL = "finance-sentiment"
+#: Distinct (version, thresholds) option sets that get a shared round; others run alone.
+MAX_ROUND_KEYS = 16
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,14 @@ class ClassifyResult:
     model_name: str
     model_version: str
     results: list[Classification] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One caller's texts waiting for a shared round."""
+
+    texts: list[str]
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ class PipelineClient:
             max_concurrent_batches=concurrent_rounds,
             padded_cost=False,
         )
-        self._rounds: dict[tuple[str, tuple[tuple[str, float], ...]], DynamicBatcher[list[str], ClassifyResult]] = {}
+        self._rounds: dict[tuple[str, tuple[tuple[str, float], ...]], DynamicBatcher[_Call, ClassifyResult]] = {}
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         self._channels = [
             grpc.aio.insecure_channel(target, options=options)
@@ -125,46 +135,60 @@ class PipelineClient:
         their chunks aggregated. Raises `shared.errors` types, never raw gRPC errors."""
         if not texts:
             raise InvalidInput("texts is empty; send at least one text")
+        for index, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(f"text {index} is not valid Unicode (it holds a lone surrogate)") from None
         timeout = timeout_seconds or self.timeout_seconds
-        if len(texts) >= self._round_policy.max_batch_size:
-            return await self._classify_now(list(texts), model_version, thresholds, timeout)
         key = (model_version, tuple(sorted((thresholds or {}).items())))
         batcher = self._rounds.get(key)
+        if len(texts) >= self._round_policy.max_batch_size or (batcher is None and len(self._rounds) >= MAX_ROUND_KEYS):
+            # Big calls gain nothing from sharing; rare option sets must not grow the table.
+            return await self._classify_now(list(texts), model_version, thresholds, timeout)
         if batcher is None:
 
-            async def run_round(calls: list[list[str]]) -> list[ClassifyResult | BaseException]:
+            async def run_round(calls: list[_Call]) -> list[ClassifyResult | BaseException]:
                 return await self._run_round(calls, model_version, thresholds)
 
-            batcher = DynamicBatcher(run_round, len, self._round_policy)
+            batcher = DynamicBatcher(run_round, lambda call: len(call.texts), self._round_policy)
             self._rounds[key] = batcher
+        call = _Call(list(texts), time.monotonic() + timeout)
         try:
-            (result,) = await asyncio.wait_for(batcher.submit([list(texts)]), timeout)
+            (result,) = await asyncio.wait_for(batcher.submit([call]), timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {timeout:.1f} s") from None
         return result
 
     async def _run_round(
-        self, calls: list[list[str]], model_version: str, thresholds: Mapping[str, float] | None
+        self, calls: list[_Call], model_version: str, thresholds: Mapping[str, float] | None
     ) -> list[ClassifyResult | BaseException]:
-        merged = [text for call in calls for text in call]
+        merged = [text for call in calls for text in call.texts]
+        # The round lives as long as its most patient caller; the others stop waiting on their own.
+        timeout = max(0.001, max(call.deadline for call in calls) - time.monotonic())
         try:
-            result = await self._classify_now(merged, model_version, thresholds, self.timeout_seconds)
+            result = await self._classify_now(merged, model_version, thresholds, timeout)
         except (InvalidInput, InputTooLarge):
             if len(calls) == 1:
                 raise
             # Someone's input is bad: find out whose by running each call alone.
             return list(
                 await asyncio.gather(
-                    *(self._classify_now(call, model_version, thresholds, self.timeout_seconds) for call in calls),
+                    *(
+                        self._classify_now(
+                            call.texts, model_version, thresholds, max(0.001, call.deadline - time.monotonic())
+                        )
+                        for call in calls
+                    ),
                     return_exceptions=True,
                 )
             )
         results: list[ClassifyResult | BaseException] = []
         start = 0
         for call in calls:
-            part = result.results[start : start + len(call)]
+            part = result.results[start : start + len(call.texts)]
             results.append(ClassifyResult(result.model_name, result.model_version, part))
-            start += len(call)
+            start += len(call.texts)
         return results
 
     async def _classify_now(

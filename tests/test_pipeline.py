@@ -60,6 +60,9 @@ async def test_errors_surface_as_the_shared_taxonomy(pipeline: PipelineClient) -
         await pipeline.classify(["x"] * 65)
     with pytest.raises(ModelNotFound, match="version '9'"):
         await pipeline.classify(["fine"], model_version="9")
+    # Past gRPC's message-size limit: too large, not "overloaded" (retrying cannot help).
+    with pytest.raises(InputTooLarge, match="larger than max"):
+        await pipeline.classify(["word " * 4_000_000])
 
 
 async def test_concurrent_calls_are_coalesced_without_mixing_answers_or_errors(pipeline: PipelineClient) -> None:

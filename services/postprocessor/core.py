@@ -133,6 +133,8 @@ class Postprocessor:
         if len(document_index) != rows:
             raise InvalidInput(f"document_index has {len(document_index)} entries; logits have {rows} rows")
         documents = np.asarray(document_index, dtype=np.int64)
+        if int(documents.max()) >= rows:
+            raise InvalidInput(f"document_index holds {int(documents.max())}; with {rows} rows it must be below {rows}")
         count = int(documents.max()) + 1
         missing = np.setdiff1d(np.arange(count), documents)
         if missing.size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from shared.errors import InputTooLarge, InvalidInput
 
 #: [CLS] and [SEP] around every chunk.
 SPECIAL_TOKENS_PER_CHUNK = 2
+#: Tokenizer instances kept for distinct (max_length, stride) requests.
+WINDOW_CACHE_SIZE = 16
 #: Requests up to this many characters are tokenized on the event loop.
 INLINE_CHARACTERS = 4096
 
@@ -72,7 +75,7 @@ class Tokenizer:
         self.vocab_size = base.get_vocab_size()
         # A Rust tokenizer carries its truncation settings, so each (max_length, stride)
         # gets its own instance; building one takes ~10 ms, so they are kept.
-        self._by_window: dict[tuple[int, int], RustTokenizer] = {}
+        self._by_window: OrderedDict[tuple[int, int], RustTokenizer] = OrderedDict()
         self._lock = threading.Lock()
         if limits.default_stride >= limits.max_length - SPECIAL_TOKENS_PER_CHUNK:
             raise ValueError("default stride must be smaller than the chunk's content length")
@@ -86,6 +89,9 @@ class Tokenizer:
                 tokenizer.no_padding()
                 tokenizer.enable_truncation(max_length, stride=stride, strategy="longest_first")
                 self._by_window[key] = tokenizer
+                if len(self._by_window) > WINDOW_CACHE_SIZE:
+                    self._by_window.popitem(last=False)
+            self._by_window.move_to_end(key)
             return tokenizer
 
     def validate(self, texts: Sequence[str], max_length: int, stride: int) -> None:

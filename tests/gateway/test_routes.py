@@ -76,6 +76,7 @@ async def test_sentiment_classifies_texts(client: httpx.AsyncClient) -> None:
         (b'{"texts": ["fine", "  "]}', 400, "text 1 is empty"),
         (b'{"texts": ["fine"], "model_version": "9"}', 404, "version '9'"),
         (b'{"texts": ["fine"], "thresholds": {"bullish": 0.5}}', 400, "unknown label 'bullish'"),
+        (b'{"texts": ["fine", "\\ud800"]}', 400, "text 1 is not valid Unicode"),
     ],
 )
 async def test_bad_requests_are_problem_json(
@@ -105,3 +106,16 @@ async def test_openapi_declares_the_problem_responses(client: httpx.AsyncClient)
     responses = document["paths"]["/v1/sentiment"]["post"]["responses"]
     assert {"200", "400", "401", "404", "413", "422", "429", "503", "504"} <= set(responses)
     assert "application/problem+json" in responses["413"]["content"]
+
+
+async def test_a_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"texts": ["'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"]}'
+
+    reply = await client.post("/v1/sentiment", content=chunks(), headers={"content-type": "application/json"})
+    assert reply.status_code == 413
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert "max is 4096" in reply.json()["detail"]

@@ -121,6 +121,11 @@ async def test_threshold_below_top_probability_abstains(
             "unknown label 'bullish'",
         ),
         (
+            pb.PostprocessRequest(model_name=MODEL, logits=[1, 2, 3], num_labels=3, document_index=[4294967295]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "must be below 1",
+        ),
+        (
             pb.PostprocessRequest(model_name=MODEL, logits=[1, 2, 3, 1, 2, 3], num_labels=3, document_index=[1, 1]),
             grpc.StatusCode.INVALID_ARGUMENT,
             "document 0 has no rows",

@@ -55,7 +55,7 @@ class ScoredItem(BaseModel):
     """`<item id>:<ticker>`, or the item id when no ticker was found."""
     item_id: str
     ticker: str | None
-    published_at: datetime
+    published_at: AwareDatetime
     source: str
     headline: str
     label: str

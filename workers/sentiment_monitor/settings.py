@@ -28,13 +28,10 @@ class MonitorSettings(BaseSettings):
     """Model to score with."""
 
     max_batch: int = 256
-    """Records polled, scored and committed together: the bound on records in flight.
+    """Records polled, scored and committed together; with the next batch scored while
+    one is committed, at most twice this many records are in flight.
     Each batch pays a produce, flush and commit round trip, so small batches waste the
     inference service's time between them."""
-
-    scorers: int = 1
-    """Scoring consumers per process (group members sharing the partitions). One is
-    enough on two cores: each already scores its next batch while committing the last."""
 
     max_record_bytes: int = 256 * 1024
     """Larger input records are dead-lettered."""

@@ -149,11 +149,6 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 if state.windows.add(item, now):
                     state.first_offset.setdefault(window, record.offset)
             for closed in state.windows.close_due():
-                acks.append(
-                    self.producer.send(
-                        WINDOWS_TOPIC, key=closed.ticker.encode(), value=closed.model_dump_json().encode()
-                    )
-                )
                 alert = state.rule.observe(closed)
                 if alert is not None:
                     logger.warning(
@@ -162,12 +157,17 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                         closed.share_negative,
                         alert.baseline_share_negative,
                     )
-                    acks.append(
-                        self.producer.send(
-                            ALERTS_TOPIC, key=alert.ticker.encode(), value=alert.model_dump_json().encode()
-                        )
-                    )
+                    # The alert is acknowledged before its window is written: a restart
+                    # treats emitted windows as done, so the window must never land alone.
+                    self.producer.send(
+                        ALERTS_TOPIC, key=alert.ticker.encode(), value=alert.model_dump_json().encode()
+                    ).get(timeout=30)
                     self.alerts_raised += 1
+                acks.append(
+                    self.producer.send(
+                        WINDOWS_TOPIC, key=closed.ticker.encode(), value=closed.model_dump_json().encode()
+                    )
+                )
                 state.remember_emitted(closed.id)
                 state.first_offset.pop(closed.id, None)
                 self.windows_closed += 1
