@@ -18,6 +18,8 @@ import pytest
 import pytest_asyncio
 
 from infermesh.broker import EmbeddedBroker
+from services.explainer.server import start as start_explainer
+from services.explainer.settings import ExplainerSettings
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
 from services.postprocessor.server import start as start_postprocessor
@@ -90,6 +92,17 @@ async def inference_server(model_repository: Path) -> AsyncIterator[RunningServe
     yield running
     await running.stop(0)
     await core.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def explainer_server(model_repository: Path, inference_server: RunningServer) -> AsyncIterator[RunningServer]:
+    settings = ExplainerSettings(
+        grpc_port=0, model_repository=model_repository, inference=f"127.0.0.1:{inference_server.port}", max_texts=4
+    )
+    running, probabilities = await start_explainer(settings)
+    yield running
+    await running.stop(0)
+    await probabilities.close()
 
 
 @pytest_asyncio.fixture(scope="session")

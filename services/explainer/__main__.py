@@ -1,0 +1,11 @@
+"""python -m services.explainer"""
+
+import asyncio
+
+from services.explainer.server import serve
+from services.explainer.settings import ExplainerSettings
+from shared.telemetry import configure_logging
+
+settings = ExplainerSettings()
+configure_logging(settings.log_json, settings.log_level)
+asyncio.run(serve(settings))

@@ -1,0 +1,259 @@
+"""The explainer's core: attributions per token and per word, and how faithful they are.
+
+Integrated gradients run on the served version's weights in this process; occlusion and
+every faithfulness figure are scored through the inference service, so they measure the
+model callers actually get (int8, ONNX Runtime today).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from services.explainer.gradients import IntegratedGradients
+from services.tokenizer.core import Chunk, Tokenizer
+from shared.errors import InputTooLarge, InvalidInput
+
+#: ERASER-style "top k%" word sets.
+TOP_PERCENTS = (0.1, 0.2, 0.5)
+
+
+class Method(enum.Enum):
+    INTEGRATED_GRADIENTS = "integrated_gradients"
+    OCCLUSION = "occlusion"
+
+
+class ProbabilityModel(Protocol):
+    async def probabilities(self, sequences: Sequence[Sequence[int]], timeout: float) -> npt.NDArray[np.float64]:
+        """Calibrated probabilities, one row per sequence."""
+        ...
+
+
+@dataclass(frozen=True)
+class ExplainLimits:
+    max_texts: int = 8
+    max_chunks: int = 8
+    """Chunks per text (each is explained)."""
+    default_steps: int = 32
+    max_steps: int = 256
+    random_trials: int = 5
+    """Random word sets per top-k% size for the baseline figures."""
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class TokenAttribution:
+    text: str
+    start: int
+    end: int
+    word_index: int
+    attribution: float
+
+
+@dataclass(frozen=True)
+class WordAttribution:
+    text: str
+    start: int
+    end: int
+    attribution: float
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    top_percent: float
+    comprehensiveness: float
+    sufficiency: float
+    random_comprehensiveness: float
+    random_sufficiency: float
+
+
+@dataclass
+class ChunkExplanation:
+    char_start: int
+    char_end: int
+    tokens: list[TokenAttribution]
+    words: list[WordAttribution]
+    target_probability: float
+    faithfulness: list[Faithfulness] = field(default_factory=list)
+    completeness_gap: float | None = None
+
+
+@dataclass
+class Explanation:
+    label: str
+    probabilities: dict[str, float]
+    target_label: str
+    chunks: list[ChunkExplanation]
+    deciding_chunk: int
+
+
+@dataclass
+class _Words:
+    """A chunk's words: the token positions of each, in order."""
+
+    positions: list[list[int]]
+
+    def without(self, ids: Sequence[int], removed: set[int]) -> list[int]:
+        dropped = {p for w in removed for p in self.positions[w]}
+        return [token for position, token in enumerate(ids) if position not in dropped]
+
+    def only(self, ids: Sequence[int], kept: set[int]) -> list[int]:
+        wanted = sorted(p for w in kept for p in self.positions[w])
+        return [ids[0], *(ids[p] for p in wanted), ids[-1]]
+
+
+class Explainer:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        model: ProbabilityModel,
+        gradients: IntegratedGradients,
+        labels: list[str],
+        limits: ExplainLimits | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.gradients = gradients
+        self.labels = labels
+        self.limits = limits or ExplainLimits()
+        self.seed = seed
+
+    async def explain(
+        self, texts: Sequence[str], method: Method, target_label: str = "", steps: int = 0
+    ) -> list[Explanation]:
+        limits = self.limits
+        if not texts:
+            raise InvalidInput("texts is empty; send at least one text")
+        if len(texts) > limits.max_texts:
+            raise InputTooLarge(f"request has {len(texts)} texts; max is {limits.max_texts} per explanation")
+        steps = steps or limits.default_steps
+        if steps > limits.max_steps:
+            raise InputTooLarge(f"steps is {steps}; max is {limits.max_steps}")
+        if target_label and target_label not in self.labels:
+            raise InvalidInput(f"unknown target label {target_label!r}; labels are {self.labels}")
+        tokenized = await self.tokenizer.tokenize_async(texts, return_offsets=True)
+        for index, result in enumerate(tokenized):
+            if len(result.chunks) > limits.max_chunks:
+                raise InputTooLarge(f"text {index} needs {len(result.chunks)} chunks; max is {limits.max_chunks}")
+        return [
+            await self._explain_text(text, result.chunks, method, target_label, steps)
+            for text, result in zip(texts, tokenized, strict=True)
+        ]
+
+    async def _explain_text(
+        self, text: str, chunks: list[Chunk], method: Method, target_label: str, steps: int
+    ) -> Explanation:
+        full = await self.model.probabilities([c.input_ids for c in chunks], self.limits.timeout_seconds)
+        weights = np.array([len(c.input_ids) for c in chunks], dtype=np.float64)
+        combined = (full * weights[:, None]).sum(axis=0) / weights.sum()
+        label = self.labels[int(combined.argmax())]
+        target = self.labels.index(target_label or label)
+        explained = [
+            await self._explain_chunk(text, chunk, full[i, target], target, method, steps)
+            for i, chunk in enumerate(chunks)
+        ]
+        return Explanation(
+            label=label,
+            probabilities={name: float(p) for name, p in zip(self.labels, combined, strict=True)},
+            target_label=self.labels[target],
+            chunks=explained,
+            deciding_chunk=int(full[:, target].argmax()),
+        )
+
+    async def _explain_chunk(
+        self, text: str, chunk: Chunk, probability: float, target: int, method: Method, steps: int
+    ) -> ChunkExplanation:
+        assert chunk.offsets is not None and chunk.word_ids is not None
+        ids = chunk.input_ids
+        # Word ids restart per chunk in our numbering: map the chunk's word ids to 0..n-1.
+        order: dict[int, int] = {}
+        for word_id in chunk.word_ids:
+            if word_id >= 0 and word_id not in order:
+                order[word_id] = len(order)
+        words = _Words([[] for _ in order])
+        for position, word_id in enumerate(chunk.word_ids):
+            if word_id >= 0:
+                words.positions[order[word_id]].append(position)
+
+        gap = None
+        if method is Method.INTEGRATED_GRADIENTS:
+            special = [word_id < 0 for word_id in chunk.word_ids]
+            result = await asyncio.to_thread(self.gradients.attribute, ids, special, target, steps)
+            token_scores = result.tokens
+            gap = abs(float(token_scores.sum()) - (result.at_input - result.at_baseline))
+        else:
+            variants = [words.without(ids, {w}) for w in range(len(words.positions))]
+            scored = await self.model.probabilities(variants, self.limits.timeout_seconds)
+            token_scores = np.zeros(len(ids))
+            for w, positions in enumerate(words.positions):
+                drop = probability - scored[w, target]
+                token_scores[positions] = drop / len(positions)
+
+        word_scores = [float(sum(token_scores[p] for p in positions)) for positions in words.positions]
+        spans = [(chunk.offsets[p[0]][0], chunk.offsets[p[-1]][1]) for p in words.positions]
+        explanation = ChunkExplanation(
+            char_start=chunk.char_start,
+            char_end=chunk.char_end,
+            tokens=[
+                TokenAttribution(
+                    text=text[start:end] if word_id >= 0 else ("[CLS]" if position == 0 else "[SEP]"),
+                    start=start,
+                    end=end,
+                    word_index=order[word_id] if word_id >= 0 else -1,
+                    attribution=float(token_scores[position]),
+                )
+                for position, ((start, end), word_id) in enumerate(zip(chunk.offsets, chunk.word_ids, strict=True))
+            ],
+            words=[
+                WordAttribution(text=text[s:e], start=s, end=e, attribution=score)
+                for (s, e), score in zip(spans, word_scores, strict=True)
+            ],
+            target_probability=float(probability),
+            completeness_gap=gap,
+        )
+        explanation.faithfulness = await self._faithfulness(ids, words, word_scores, probability, target)
+        return explanation
+
+    async def _faithfulness(
+        self, ids: list[int], words: _Words, scores: list[float], probability: float, target: int
+    ) -> list[Faithfulness]:
+        count = len(scores)
+        if count == 0:
+            return []
+        rng = np.random.default_rng(self.seed)
+        ranked = sorted(range(count), key=lambda w: -scores[w])
+        plans: list[tuple[float, set[int], list[set[int]]]] = []
+        for share in TOP_PERCENTS:
+            size = max(1, round(share * count))
+            randoms = [
+                set(rng.choice(count, size=size, replace=False).tolist()) for _ in range(self.limits.random_trials)
+            ]
+            plans.append((share, set(ranked[:size]), randoms))
+        sequences: list[list[int]] = []
+        for _, top, randoms in plans:
+            for chosen in (top, *randoms):
+                sequences.append(words.without(ids, chosen))
+                sequences.append(words.only(ids, chosen))
+        scored = (await self.model.probabilities(sequences, self.limits.timeout_seconds))[:, target]
+        figures = []
+        row = 0
+        for share, _, randoms in plans:
+            drops = probability - scored[row : row + 2 * (1 + len(randoms))]
+            row += 2 * (1 + len(randoms))
+            figures.append(
+                Faithfulness(
+                    top_percent=share,
+                    comprehensiveness=float(drops[0]),
+                    sufficiency=float(drops[1]),
+                    random_comprehensiveness=float(drops[2::2].mean()),
+                    random_sufficiency=float(drops[3::2].mean()),
+                )
+            )
+        return figures

@@ -1,0 +1,76 @@
+"""gRPC shell over `Explainer`."""
+
+from __future__ import annotations
+
+from services.explainer.core import Explainer, Explanation, Method
+from shared.errors import ModelNotFound
+from shared.grpc_server import ServicerContext
+from shared.pb import explainer_pb2 as pb
+from shared.pb import explainer_pb2_grpc as pb_grpc
+
+_METHODS = {
+    pb.METHOD_UNSPECIFIED: Method.INTEGRATED_GRADIENTS,
+    pb.METHOD_INTEGRATED_GRADIENTS: Method.INTEGRATED_GRADIENTS,
+    pb.METHOD_OCCLUSION: Method.OCCLUSION,
+}
+
+
+def explanation_to_pb(explanation: Explanation) -> pb.Explanation:
+    message = pb.Explanation(
+        label=explanation.label,
+        probabilities=explanation.probabilities,
+        target_label=explanation.target_label,
+        deciding_chunk=explanation.deciding_chunk,
+    )
+    for chunk in explanation.chunks:
+        out = message.chunks.add(
+            char_start=chunk.char_start,
+            char_end=chunk.char_end,
+            target_probability=chunk.target_probability,
+            completeness_gap=chunk.completeness_gap or 0.0,
+        )
+        for token in chunk.tokens:
+            out.tokens.add(
+                text=token.text,
+                start=token.start,
+                end=token.end,
+                word_index=token.word_index,
+                attribution=token.attribution,
+            )
+        for word in chunk.words:
+            out.words.add(text=word.text, start=word.start, end=word.end, attribution=word.attribution)
+        for figure in chunk.faithfulness:
+            out.faithfulness.add(
+                top_percent=figure.top_percent,
+                comprehensiveness=figure.comprehensiveness,
+                sufficiency=figure.sufficiency,
+                random_comprehensiveness=figure.random_comprehensiveness,
+                random_sufficiency=figure.random_sufficiency,
+            )
+    return message
+
+
+class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
+    def __init__(self, explainer: Explainer, model_name: str, model_version: str) -> None:
+        self._explainer = explainer
+        self._model_name = model_name
+        self._model_version = model_version
+
+    async def Explain(self, request: pb.ExplainRequest, context: ServicerContext) -> pb.ExplainResponse:
+        if request.model_name and request.model_name != self._model_name:
+            raise ModelNotFound(f"this explainer serves {self._model_name!r}, not {request.model_name!r}")
+        if request.model_version and request.model_version != self._model_version:
+            raise ModelNotFound(
+                f"this explainer serves {self._model_name!r} version {self._model_version!r}, "
+                f"not version {request.model_version!r}"
+            )
+        method = _METHODS.get(request.method, Method.INTEGRATED_GRADIENTS)
+        explanations = await self._explainer.explain(
+            list(request.texts), method, target_label=request.target_label, steps=request.steps
+        )
+        return pb.ExplainResponse(
+            explanations=[explanation_to_pb(e) for e in explanations],
+            model_name=self._model_name,
+            model_version=self._model_version,
+            method=request.method or pb.METHOD_INTEGRATED_GRADIENTS,
+        )

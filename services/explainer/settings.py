@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import BaseServiceSettings
+
+
+class ExplainerSettings(BaseServiceSettings):
+    """Settings of the explainer (env prefix INFERMESH_EXPLAINER_)."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_EXPLAINER_", extra="ignore")
+
+    grpc_port: int = 50053
+    """Port where to listen for gRPC connections."""
+
+    model_repository: Path = Path("models")
+    """Model repository: the tokenizer, the merged weights (hf/) and the labels come from here."""
+
+    model_name: str = "finance-sentiment"
+    """Model to explain."""
+
+    model_version: str = ""
+    """Version to explain; empty means the latest. Inference calls are pinned to it."""
+
+    inference: str = "127.0.0.1:8001"
+    """Inference service address (occlusion and faithfulness are scored there)."""
+
+    max_texts: int = 8
+    """Texts per request."""
+
+    max_text_bytes: int = 20_000
+    """UTF-8 bytes per text."""
+
+    max_chunks: int = 8
+    """Chunks per text."""
+
+    default_steps: int = 32
+    """Integrated-gradients steps when the request gives none."""
+
+    max_steps: int = 256
+    """Integrated-gradients steps at most."""
+
+    torch_threads: int = 1
+    """Threads for the gradient computation (the inference service needs the other cores)."""

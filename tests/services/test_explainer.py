@@ -1,0 +1,97 @@
+"""The explainer through its gRPC API, on the real model and the real inference service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from shared.grpc_server import RunningServer
+from shared.pb import explainer_pb2 as pb
+from shared.pb import explainer_pb2_grpc as pb_grpc
+
+CLEAR = [
+    "Acme shares plunge after the company slashes its profit forecast",
+    "Bank faces fraud lawsuit and its shares tumble",
+    "Acme shares soar after record quarterly profit",
+    "Analysts upgrade Acme to buy on strong growth",
+]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def explainer(explainer_server: RunningServer) -> AsyncIterator[pb_grpc.ExplainerServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{explainer_server.port}") as channel:
+        yield pb_grpc.ExplainerServiceStub(channel)
+
+
+async def test_integrated_gradients_line_up_with_offsets_and_are_complete(
+    explainer: pb_grpc.ExplainerServiceAsyncStub,
+) -> None:
+    text = CLEAR[0]
+    reply = await explainer.Explain(pb.ExplainRequest(texts=[text], method=pb.METHOD_INTEGRATED_GRADIENTS, steps=64))
+    assert reply.model_version == "2" and reply.method == pb.METHOD_INTEGRATED_GRADIENTS
+    (explanation,) = reply.explanations
+    assert explanation.label == explanation.target_label == "negative"
+    assert abs(sum(explanation.probabilities.values()) - 1) < 1e-4
+    (chunk,) = explanation.chunks
+    words = [w.text for w in chunk.words]
+    assert words == text.split()
+    for word in chunk.words:
+        assert text[word.start : word.end] == word.text
+    for token in chunk.tokens:
+        if token.word_index >= 0:
+            piece = text[token.start : token.end]
+            assert piece and piece in chunk.words[token.word_index].text
+    merged = [sum(t.attribution for t in chunk.tokens if t.word_index == i) for i in range(len(words))]
+    np.testing.assert_allclose(merged, [w.attribution for w in chunk.words], atol=1e-5)
+    assert chunk.completeness_gap < 0.05
+    top = max(chunk.words, key=lambda w: w.attribution)
+    assert top.text in {"plunge", "slashes"}
+
+
+@pytest.mark.parametrize("method", [pb.METHOD_INTEGRATED_GRADIENTS, pb.METHOD_OCCLUSION])
+async def test_comprehensiveness_beats_random_words(explainer: pb_grpc.ExplainerServiceAsyncStub, method: int) -> None:
+    reply = await explainer.Explain(pb.ExplainRequest(texts=CLEAR, method=method))  # type: ignore[arg-type]
+    ours, random = [], []
+    for explanation in reply.explanations:
+        figure = next(f for f in explanation.chunks[0].faithfulness if abs(f.top_percent - 0.2) < 1e-6)
+        ours.append(figure.comprehensiveness)
+        random.append(figure.random_comprehensiveness)
+    assert np.mean(ours) > np.mean(random) + 0.1, (ours, random)
+
+
+async def test_occlusion_explains_a_target_label_and_long_documents_by_chunk(
+    explainer: pb_grpc.ExplainerServiceAsyncStub,
+) -> None:
+    neutral = "The company will hold its annual meeting in Boston in May, as in previous years. "
+    document = neutral * 12 + "Shares plunge after the company slashes its profit forecast. " + neutral * 3
+    reply = await explainer.Explain(
+        pb.ExplainRequest(texts=[document], method=pb.METHOD_OCCLUSION, target_label="negative")
+    )
+    (explanation,) = reply.explanations
+    assert explanation.target_label == "negative" and len(explanation.chunks) > 1
+    deciding = explanation.chunks[explanation.deciding_chunk]
+    assert "plunge" in document[deciding.char_start : deciding.char_end]
+    assert max(deciding.words, key=lambda w: w.attribution).text in {"plunge", "slashes"}
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "detail"),
+    [
+        (pb.ExplainRequest(), grpc.StatusCode.INVALID_ARGUMENT, "texts is empty"),
+        (pb.ExplainRequest(texts=["a"] * 5), grpc.StatusCode.INVALID_ARGUMENT, "5 texts; max is 4"),
+        (pb.ExplainRequest(texts=["a"], steps=1000), grpc.StatusCode.INVALID_ARGUMENT, "steps is 1000; max is 256"),
+        (pb.ExplainRequest(texts=["a"], target_label="bullish"), grpc.StatusCode.INVALID_ARGUMENT, "'bullish'"),
+        (pb.ExplainRequest(texts=["word " * 3000]), grpc.StatusCode.INVALID_ARGUMENT, "chunks; max is 8"),
+        (pb.ExplainRequest(texts=["a"], model_version="1"), grpc.StatusCode.NOT_FOUND, "not version '1'"),
+    ],
+)
+async def test_bad_requests_are_rejected_with_the_limit(
+    explainer: pb_grpc.ExplainerServiceAsyncStub, request_: pb.ExplainRequest, code: grpc.StatusCode, detail: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await explainer.Explain(request_)
+    assert caught.value.code() == code and detail in (caught.value.details() or "")
