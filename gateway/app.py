@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import grpc
 from fastapi import FastAPI
 
 from gateway import dashboard, routes
@@ -13,6 +14,7 @@ from gateway.limits import BodySizeLimit
 from gateway.problems import install_problem_handlers
 from gateway.settings import GatewaySettings
 from shared.kafka import KafkaSettings
+from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pipeline import PipelineClient, PipelineTargets
 from workers.sentiment_monitor.settings import MonitorSettings
 
@@ -24,6 +26,8 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         targets = PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor)
         app.state.pipeline = PipelineClient(targets, model_name=settings.model_name)
+        explainer_channel = grpc.aio.insecure_channel(settings.explainer)
+        app.state.explainer = explainer_grpc.ExplainerServiceStub(explainer_channel)
         feed = None
         if settings.dashboard:
             feed = dashboard.DashboardFeed((kafka or KafkaSettings()).client_config(), MonitorSettings().scorer_group)
@@ -33,6 +37,7 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
             logger.warning("no API keys configured: /v1 is open to anyone who can reach %s", settings.host)
         yield
         await app.state.pipeline.close()
+        await explainer_channel.close()
         if feed is not None:
             feed.stop()
 

@@ -5,12 +5,25 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
+import grpc
 from fastapi import APIRouter, Depends, Header, Request
 
 from gateway.problems import Problem
-from gateway.schemas import SentimentRequest, SentimentResponse, SentimentResult
+from gateway.schemas import (
+    ChunkExplanation,
+    ExplainRequest,
+    ExplainResponse,
+    FaithfulnessFigures,
+    SentimentRequest,
+    SentimentResponse,
+    SentimentResult,
+    TokenAttribution,
+    WordAttribution,
+)
 from gateway.settings import GatewaySettings
-from shared.errors import InfermeshError, InputTooLarge
+from shared.errors import InfermeshError, InputTooLarge, from_grpc_error
+from shared.pb import explainer_pb2 as explainer_pb
+from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pipeline import PipelineClient
 
 PROBLEMS: dict[int | str, dict[str, Any]] = {
@@ -77,5 +90,65 @@ async def sentiment(body: SentimentRequest, request: Request) -> SentimentRespon
                 num_tokens=r.num_tokens,
             )
             for r in result.results
+        ],
+    )
+
+
+_METHODS = {
+    "integrated_gradients": explainer_pb.METHOD_INTEGRATED_GRADIENTS,
+    "occlusion": explainer_pb.METHOD_OCCLUSION,
+}
+
+
+@router.post("/explain", response_model=ExplainResponse, summary="Explain why a text got its label")
+async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
+    settings: GatewaySettings = request.app.state.settings
+    stub: explainer_grpc.ExplainerServiceAsyncStub = request.app.state.explainer
+    try:
+        reply = await stub.Explain(
+            explainer_pb.ExplainRequest(
+                texts=[body.text], method=_METHODS[body.method], target_label=body.target_label, steps=body.steps
+            ),
+            timeout=settings.explain_timeout_seconds,
+        )
+    except grpc.aio.AioRpcError as error:
+        raise from_grpc_error(error) from None
+    (explanation,) = reply.explanations
+    return ExplainResponse(
+        model_name=reply.model_name,
+        model_version=reply.model_version,
+        method=body.method,
+        label=explanation.label,
+        probabilities=dict(explanation.probabilities),
+        target_label=explanation.target_label,
+        deciding_chunk=explanation.deciding_chunk,
+        chunks=[
+            ChunkExplanation(
+                char_start=chunk.char_start,
+                char_end=chunk.char_end,
+                target_probability=chunk.target_probability,
+                completeness_gap=chunk.completeness_gap if body.method == "integrated_gradients" else None,
+                tokens=[
+                    TokenAttribution(
+                        text=t.text, start=t.start, end=t.end, word_index=t.word_index, attribution=t.attribution
+                    )
+                    for t in chunk.tokens
+                ],
+                words=[
+                    WordAttribution(text=w.text, start=w.start, end=w.end, attribution=w.attribution)
+                    for w in chunk.words
+                ],
+                faithfulness=[
+                    FaithfulnessFigures(
+                        top_percent=f.top_percent,
+                        comprehensiveness=f.comprehensiveness,
+                        sufficiency=f.sufficiency,
+                        random_comprehensiveness=f.random_comprehensiveness,
+                        random_sufficiency=f.random_sufficiency,
+                    )
+                    for f in chunk.faithfulness
+                ],
+            )
+            for chunk in explanation.chunks
         ],
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -25,3 +27,54 @@ class SentimentResponse(BaseModel):
     model_name: str
     model_version: str
     results: list[SentimentResult]
+
+
+class ExplainRequest(BaseModel):
+    text: str = Field(min_length=1, description="One headline or document to explain.")
+    method: Literal["integrated_gradients", "occlusion"] = "integrated_gradients"
+    target_label: str = Field("", description="Label to explain; empty means the predicted one.")
+    steps: int = Field(0, ge=0, description="Integrated-gradients steps; 0 means the service default.")
+
+
+class TokenAttribution(BaseModel):
+    text: str
+    start: int
+    end: int
+    word_index: int
+    attribution: float
+
+
+class WordAttribution(BaseModel):
+    text: str
+    start: int
+    end: int
+    attribution: float
+
+
+class FaithfulnessFigures(BaseModel):
+    top_percent: float
+    comprehensiveness: float
+    sufficiency: float
+    random_comprehensiveness: float
+    random_sufficiency: float
+
+
+class ChunkExplanation(BaseModel):
+    char_start: int
+    char_end: int
+    target_probability: float
+    completeness_gap: float | None
+    tokens: list[TokenAttribution]
+    words: list[WordAttribution]
+    faithfulness: list[FaithfulnessFigures]
+
+
+class ExplainResponse(BaseModel):
+    model_name: str
+    model_version: str
+    method: str
+    label: str
+    probabilities: dict[str, float]
+    target_label: str
+    deciding_chunk: int
+    chunks: list[ChunkExplanation]

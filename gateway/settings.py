@@ -24,6 +24,9 @@ class GatewaySettings(BaseSettings):
     postprocessor: str = "127.0.0.1:50052"
     """Post-processor address."""
 
+    explainer: str = "127.0.0.1:50053"
+    """Explainer address."""
+
     model_name: str = "finance-sentiment"
     """Model the /v1 routes use."""
 
@@ -35,6 +38,9 @@ class GatewaySettings(BaseSettings):
 
     request_timeout_seconds: float = 10.0
     """Deadline for one request's pipeline call (504 beyond)."""
+
+    explain_timeout_seconds: float = 30.0
+    """Deadline for one explanation (504 beyond)."""
 
     api_keys: list[SecretStr] = []
     """Keys accepted in `Authorization: Bearer <key>` or `X-API-Key`; empty: no auth (warned at start)."""

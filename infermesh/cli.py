@@ -25,6 +25,7 @@ class Service(StrEnum):
     tokenizer = "tokenizer"
     inference = "inference"
     postprocessor = "postprocessor"
+    explainer = "explainer"
     worker = "worker"
     gateway = "gateway"
 
@@ -70,7 +71,7 @@ def run(
         if kafka and not kafka_settings.bootstrap_servers:
             broker = EmbeddedBroker(port=int(os.environ.get("INFERMESH_BROKER_PORT", "9092"))).start()
             typer.echo(f"  kafka          {broker.bootstrap_servers} (embedded Tansu broker, memory only)")
-        typer.echo("starting tokenizer, inference and post-processor ...")
+        typer.echo("starting tokenizer, inference, post-processor and explainer ...")
         mesh.start()
         for spec in SERVICES:
             typer.echo(f"  {spec.name:<14} grpc://{mesh.address(spec)}")
@@ -137,10 +138,14 @@ def serve(service: Service) -> None:
         inference_settings = InferenceSettings()
         configure_logging(inference_settings.log_json, inference_settings.log_level)
         asyncio.run(serve_inference(inference_settings))
-    elif service in (Service.worker, Service.gateway):
+    elif service in (Service.worker, Service.gateway, Service.explainer):
         import runpy
 
-        module = "workers.sentiment_monitor" if service is Service.worker else "gateway"
+        module = {
+            Service.worker: "workers.sentiment_monitor",
+            Service.gateway: "gateway",
+            Service.explainer: "services.explainer",
+        }[service]
         runpy.run_module(module, run_name="__main__")
     else:
         from services.postprocessor.server import serve as serve_postprocessor

@@ -29,6 +29,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("tokenizer", "services.tokenizer", "INFERMESH_TOKENIZER_", 50051),
     ServiceSpec("inference", "services.inference", "INFERMESH_INFERENCE_", 8001),
     ServiceSpec("postprocessor", "services.postprocessor", "INFERMESH_POSTPROCESSOR_", 50052),
+    ServiceSpec("explainer", "services.explainer", "INFERMESH_EXPLAINER_", 50053),
 )
 
 
@@ -63,6 +64,8 @@ class LocalMesh:
             env[f"{spec.env_prefix}MODEL_REPOSITORY"] = str(self.repository)
             env[f"{spec.env_prefix}HOST"] = self.host
             env.setdefault(f"{spec.env_prefix}GRPC_PORT", str(spec.port))
+            if spec.name == "explainer":
+                env["INFERMESH_EXPLAINER_INFERENCE"] = self.address(SERVICES[1])
             self.processes[spec.name] = subprocess.Popen([sys.executable, "-m", spec.module], env=env)
         deadline = time.monotonic() + timeout_seconds
         for spec in SERVICES:
@@ -94,6 +97,7 @@ class LocalMesh:
         env["INFERMESH_GATEWAY_TOKENIZER"] = addresses["tokenizer"]
         env["INFERMESH_GATEWAY_INFERENCE"] = addresses["inference"]
         env["INFERMESH_GATEWAY_POSTPROCESSOR"] = addresses["postprocessor"]
+        env["INFERMESH_GATEWAY_EXPLAINER"] = addresses["explainer"]
         self.processes["gateway"] = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
         url = f"http://{self.host}:{http_port}"
         deadline = time.monotonic() + timeout_seconds

@@ -18,7 +18,7 @@ from tests.test_pipeline import CLEAR_HEADLINES
 def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repository: Path) -> None:
     infermesh = shutil.which("infermesh", path=str(Path(sys.executable).parent))
     assert infermesh, "the infermesh console script is not installed"
-    ports = {name: free_port() for name in ("TOKENIZER", "INFERENCE", "POSTPROCESSOR")}
+    ports = {name: free_port() for name in ("TOKENIZER", "INFERENCE", "POSTPROCESSOR", "EXPLAINER")}
     env = dict(os.environ) | {f"INFERMESH_{name}_GRPC_PORT": str(port) for name, port in ports.items()}
     broker_port = free_port()
     env["INFERMESH_BROKER_PORT"] = str(broker_port)

@@ -15,11 +15,12 @@ from shared.grpc_server import RunningServer
 
 
 def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySettings:
-    tokenizer, inference, postprocessor = (f"127.0.0.1:{s.port}" for s in servers)
+    tokenizer, inference, postprocessor, explainer = (f"127.0.0.1:{s.port}" for s in servers)
     return GatewaySettings(
         tokenizer=tokenizer,
         inference=inference,
         postprocessor=postprocessor,
+        explainer=explainer,
         dashboard=False,
         max_texts=8,
         max_body_bytes=4096,
@@ -29,9 +30,12 @@ def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySe
 
 @pytest_asyncio.fixture
 async def servers(
-    tokenizer_server: RunningServer, inference_server: RunningServer, postprocessor_server: RunningServer
+    tokenizer_server: RunningServer,
+    inference_server: RunningServer,
+    postprocessor_server: RunningServer,
+    explainer_server: RunningServer,
 ) -> list[RunningServer]:
-    return [tokenizer_server, inference_server, postprocessor_server]
+    return [tokenizer_server, inference_server, postprocessor_server, explainer_server]
 
 
 async def client_for(settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClient]:
@@ -119,3 +123,32 @@ async def test_a_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -
     assert reply.status_code == 413
     assert reply.headers["content-type"] == "application/problem+json"
     assert "max is 4096" in reply.json()["detail"]
+
+
+async def test_explain_returns_words_tokens_and_faithfulness(client: httpx.AsyncClient) -> None:
+    text = "Acme shares plunge after the company slashes its profit forecast"
+    reply = await client.post("/v1/explain", json={"text": text, "method": "occlusion"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["label"] == body["target_label"] == "negative" and body["method"] == "occlusion"
+    (chunk,) = body["chunks"]
+    assert [w["text"] for w in chunk["words"]] == text.split()
+    assert chunk["completeness_gap"] is None
+    assert [f["top_percent"] for f in chunk["faithfulness"]] == pytest.approx([0.1, 0.2, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({"text": ""}, 422, "text"),
+        ({"text": "fine", "method": "shap"}, 422, "method"),
+        ({"text": "fine", "steps": 1000}, 413, "steps is 1000; max is 256"),
+        ({"text": "fine", "target_label": "bullish"}, 400, "'bullish'"),
+    ],
+)
+async def test_explain_bad_requests(
+    client: httpx.AsyncClient, body: dict[str, object], status: int, detail: str
+) -> None:
+    reply = await client.post("/v1/explain", json=body)
+    assert reply.status_code == status and detail in reply.json()["detail"]
+    assert reply.headers["content-type"] == "application/problem+json"
