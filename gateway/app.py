@@ -50,6 +50,7 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
     app.state.settings = settings
     install_problem_handlers(app)
     app.include_router(routes.router)
+    app.include_router(routes.pages)
     if settings.dashboard:
         app.include_router(dashboard.router)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 from typing import Annotated, Any
 
 import grpc
 from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import HTMLResponse
 
 from gateway.problems import Problem
 from gateway.schemas import (
@@ -25,6 +27,8 @@ from shared.errors import InfermeshError, InputTooLarge, from_grpc_error
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pipeline import PipelineClient
+
+EXPLAIN_PAGE = Path(__file__).parent / "static" / "explain.html"
 
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "content": {"application/problem+json": {}}, "description": description}
@@ -152,3 +156,12 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
             for chunk in explanation.chunks
         ],
     )
+
+
+pages = APIRouter(include_in_schema=False)
+
+
+@pages.get("/explain", response_class=HTMLResponse)
+async def explain_page() -> HTMLResponse:
+    """A page where a person types a headline and sees its words coloured by attribution."""
+    return HTMLResponse(EXPLAIN_PAGE.read_text(encoding="utf-8"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,12 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
 from kafka import KafkaProducer
-from playwright.async_api import async_playwright
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from shared.kafka import KafkaSettings
+from tests.gateway.conftest import chromium, serving
 from tests.workers.test_windowing import T0, episode_items
 from workers.sentiment_monitor.core import AlertRule, TumblingWindows
 from workers.sentiment_monitor.messages import ALERTS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC
@@ -44,17 +42,9 @@ def publish_episode(kafka_config: dict[str, Any]) -> None:
 
 @pytest_asyncio.fixture
 async def gateway_url(kafka_config: dict[str, Any], broker: Any) -> AsyncIterator[str]:
-    settings = GatewaySettings(dashboard=True)
-    app = create_app(settings, KafkaSettings(bootstrap_servers=broker.bootstrap_servers))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    await task
+    app = create_app(GatewaySettings(dashboard=True), KafkaSettings(bootstrap_servers=broker.bootstrap_servers))
+    async with serving(app) as url:
+        yield url
 
 
 async def test_events_stream_carries_windows_and_alerts(kafka_config: dict[str, Any], gateway_url: str) -> None:
@@ -79,19 +69,7 @@ async def test_dashboard_page_shows_the_alert_in_a_browser(
 ) -> None:
     publish_episode(kafka_config)
     screenshot = tmp_path / "dashboard.png"
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+    async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 1400, "height": 900})
         await page.goto(f"{gateway_url}/dashboard")
         alert = await page.wait_for_selector(".alert[data-ticker=ACME]", timeout=30_000)
@@ -102,5 +80,4 @@ async def test_dashboard_page_shows_the_alert_in_a_browser(
         assert await page.get_attribute(".card[data-ticker=ACME]", "class") == "card alerting"
         assert await page.get_attribute(".card[data-ticker=STDY]", "class") == "card"
         await page.screenshot(path=str(screenshot), full_page=True)
-        await browser.close()
     assert screenshot.stat().st_size > 20_000
