@@ -9,12 +9,13 @@ from contextlib import asynccontextmanager
 import grpc
 from fastapi import FastAPI
 
-from gateway import dashboard, routes
+from gateway import dashboard, routes, v2
 from gateway.limits import BodySizeLimit
 from gateway.problems import install_problem_handlers
 from gateway.settings import GatewaySettings
 from shared.kafka import KafkaSettings
 from shared.pb import explainer_pb2_grpc as explainer_grpc
+from shared.pb import grpc_predict_v2_pb2_grpc as inference_grpc
 from shared.pipeline import PipelineClient, PipelineTargets
 from workers.sentiment_monitor.settings import MonitorSettings
 
@@ -26,6 +27,8 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         targets = PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor)
         app.state.pipeline = PipelineClient(targets, model_name=settings.model_name)
+        inference_channel = grpc.aio.insecure_channel(settings.inference)
+        app.state.inference = inference_grpc.GRPCInferenceServiceStub(inference_channel)
         explainer_channel = grpc.aio.insecure_channel(settings.explainer)
         app.state.explainer = explainer_grpc.ExplainerServiceStub(explainer_channel)
         feed = None
@@ -38,6 +41,7 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
         yield
         await app.state.pipeline.close()
         await explainer_channel.close()
+        await inference_channel.close()
         if feed is not None:
             feed.stop()
 
@@ -51,6 +55,7 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
     install_problem_handlers(app)
     app.include_router(routes.router)
     app.include_router(routes.pages)
+    app.include_router(v2.router)
     if settings.dashboard:
         app.include_router(dashboard.router)
 

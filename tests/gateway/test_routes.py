@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from pydantic import SecretStr
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from shared.grpc_server import RunningServer
+from tests.services.test_inference import encode
 
 
 def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySettings:
@@ -152,3 +154,63 @@ async def test_explain_bad_requests(
     reply = await client.post("/v1/explain", json=body)
     assert reply.status_code == status and detail in reply.json()["detail"]
     assert reply.headers["content-type"] == "application/problem+json"
+
+
+async def test_kserve_v2_rest_maps_onto_the_inference_service(client: httpx.AsyncClient, built_model: Path) -> None:
+    assert (await client.get("/v2/health/live")).json() == {"live": True}
+    assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+    assert (await client.get("/v2")).json()["name"] == "infermesh"
+    metadata = (await client.get("/v2/models/finance-sentiment")).json()
+    assert metadata["versions"] == ["1", "2"] and metadata["inputs"][0]["name"] == "input_ids"
+    assert (await client.get("/v2/models/finance-sentiment/versions/1/ready")).json()["ready"] is True
+
+    ids, mask = encode(built_model, ["Shares of Acme plunge after profit warning"])
+    body = {
+        "id": "rest-1",
+        "inputs": [
+            {"name": "input_ids", "shape": list(ids.shape), "datatype": "INT64", "data": ids.tolist()},
+            {"name": "attention_mask", "shape": list(mask.shape), "datatype": "INT64", "data": mask.ravel().tolist()},
+        ],
+        "outputs": [{"name": "label"}, {"name": "probabilities"}],
+    }
+    reply = await client.post("/v2/models/finance-sentiment/versions/1/infer", json=body)
+    assert reply.status_code == 200, reply.text
+    result = reply.json()
+    assert result["id"] == "rest-1" and result["model_version"] == "1"
+    label, probabilities = result["outputs"]
+    assert label == {"name": "label", "shape": [1], "datatype": "BYTES", "data": ["negative"]}
+    assert probabilities["shape"] == [1, 3] and abs(sum(probabilities["data"]) - 1) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "detail"),
+    [
+        (
+            "/v2/models/nope/infer",
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]},
+            404,
+            "'nope'",
+        ),
+        (
+            "/v2/models/finance-sentiment/infer",
+            {"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [1, 2]}]},
+            400,
+            "contents hold 2 elements",
+        ),
+        (
+            "/v2/models/finance-sentiment/infer",
+            {"inputs": [{"name": "input_ids", "shape": [1], "datatype": "INT64", "data": ["a"]}]},
+            400,
+            "does not fit datatype INT64",
+        ),
+        ("/v2/models/finance-sentiment/infer", {"inputs": []}, 422, "inputs"),
+    ],
+)
+async def test_kserve_v2_rest_errors(
+    client: httpx.AsyncClient, path: str, body: dict[str, object], status: int, detail: str
+) -> None:
+    reply = await client.post(path, json=body)
+    assert reply.status_code == status and detail in reply.json()["detail"]
+    assert reply.headers["content-type"] == "application/problem+json"
+    missing = await client.get("/v2/models/finance-sentiment/versions/9")
+    assert missing.status_code == 404
