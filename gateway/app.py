@@ -11,12 +11,17 @@ from fastapi import FastAPI
 
 from gateway import dashboard, routes, v2
 from gateway.limits import BodySizeLimit
+from gateway.pipeline_service import SERVICE_NAME as PIPELINE_SERVICE
+from gateway.pipeline_service import PipelineServicer
 from gateway.problems import install_problem_handlers
 from gateway.settings import GatewaySettings
+from shared.grpc_server import start_server
 from shared.kafka import KafkaSettings
 from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pb import grpc_predict_v2_pb2_grpc as inference_grpc
+from shared.pb import pipeline_pb2_grpc as pipeline_grpc
 from shared.pipeline import PipelineClient, PipelineTargets
+from shared.settings import BaseServiceSettings
 from workers.sentiment_monitor.settings import MonitorSettings
 
 logger = logging.getLogger(__name__)
@@ -36,9 +41,19 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
             feed = dashboard.DashboardFeed((kafka or KafkaSettings()).client_config(), MonitorSettings().scorer_group)
             feed.start()
             app.state.dashboard = feed
+        servicer = PipelineServicer(app.state.pipeline, app.state.explainer, settings.explain_timeout_seconds)
+        grpc_server = await start_server(
+            BaseServiceSettings(host=settings.host, grpc_port=settings.grpc_port),
+            lambda server: pipeline_grpc.add_PipelineServicer_to_server(servicer, server),
+            [PIPELINE_SERVICE],
+        )
+        await grpc_server.set_serving(True)
+        app.state.grpc_port = grpc_server.port
+        logger.info("pipeline gRPC service on %s:%d", settings.host, grpc_server.port)
         if not settings.api_keys:
             logger.warning("no API keys configured: /v1 is open to anyone who can reach %s", settings.host)
         yield
+        await grpc_server.stop(5)
         await app.state.pipeline.close()
         await explainer_channel.close()
         await inference_channel.close()

@@ -15,6 +15,9 @@ class GatewaySettings(BaseSettings):
     http_port: int = 8080
     """Port of the REST API and the pages."""
 
+    grpc_port: int = 50050
+    """Port of the `infermesh.pipeline.v1.Pipeline` gRPC service; 0 lets the OS pick one."""
+
     tokenizer: str = "127.0.0.1:50051"
     """Tokenizer service address."""
 

@@ -84,7 +84,9 @@ def run(
             typer.echo(f"  worker         sentiment monitor on {bootstrap}")
         gateway_port = int(os.environ.get("INFERMESH_GATEWAY_HTTP_PORT", "8080"))
         gateway_url = mesh.start_gateway(bootstrap, gateway_port)
-        typer.echo(f"  gateway        {gateway_url}/docs (REST API)")
+        typer.echo(f"  gateway        {gateway_url}/docs (REST API), {gateway_url}/explain")
+        pipeline_port = os.environ.get("INFERMESH_GATEWAY_GRPC_PORT", "50050")
+        typer.echo(f"  pipeline       grpc://127.0.0.1:{pipeline_port} (infermesh.pipeline.v1.Pipeline)")
         if kafka:
             typer.echo(f"  dashboard      {gateway_url}/dashboard")
             if demo:

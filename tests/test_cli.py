@@ -24,6 +24,7 @@ def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repos
     env["INFERMESH_BROKER_PORT"] = str(broker_port)
     gateway_port = free_port()
     env["INFERMESH_GATEWAY_HTTP_PORT"] = str(gateway_port)
+    env["INFERMESH_GATEWAY_GRPC_PORT"] = str(free_port())
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     mesh = subprocess.Popen(
         [infermesh, "run", "--repository", str(model_repository)],

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from . import explainer_pb2 as explainer__pb2
 from . import pipeline_pb2 as pipeline__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -25,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class PipelineServiceStub:
+class PipelineStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,13 +36,18 @@ class PipelineServiceStub:
             channel: A grpc.Channel.
         """
         self.Classify = channel.unary_unary(
-                '/infermesh.pipeline.v1.PipelineService/Classify',
+                '/infermesh.pipeline.v1.Pipeline/Classify',
                 request_serializer=pipeline__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=pipeline__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/infermesh.pipeline.v1.Pipeline/Explain',
+                request_serializer=explainer__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=explainer__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
-class PipelineServiceServicer:
+class PipelineServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
@@ -50,23 +56,34 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-def add_PipelineServiceServicer_to_server(servicer, server):
+
+def add_PipelineServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
                     request_deserializer=pipeline__pb2.ClassifyRequest.FromString,
                     response_serializer=pipeline__pb2.ClassifyResponse.SerializeToString,
             ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=explainer__pb2.ExplainRequest.FromString,
+                    response_serializer=explainer__pb2.ExplainResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'infermesh.pipeline.v1.PipelineService', rpc_method_handlers)
+            'infermesh.pipeline.v1.Pipeline', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('infermesh.pipeline.v1.PipelineService', rpc_method_handlers)
+    server.add_registered_method_handlers('infermesh.pipeline.v1.Pipeline', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class PipelineService:
+class Pipeline:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -83,9 +100,36 @@ class PipelineService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/infermesh.pipeline.v1.PipelineService/Classify',
+            '/infermesh.pipeline.v1.Pipeline/Classify',
             pipeline__pb2.ClassifyRequest.SerializeToString,
             pipeline__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.pipeline.v1.Pipeline/Explain',
+            explainer__pb2.ExplainRequest.SerializeToString,
+            explainer__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,7 +42,9 @@ def publish_episode(kafka_config: dict[str, Any]) -> None:
 
 @pytest_asyncio.fixture
 async def gateway_url(kafka_config: dict[str, Any], broker: Any) -> AsyncIterator[str]:
-    app = create_app(GatewaySettings(dashboard=True), KafkaSettings(bootstrap_servers=broker.bootstrap_servers))
+    app = create_app(
+        GatewaySettings(dashboard=True, grpc_port=0), KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+    )
     async with serving(app) as url:
         yield url
 

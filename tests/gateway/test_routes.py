@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import pytest_asyncio
@@ -13,6 +14,9 @@ from pydantic import SecretStr
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from shared.grpc_server import RunningServer
+from shared.pb import explainer_pb2 as explainer_pb
+from shared.pb import pipeline_pb2 as pipeline_pb
+from shared.pb import pipeline_pb2_grpc as pipeline_grpc
 from tests.services.test_inference import encode
 
 
@@ -24,6 +28,7 @@ def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySe
         postprocessor=postprocessor,
         explainer=explainer,
         dashboard=False,
+        grpc_port=0,
         max_texts=8,
         max_body_bytes=4096,
         **overrides,  # type: ignore[arg-type]
@@ -45,6 +50,7 @@ async def client_for(settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClie
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            client.headers["x-test-grpc-port"] = str(app.state.grpc_port)
             yield client
 
 
@@ -214,3 +220,23 @@ async def test_kserve_v2_rest_errors(
     assert reply.headers["content-type"] == "application/problem+json"
     missing = await client.get("/v2/models/finance-sentiment/versions/9")
     assert missing.status_code == 404
+
+
+async def test_pipeline_grpc_service_classifies_and_explains(client: httpx.AsyncClient) -> None:
+    port = client.headers["x-test-grpc-port"]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pipeline_grpc.PipelineStub(channel)
+        reply = await stub.Classify(pipeline_pb.ClassifyRequest(texts=["Acme shares plunge", "Acme beats estimates"]))
+        assert [r.label for r in reply.results] == ["negative", "positive"] and reply.model_version == "2"
+        explained = await stub.Explain(
+            explainer_pb.ExplainRequest(texts=["Acme shares plunge"], method=explainer_pb.METHOD_OCCLUSION), timeout=60
+        )
+        assert explained.explanations[0].label == "negative"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(pipeline_pb.ClassifyRequest(texts=["ok", ""]))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text 1 is empty" in (
+            caught.value.details() or ""
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Classify(pipeline_pb.ClassifyRequest(texts=["ok"], model_name="other"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
