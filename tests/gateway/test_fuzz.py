@@ -1,0 +1,55 @@
+"""A property-based run over the gateway's OpenAPI document (schemathesis): valid and
+invalid requests for every operation, against a real uvicorn server and real services.
+No request may get a 5xx, and every error must be problem+json."""
+
+from __future__ import annotations
+
+import asyncio
+
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+
+from gateway.app import create_app
+from shared.grpc_server import RunningServer
+from tests.gateway.conftest import serving
+from tests.gateway.test_routes import settings_for
+
+
+def fuzz(base_url: str, examples: int) -> list[str]:
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case: schemathesis.Case) -> None:
+                response = case.call(base_url=base_url, timeout=60)
+                case.validate_response(response, checks=[not_a_server_error])
+                if response.status_code >= 400:
+                    assert response.headers["content-type"] == ["application/problem+json"], response.text
+
+            try:
+                check()
+            except Unsatisfiable:
+                continue  # no invalid request exists for this operation in that form
+            except Exception as error:  # collect every operation's failure, then fail once
+                failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {error}")
+    return failures
+
+
+async def test_no_request_from_the_openapi_document_gets_a_5xx(
+    tokenizer_server: RunningServer,
+    inference_server: RunningServer,
+    postprocessor_server: RunningServer,
+    explainer_server: RunningServer,
+) -> None:
+    app = create_app(settings_for([tokenizer_server, inference_server, postprocessor_server, explainer_server]))
+    async with serving(app) as url:
+        # The services answer on this event loop, so the blocking fuzzer runs in a thread.
+        failures = await asyncio.to_thread(fuzz, url, 10)
+    assert not failures, "\n".join(failures)
