@@ -27,6 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
+import httpx
 import numpy as np
 import numpy.typing as npt
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -37,6 +39,8 @@ from infermesh.mesh import SERVICES, LocalMesh
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from shared.kafka import KafkaSettings, ensure_topics
 from shared.model_repository import ModelRepository
+from shared.pb import explainer_pb2 as explainer_pb
+from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pipeline import PipelineClient, PipelineTargets
 from workers.sentiment_monitor.messages import NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from workers.sentiment_monitor.settings import MonitorSettings
@@ -287,6 +291,46 @@ def bench_kafka(mesh: LocalMesh, headlines: list[str], repeats: int = 4) -> tupl
     return row, lags
 
 
+def bench_rest(url: str, headlines: list[str]) -> Row:
+    """The gateway's /v1/sentiment, one headline per request, one client."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        client.post("/v1/sentiment", json={"texts": headlines[:1]}).raise_for_status()
+        latencies = []
+        started = time.perf_counter()
+        for text in headlines:
+            t0 = time.perf_counter()
+            client.post("/v1/sentiment", json={"texts": [text]}).raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+    return Row(
+        "gateway REST /v1/sentiment, 1 client x 1 headline/request",
+        len(headlines) / elapsed,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        "HTTP + the gRPC pipeline",
+    )
+
+
+async def bench_explain(target: str, headlines: list[str], method: explainer_pb.Method.ValueType, label: str) -> Row:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = explainer_grpc.ExplainerServiceStub(channel)
+        await stub.Explain(explainer_pb.ExplainRequest(texts=headlines[:1], method=method))
+        latencies = []
+        started = time.perf_counter()
+        for text in headlines:
+            t0 = time.perf_counter()
+            await stub.Explain(explainer_pb.ExplainRequest(texts=[text], method=method))
+            latencies.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+    return Row(
+        f"explain {label}, 1 headline/request",
+        len(headlines) / elapsed,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        "with faithfulness figures",
+    )
+
+
 def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Row], float, list[int]]:
     mesh = LocalMesh(repository.resolve(), extra_env={"INFERMESH_INFERENCE_LOG_LEVEL": "WARNING"})
     mesh.start()
@@ -303,6 +347,20 @@ def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Ro
                 ]
 
         rows = asyncio.run(go())
+        gateway = mesh.start_gateway("", _free_port())
+        rows.append(bench_rest(gateway, headlines[:300]))
+        explainer = addresses["explainer"]
+        rows.append(
+            asyncio.run(
+                bench_explain(
+                    explainer,
+                    headlines[:20],
+                    explainer_pb.METHOD_INTEGRATED_GRADIENTS,
+                    "integrated gradients (32 steps)",
+                )
+            )
+        )
+        rows.append(asyncio.run(bench_explain(explainer, headlines[:20], explainer_pb.METHOD_OCCLUSION, "occlusion")))
         kafka_row, lags = bench_kafka(mesh, headlines)
         rows.append(kafka_row)
         memory = rss_mb(mesh.processes["inference"].pid)
@@ -361,6 +419,15 @@ def main() -> None:
         )
     kafka_rate = by_name["infermesh via Kafka e2e (produce N, until all scored)"].headlines_per_second
     best_grpc = max(r.headlines_per_second for r in mesh_rows if r.name.startswith("infermesh gRPC"))
+    rest, grpc_single = (
+        by_name["gateway REST /v1/sentiment, 1 client x 1 headline/request"],
+        by_name["infermesh gRPC e2e, 1 client x 1 headline/request"],
+    )
+    if rest.p50_ms is not None and grpc_single.p50_ms is not None and rest.p99_ms and grpc_single.p99_ms:
+        print(
+            "gateway REST overhead over the gRPC pipeline, one headline: "
+            f"p50 +{rest.p50_ms - grpc_single.p50_ms:.2f} ms, p99 +{rest.p99_ms - grpc_single.p99_ms:.2f} ms"
+        )
     print(f"Kafka e2e / best gRPC e2e: {kafka_rate / best_grpc:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
