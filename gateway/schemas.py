@@ -33,7 +33,7 @@ class ExplainRequest(BaseModel):
     text: str = Field(min_length=1, description="One headline or document to explain.")
     method: Literal["integrated_gradients", "occlusion"] = "integrated_gradients"
     target_label: str = Field("", description="Label to explain; empty means the predicted one.")
-    steps: int = Field(0, ge=0, description="Integrated-gradients steps; 0 means the service default.")
+    steps: int = Field(0, ge=0, le=1_000_000, description="Integrated-gradients steps; 0 means the service default.")
 
 
 class TokenAttribution(BaseModel):

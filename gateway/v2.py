@@ -82,7 +82,10 @@ def _input_to_pb(tensor: RequestInput) -> pb.ModelInferRequest.InferInputTensor:
     if field is None:
         raise InvalidInput(f"input {tensor.name!r}: datatype {tensor.datatype!r} cannot travel as JSON")
     values = _flatten(tensor.data)
-    message = pb.ModelInferRequest.InferInputTensor(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    try:
+        message = pb.ModelInferRequest.InferInputTensor(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    except ValueError:
+        raise InvalidInput(f"input {tensor.name!r}: a shape dimension does not fit int64") from None
     try:
         if tensor.datatype == "BYTES":
             getattr(message.contents, field).extend(str(v).encode() for v in values)

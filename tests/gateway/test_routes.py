@@ -152,6 +152,7 @@ async def test_explain_returns_words_tokens_and_faithfulness(client: httpx.Async
         ({"text": "fine", "method": "shap"}, 422, "method"),
         ({"text": "fine", "steps": 1000}, 413, "steps is 1000; max is 256"),
         ({"text": "fine", "target_label": "bullish"}, 400, "'bullish'"),
+        ({"text": "fine", "steps": 3173506351247841139097600}, 422, "steps"),
     ],
 )
 async def test_explain_bad_requests(
@@ -210,6 +211,12 @@ async def test_kserve_v2_rest_maps_onto_the_inference_service(client: httpx.Asyn
             "does not fit datatype INT64",
         ),
         ("/v2/models/finance-sentiment/infer", {"inputs": []}, 422, "inputs"),
+        (
+            "/v2/models/finance-sentiment/infer",
+            {"inputs": [{"name": "input_ids", "shape": [2**70], "datatype": "INT64", "data": [1]}]},
+            400,
+            "does not fit int64",
+        ),
     ],
 )
 async def test_kserve_v2_rest_errors(
