@@ -4,8 +4,9 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from shared.telemetry import configure_logging
+from shared.telemetry import configure_logging, configure_tracing
 
 settings = GatewaySettings()
 configure_logging(settings.log_json)
+configure_tracing("infermesh-gateway")
 uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None)

@@ -6,8 +6,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import grpc
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from gateway import dashboard, routes, v2
 from gateway.limits import BodySizeLimit
@@ -15,6 +15,7 @@ from gateway.pipeline_service import SERVICE_NAME as PIPELINE_SERVICE
 from gateway.pipeline_service import PipelineServicer
 from gateway.problems import install_problem_handlers
 from gateway.settings import GatewaySettings
+from shared.grpc_client import channel
 from shared.grpc_server import start_server
 from shared.kafka import KafkaSettings
 from shared.pb import explainer_pb2_grpc as explainer_grpc
@@ -32,9 +33,9 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         targets = PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor)
         app.state.pipeline = PipelineClient(targets, model_name=settings.model_name)
-        inference_channel = grpc.aio.insecure_channel(settings.inference)
+        inference_channel = channel(settings.inference)
         app.state.inference = inference_grpc.GRPCInferenceServiceStub(inference_channel)
-        explainer_channel = grpc.aio.insecure_channel(settings.explainer)
+        explainer_channel = channel(settings.explainer)
         app.state.explainer = explainer_grpc.ExplainerServiceStub(explainer_channel)
         feed = None
         if settings.dashboard:
@@ -79,4 +80,6 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
         return {"status": "ok"}
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # A server span per request (health checks and the event stream excluded).
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,dashboard/events")
     return app

@@ -124,7 +124,7 @@ def _feed_demo(client: dict[str, object]) -> None:
 @app.command()
 def serve(service: Service) -> None:
     """Run one service in the foreground (settings from INFERMESH_<SERVICE>_* variables)."""
-    from shared.telemetry import configure_logging
+    from shared.telemetry import configure_logging, configure_tracing
 
     if service is Service.tokenizer:
         from services.tokenizer.server import serve as serve_tokenizer
@@ -132,6 +132,7 @@ def serve(service: Service) -> None:
 
         tokenizer_settings = TokenizerSettings()
         configure_logging(tokenizer_settings.log_json, tokenizer_settings.log_level)
+        configure_tracing("infermesh-tokenizer")
         asyncio.run(serve_tokenizer(tokenizer_settings))
     elif service is Service.inference:
         from services.inference.server import serve as serve_inference
@@ -139,6 +140,7 @@ def serve(service: Service) -> None:
 
         inference_settings = InferenceSettings()
         configure_logging(inference_settings.log_json, inference_settings.log_level)
+        configure_tracing("infermesh-inference")
         asyncio.run(serve_inference(inference_settings))
     elif service in (Service.worker, Service.gateway, Service.explainer):
         import runpy
@@ -155,6 +157,7 @@ def serve(service: Service) -> None:
 
         post_settings = PostprocessorSettings()
         configure_logging(post_settings.log_json, post_settings.log_level)
+        configure_tracing("infermesh-postprocessor")
         asyncio.run(serve_postprocessor(post_settings))
 
 

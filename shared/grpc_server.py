@@ -13,6 +13,7 @@ from typing import Any, cast
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from shared.errors import ERROR_TYPE_METADATA_KEY, InfermeshError
 from shared.settings import BaseServiceSettings
@@ -87,7 +88,11 @@ async def start_server(
     """Starts a server on `settings.host:settings.grpc_port` (0 = any free port), health
     NOT_SERVING until the caller says otherwise."""
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        # Tracing outermost, so the status a caller sees is the status on the span.
+        interceptors=[
+            aio_server_interceptor(filter_=filters.negate(filters.health_check())),  # type: ignore[no-untyped-call]
+            ErrorInterceptor(),
+        ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

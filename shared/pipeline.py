@@ -19,10 +19,13 @@ from types import TracebackType
 import grpc
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from shared import oip
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput, from_grpc_error
+from shared.grpc_client import channel
 from shared.padding import pad_right
 from shared.pb import grpc_predict_v2_pb2 as infer_pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
@@ -32,6 +35,7 @@ from shared.pb import tokenizer_pb2 as tok_pb
 from shared.pb import tokenizer_pb2_grpc as tok_grpc
 
 DEFAULT_MODEL = "finance-sentiment"
+_tracer = trace.get_tracer(__name__)
 #: Distinct (version, thresholds) option sets that get a shared round; others run alone.
 MAX_ROUND_KEYS = 16
 
@@ -64,10 +68,11 @@ class ClassifyResult:
 
 @dataclass(frozen=True)
 class _Call:
-    """One caller's texts waiting for a shared round."""
+    """One caller's texts waiting for a shared round, with the caller's trace context."""
 
     texts: list[str]
     deadline: float
+    context: otel_context.Context
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class PipelineClient:
         self._rounds: dict[tuple[str, tuple[tuple[str, float], ...]], DynamicBatcher[_Call, ClassifyResult]] = {}
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         self._channels = [
-            grpc.aio.insecure_channel(target, options=options)
+            channel(target, options=options)
             for target in (self.targets.tokenizer, self.targets.inference, self.targets.postprocessor)
         ]
         self._tokenizer = tok_grpc.TokenizerServiceStub(self._channels[0])
@@ -153,7 +158,7 @@ class PipelineClient:
 
             batcher = DynamicBatcher(run_round, lambda call: len(call.texts), self._round_policy)
             self._rounds[key] = batcher
-        call = _Call(list(texts), time.monotonic() + timeout)
+        call = _Call(list(texts), time.monotonic() + timeout, otel_context.get_current())
         try:
             (result,) = await asyncio.wait_for(batcher.submit([call]), timeout)
         except TimeoutError:
@@ -166,6 +171,32 @@ class PipelineClient:
         merged = [text for call in calls for text in call.texts]
         # The round lives as long as its most patient caller; the others stop waiting on their own.
         timeout = max(0.001, max(call.deadline for call in calls) - time.monotonic())
+        # Rounds run in the batcher's task, not the callers': continue the first caller's
+        # trace and link the others, so every request's trace shows the work done for it.
+        token = otel_context.attach(calls[0].context)
+        links = [
+            trace.Link(trace.get_current_span(call.context).get_span_context())
+            for call in calls[1:]
+            if trace.get_current_span(call.context).get_span_context().is_valid
+        ]
+        try:
+            with _tracer.start_as_current_span(
+                "classify round",
+                links=links,
+                attributes={"infermesh.calls": len(calls), "infermesh.texts": len(merged)},
+            ):
+                return await self._round(calls, merged, model_version, thresholds, timeout)
+        finally:
+            otel_context.detach(token)
+
+    async def _round(
+        self,
+        calls: list[_Call],
+        merged: list[str],
+        model_version: str,
+        thresholds: Mapping[str, float] | None,
+        timeout: float,
+    ) -> list[ClassifyResult | BaseException]:
         try:
             result = await self._classify_now(merged, model_version, thresholds, timeout)
         except (InvalidInput, InputTooLarge):

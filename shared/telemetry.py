@@ -1,17 +1,23 @@
-"""Logging set-up shared by every process: JSON lines or plain text, with trace ids.
-
-Tracing export and metrics are wired in the observability issue (#6); the trace and
-span ids already come from the OpenTelemetry context when a span is active.
+"""Telemetry set-up shared by every process: tracing (OpenTelemetry SDK, W3C trace
+context, OTLP/gRPC export when OTEL_EXPORTER_OTLP_ENDPOINT is set; the standard OTEL_*
+variables such as OTEL_TRACES_SAMPLER are honoured) and logging (JSON lines or plain
+text, with the trace and span ids of the active span). Prometheus metrics come with #6.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,6 +37,23 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def configure_tracing(service_name: str) -> TracerProvider:
+    """Installs the process's tracer provider; call once, before servers and clients start."""
+    resource = Resource.create({"service.name": service_name, "service.version": _version()})
+    provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _version() -> str:
+    try:
+        return version("infermesh")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def configure_logging(json_lines: bool, level: str = "INFO") -> None:

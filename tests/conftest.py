@@ -16,6 +16,11 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from infermesh.broker import EmbeddedBroker
 from services.explainer.server import start as start_explainer
@@ -35,6 +40,13 @@ from shared.pipeline import PipelineClient, PipelineTargets
 from workers.sentiment_monitor.topics import monitor_topics
 
 MODEL = "finance-sentiment"
+
+# One tracer provider for the whole test session (OpenTelemetry allows setting it once),
+# exporting to memory so tests can assert the spans every hop produced.
+SPANS = InMemorySpanExporter()
+_provider = TracerProvider(resource=Resource.create({"service.name": "infermesh-tests"}))
+_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_provider)
 VERSION_2_TEMPERATURE = 2.5
 
 

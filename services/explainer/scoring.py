@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from shared import oip
 from shared.errors import from_grpc_error
+from shared.grpc_client import channel
 from shared.padding import pad_right
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -19,7 +20,7 @@ from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 class OipProbabilities:
     def __init__(self, target: str, model_name: str, model_version: str, rows_per_call: int = 64) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = channel(target)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self.model_name = model_name
         self.model_version = model_version

@@ -8,9 +8,16 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
+import pytest_asyncio
 import uvicorn
 from fastapi import FastAPI
 from playwright.async_api import Browser, async_playwright
+from pydantic import SecretStr
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from shared.grpc_server import RunningServer
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -46,3 +53,49 @@ async def chromium() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySettings:
+    tokenizer, inference, postprocessor, explainer = (f"127.0.0.1:{s.port}" for s in servers)
+    return GatewaySettings(
+        tokenizer=tokenizer,
+        inference=inference,
+        postprocessor=postprocessor,
+        explainer=explainer,
+        dashboard=False,
+        grpc_port=0,
+        max_texts=8,
+        max_body_bytes=4096,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest_asyncio.fixture
+async def servers(
+    tokenizer_server: RunningServer,
+    inference_server: RunningServer,
+    postprocessor_server: RunningServer,
+    explainer_server: RunningServer,
+) -> list[RunningServer]:
+    return [tokenizer_server, inference_server, postprocessor_server, explainer_server]
+
+
+async def client_for(settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            client.headers["x-test-grpc-port"] = str(app.state.grpc_port)
+            yield client
+
+
+@pytest_asyncio.fixture
+async def client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in client_for(settings_for(servers)):
+        yield c
+
+
+@pytest_asyncio.fixture
+async def keyed_client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in client_for(settings_for(servers, api_keys=[SecretStr("k-123"), SecretStr("k-456")])):
+        yield c

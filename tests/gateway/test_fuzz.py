@@ -16,8 +16,7 @@ from schemathesis.generation import GenerationMode
 
 from gateway.app import create_app
 from shared.grpc_server import RunningServer
-from tests.gateway.conftest import serving
-from tests.gateway.test_routes import settings_for
+from tests.gateway.conftest import serving, settings_for
 
 
 def fuzz(base_url: str, examples: int) -> list[str]:

@@ -9,8 +9,7 @@ import pytest
 
 from gateway.app import create_app
 from shared.grpc_server import RunningServer
-from tests.gateway.conftest import chromium, serving
-from tests.gateway.test_routes import settings_for
+from tests.gateway.conftest import chromium, serving, settings_for
 
 HEADLINE = "Acme shares plunge after the company slashes its profit forecast"
 

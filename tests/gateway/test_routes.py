@@ -8,62 +8,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-import pytest_asyncio
-from pydantic import SecretStr
 
-from gateway.app import create_app
-from gateway.settings import GatewaySettings
-from shared.grpc_server import RunningServer
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import pipeline_pb2 as pipeline_pb
 from shared.pb import pipeline_pb2_grpc as pipeline_grpc
 from tests.services.test_inference import encode
-
-
-def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySettings:
-    tokenizer, inference, postprocessor, explainer = (f"127.0.0.1:{s.port}" for s in servers)
-    return GatewaySettings(
-        tokenizer=tokenizer,
-        inference=inference,
-        postprocessor=postprocessor,
-        explainer=explainer,
-        dashboard=False,
-        grpc_port=0,
-        max_texts=8,
-        max_body_bytes=4096,
-        **overrides,  # type: ignore[arg-type]
-    )
-
-
-@pytest_asyncio.fixture
-async def servers(
-    tokenizer_server: RunningServer,
-    inference_server: RunningServer,
-    postprocessor_server: RunningServer,
-    explainer_server: RunningServer,
-) -> list[RunningServer]:
-    return [tokenizer_server, inference_server, postprocessor_server, explainer_server]
-
-
-async def client_for(settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            client.headers["x-test-grpc-port"] = str(app.state.grpc_port)
-            yield client
-
-
-@pytest_asyncio.fixture
-async def client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in client_for(settings_for(servers)):
-        yield c
-
-
-@pytest_asyncio.fixture
-async def keyed_client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in client_for(settings_for(servers, api_keys=[SecretStr("k-123"), SecretStr("k-456")])):
-        yield c
 
 
 async def test_sentiment_classifies_texts(client: httpx.AsyncClient) -> None:

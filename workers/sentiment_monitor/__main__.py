@@ -13,7 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from shared.kafka import KafkaSettings, ensure_topics
 from shared.pipeline import PipelineTargets
-from shared.telemetry import configure_logging
+from shared.telemetry import configure_logging, configure_tracing
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import NewsScorer
 from workers.sentiment_monitor.scoring import BlockingPipeline
@@ -46,6 +46,7 @@ def main() -> None:
     settings = MonitorSettings()
     client = KafkaSettings().client_config()
     configure_logging(json_lines=False)
+    configure_tracing("infermesh-worker")
     ensure_topics(client, monitor_topics(settings.partitions))
     producer = KafkaProducer(**client, acks="all", enable_idempotence=True, linger_ms=5)
     stages: list[NewsScorer | WindowStage] = []
