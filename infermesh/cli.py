@@ -245,9 +245,15 @@ def produce(
 ) -> None:
     """Send your own news items to finance.news.v1 (keyed by id); bad lines are reported, not sent."""
     from kafka import KafkaProducer
+    from opentelemetry import trace
 
     from shared.kafka import KafkaSettings
+    from shared.kafka_tracing import inject_headers
+    from shared.telemetry import configure_tracing
     from workers.sentiment_monitor.messages import NEWS_TOPIC, PoisonRecord, decode_news
+
+    configure_tracing("infermesh-cli")
+    tracer = trace.get_tracer(__name__)
 
     lines = sys.stdin.buffer.read().splitlines() if str(file) == "-" else file.read_bytes().splitlines()
     producer = KafkaProducer(**KafkaSettings().client_config(), acks="all", enable_idempotence=True)
@@ -263,7 +269,10 @@ def produce(
                 typer.echo(f"line {number}: {poison.reason}: {poison.detail}", err=True)
                 rejected += 1
                 continue
-            pending.append((number, producer.send(NEWS_TOPIC, key=item.id.encode(), value=line)))
+            with tracer.start_as_current_span("produce news", kind=trace.SpanKind.PRODUCER):
+                pending.append(
+                    (number, producer.send(NEWS_TOPIC, key=item.id.encode(), value=line, headers=inject_headers()))
+                )
         producer.flush()
         for number, future in pending:
             try:

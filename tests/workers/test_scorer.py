@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
+from opentelemetry import trace
 
 from shared.errors import Unavailable
 from shared.grpc_server import RunningServer
+from shared.kafka_tracing import extract_context, inject_headers
 from shared.pipeline import ClassifyResult, PipelineTargets
+from tests.conftest import SPANS
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import NewsScorer
 from workers.sentiment_monitor.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
@@ -186,3 +189,35 @@ async def test_transient_failures_are_retried_not_dead_lettered(
     assert flaky.calls > 3
     assert len(read_all(kafka_config, SENTIMENT_TOPIC, expected=5)) == 5
     assert read_all(kafka_config, DLQ_TOPIC, expected=1, timeout_ms=2000) == []
+
+
+async def test_a_message_trace_continues_through_the_worker_into_its_outputs(
+    kafka_config: dict[str, Any], pipeline: BlockingPipeline
+) -> None:
+    tracer = trace.get_tracer("test-producer")
+    producer = KafkaProducer(**kafka_config, acks="all")
+    with tracer.start_as_current_span("publish headline", kind=trace.SpanKind.PRODUCER) as span:
+        producer_context = span.get_span_context()
+        producer.send(NEWS_TOPIC, value=news("traced", "$AAPL shares plunge"), headers=inject_headers())
+    producer.send(NEWS_TOPIC, value=news("untraced", "$AAPL shares soar"))
+    producer.flush()
+    producer.close()
+    SPANS.clear()
+    scorer = make_scorer(kafka_config, pipeline)
+    try:
+        assert await drain(scorer, 2) == 2
+    finally:
+        scorer.consumer.close(autocommit=False)
+        scorer.producer.close()
+
+    outputs = {ScoredItem.model_validate_json(r.value).item_id: r for r in read_all(kafka_config, SENTIMENT_TOPIC, 2)}
+    carried = trace.get_current_span(extract_context(outputs["traced"].headers)).get_span_context()
+    assert carried.trace_id == producer_context.trace_id
+    spans = SPANS.get_finished_spans()
+    item_span = next(
+        s for s in spans if s.name == "score news item" and (s.attributes or {}).get("infermesh.item_id") == "traced"
+    )
+    assert item_span.parent is not None and item_span.parent.span_id == producer_context.span_id
+    assert item_span.context is not None and carried.span_id == item_span.context.span_id
+    batch_span = next(s for s in spans if s.name == "score news batch")
+    assert [link.context.span_id for link in batch_span.links] == [producer_context.span_id]

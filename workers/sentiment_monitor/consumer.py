@@ -20,8 +20,10 @@ from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
+from opentelemetry import trace
 
 from shared.errors import DeadlineExceeded, InfermeshError, InputTooLarge, InvalidInput, Overloaded, Unavailable
+from shared.kafka_tracing import extract_context, inject_headers
 from shared.pipeline import ClassifyResult
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.messages import (
@@ -38,6 +40,7 @@ from workers.sentiment_monitor.settings import MonitorSettings
 logger = logging.getLogger(__name__)
 
 TRANSIENT = (Unavailable, Overloaded, DeadlineExceeded)
+_tracer = trace.get_tracer(__name__)
 
 
 class Scorer(Protocol):
@@ -56,6 +59,8 @@ class _Batch:
 
     records: list[Any]
     good: list[tuple[Any, NewsItem]] = field(default_factory=list)
+    links: list[trace.Link] = field(default_factory=list)
+    """One link per record whose producer sent a trace context."""
     acks: list[Any] = field(default_factory=list)
     """Broker acknowledgements to wait for before committing."""
     scoring: Future[ClassifyResult] | None = None
@@ -129,13 +134,20 @@ class NewsScorer:
             return None
         batch = _Batch(records)
         for record in records:
+            producer_span = trace.get_current_span(extract_context(record.headers)).get_span_context()
+            if producer_span.is_valid:
+                batch.links.append(trace.Link(producer_span))
             try:
                 batch.good.append((record, decode_news(record.value, self.settings.max_record_bytes)))
             except PoisonRecord as poison:
                 batch.acks.append(self._dead_letter(record, poison.reason, poison.detail))
         if batch.good:
             texts = [item.text() for _, item in batch.good]
-            batch.scoring = self.scorer.submit(texts, self.settings.score_timeout_seconds)
+            # The scoring call is shared by the batch: its span links every message's trace.
+            with _tracer.start_as_current_span(
+                "score news batch", links=batch.links, attributes={"messaging.batch.message_count": len(records)}
+            ):
+                batch.scoring = self.scorer.submit(texts, self.settings.score_timeout_seconds)
         return batch
 
     def _finish(self, batch: _Batch) -> BatchOutcome:
@@ -146,14 +158,23 @@ class NewsScorer:
             if isinstance(outcome, InfermeshError):
                 batch.acks.append(self._dead_letter(record, "rejected", outcome.detail))
                 continue
-            for scored_item in self._scored_items(item, outcome):
-                batch.acks.append(
-                    self.producer.send(
-                        SENTIMENT_TOPIC,
-                        key=scored_item.ticker.encode() if scored_item.ticker else None,
-                        value=scored_item.model_dump_json().encode(),
+            # Each message's own trace continues here and onward in its outputs' headers.
+            with _tracer.start_as_current_span(
+                "score news item",
+                context=extract_context(record.headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"messaging.destination.name": record.topic, "infermesh.item_id": item.id},
+            ):
+                headers = inject_headers()
+                for scored_item in self._scored_items(item, outcome):
+                    batch.acks.append(
+                        self.producer.send(
+                            SENTIMENT_TOPIC,
+                            key=scored_item.ticker.encode() if scored_item.ticker else None,
+                            value=scored_item.model_dump_json().encode(),
+                            headers=headers,
+                        )
                     )
-                )
             scored += 1
         self.producer.flush()
         for ack in batch.acks:

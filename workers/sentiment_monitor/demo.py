@@ -15,7 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kafka import KafkaProducer
+from opentelemetry import trace
 
+from shared.kafka_tracing import inject_headers
 from workers.sentiment_monitor.messages import NEWS_TOPIC
 
 TICKERS = {
@@ -45,6 +47,7 @@ NEGATIVE = [
     "Analysts downgrade ${t} to sell, citing weak deliveries",
     "{name} misses estimates and warns of lower margins",
 ]
+_tracer = trace.get_tracer(__name__)
 SPAN = timedelta(hours=3)
 EPISODE = (timedelta(minutes=140), timedelta(minutes=160))
 """When TSLA's negative episode runs, from the start of the stream."""
@@ -99,7 +102,8 @@ def replay(producer: KafkaProducer, per_second: float = 100.0) -> int:
     sent = 0
     started = time.monotonic()
     for key, value in replay_records(run_id):
-        producer.send(NEWS_TOPIC, key=key, value=value)
+        with _tracer.start_as_current_span("produce demo news", kind=trace.SpanKind.PRODUCER):
+            producer.send(NEWS_TOPIC, key=key, value=value, headers=inject_headers())
         sent += 1
         ahead = sent / per_second - (time.monotonic() - started)
         if ahead > 0:
