@@ -33,6 +33,10 @@ SERVICES: tuple[ServiceSpec, ...] = (
 )
 
 
+def service(name: str) -> ServiceSpec:
+    return next(spec for spec in SERVICES if spec.name == name)
+
+
 def wait_until_serving(target: str, deadline: float) -> bool:
     """Polls the gRPC health service until it says SERVING or the deadline passes."""
     with grpc.insecure_channel(target) as channel:
@@ -65,7 +69,7 @@ class LocalMesh:
             env[f"{spec.env_prefix}HOST"] = self.host
             env.setdefault(f"{spec.env_prefix}GRPC_PORT", str(spec.port))
             if spec.name == "explainer":
-                env["INFERMESH_EXPLAINER_INFERENCE"] = self.address(SERVICES[1])
+                env["INFERMESH_EXPLAINER_INFERENCE"] = self.address(service("inference"))
             self.processes[spec.name] = subprocess.Popen([sys.executable, "-m", spec.module], env=env)
         deadline = time.monotonic() + timeout_seconds
         for spec in SERVICES:
