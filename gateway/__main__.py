@@ -7,6 +7,6 @@ from gateway.settings import GatewaySettings
 from shared.telemetry import configure_logging, configure_tracing
 
 settings = GatewaySettings()
-configure_logging(settings.log_json)
+configure_logging(settings.log_json, settings.log_level)
 configure_tracing("infermesh-gateway")
 uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None)

@@ -6,11 +6,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import grpc
 from fastapi import FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-from gateway import dashboard, routes, v2
+from gateway import dashboard, observability, routes, traces, v2
 from gateway.limits import BodySizeLimit
+from gateway.observability import RequestMetrics
 from gateway.pipeline_service import SERVICE_NAME as PIPELINE_SERVICE
 from gateway.pipeline_service import PipelineServicer
 from gateway.problems import install_problem_handlers
@@ -37,11 +39,28 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
         app.state.inference = inference_grpc.GRPCInferenceServiceStub(inference_channel)
         explainer_channel = channel(settings.explainer)
         app.state.explainer = explainer_grpc.ExplainerServiceStub(explainer_channel)
+        # Untraced: readiness probes every few seconds would fill the trace store.
+        app.state.health_channels = {
+            name: grpc.aio.insecure_channel(target)
+            for name, target in (
+                ("tokenizer", settings.tokenizer),
+                ("inference", settings.inference),
+                ("postprocessor", settings.postprocessor),
+                ("explainer", settings.explainer),
+            )
+        }
         feed = None
         if settings.dashboard:
             feed = dashboard.DashboardFeed((kafka or KafkaSettings()).client_config(), MonitorSettings().scorer_group)
             feed.start()
             app.state.dashboard = feed
+        receiver = None
+        if settings.otlp_receiver_port is not None:
+            app.state.traces = traces.TraceStore(settings.trace_store_max_traces)
+            receiver, receiver_port = await traces.start_receiver(
+                app.state.traces, settings.host, settings.otlp_receiver_port
+            )
+            logger.info("OTLP trace receiver on %s:%d; traces at /traces", settings.host, receiver_port)
         servicer = PipelineServicer(app.state.pipeline, app.state.explainer, settings.explain_timeout_seconds)
         grpc_server = await start_server(
             BaseServiceSettings(host=settings.host, grpc_port=settings.grpc_port),
@@ -55,9 +74,13 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
             logger.warning("no API keys configured: /v1 is open to anyone who can reach %s", settings.host)
         yield
         await grpc_server.stop(5)
+        if receiver is not None:
+            await receiver.stop(1)
         await app.state.pipeline.close()
         await explainer_channel.close()
         await inference_channel.close()
+        for health_channel in app.state.health_channels.values():
+            await health_channel.close()
         if feed is not None:
             feed.stop()
 
@@ -72,14 +95,14 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
     app.include_router(routes.router)
     app.include_router(routes.pages)
     app.include_router(v2.router)
+    app.include_router(observability.router)
+    app.include_router(traces.router)
     if settings.dashboard:
         app.include_router(dashboard.router)
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    # A server span per request (health checks and the event stream excluded).
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,dashboard/events")
+    app.add_middleware(RequestMetrics)
+    # A server span per request, outside every other middleware (probes, scrapes and
+    # the event stream excluded).
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics,dashboard/events,traces")
     return app

@@ -51,5 +51,15 @@ class GatewaySettings(BaseSettings):
     dashboard: bool = True
     """Serve /dashboard, fed from the monitor's Kafka topics."""
 
+    otlp_receiver_port: int | None = None
+    """Run an OTLP/gRPC trace receiver on this port and show what it receives at /traces
+    (`infermesh run` turns it on, on 4317); unset: no receiver."""
+
+    trace_store_max_traces: int = 500
+    """Traces the receiver keeps (newest first out of memory last)."""
+
     log_json: bool = False
     """Write logs as JSON lines."""
+
+    log_level: str = "INFO"
+    """Root log level."""

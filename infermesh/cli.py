@@ -51,7 +51,7 @@ def run(
     """Run the whole mesh locally until Ctrl-C: broker (unless KAFKA_BOOTSTRAP_SERVERS is
     set), tokenizer, inference, post-processor, the sentiment monitor and the demo feed."""
     from infermesh.broker import EmbeddedBroker
-    from infermesh.mesh import SERVICES, LocalMesh
+    from infermesh.mesh import SERVICES, LocalMesh, trace_viewer_env
     from shared.kafka import KafkaSettings, ensure_topics
     from workers.sentiment_monitor.settings import MonitorSettings
     from workers.sentiment_monitor.topics import monitor_topics
@@ -64,7 +64,8 @@ def run(
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, _raise_keyboard_interrupt)
     broker: EmbeddedBroker | None = None
-    mesh = LocalMesh(repository.resolve())
+    viewer_env = trace_viewer_env(os.environ)
+    mesh = LocalMesh(repository.resolve(), extra_env=viewer_env)
     feeder: threading.Thread | None = None
     try:
         kafka_settings = KafkaSettings()
@@ -87,6 +88,15 @@ def run(
         typer.echo(f"  gateway        {gateway_url}/docs (REST API), {gateway_url}/explain")
         pipeline_port = os.environ.get("INFERMESH_GATEWAY_GRPC_PORT", "50050")
         typer.echo(f"  pipeline       grpc://127.0.0.1:{pipeline_port} (infermesh.pipeline.v1.Pipeline)")
+        if viewer_env:
+            receiver = viewer_env["INFERMESH_GATEWAY_OTLP_RECEIVER_PORT"]
+            typer.echo(f"  traces         {gateway_url}/traces (OTLP receiver on :{receiver})")
+        else:
+            exporting_to = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+            )
+            typer.echo(f"  traces         exported to {exporting_to}")
+        typer.echo(f"  metrics        {', '.join(mesh.metrics_url(name) for name in mesh.processes)}")
         if kafka:
             typer.echo(f"  dashboard      {gateway_url}/dashboard")
             if demo:

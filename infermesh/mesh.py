@@ -23,14 +23,31 @@ class ServiceSpec:
     module: str
     env_prefix: str
     port: int
+    metrics_port: int
 
 
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("tokenizer", "services.tokenizer", "INFERMESH_TOKENIZER_", 50051),
-    ServiceSpec("inference", "services.inference", "INFERMESH_INFERENCE_", 8001),
-    ServiceSpec("postprocessor", "services.postprocessor", "INFERMESH_POSTPROCESSOR_", 50052),
-    ServiceSpec("explainer", "services.explainer", "INFERMESH_EXPLAINER_", 50053),
+    ServiceSpec("tokenizer", "services.tokenizer", "INFERMESH_TOKENIZER_", 50051, 9091),
+    ServiceSpec("inference", "services.inference", "INFERMESH_INFERENCE_", 8001, 8002),
+    ServiceSpec("postprocessor", "services.postprocessor", "INFERMESH_POSTPROCESSOR_", 50052, 9092),
+    ServiceSpec("explainer", "services.explainer", "INFERMESH_EXPLAINER_", 50053, 9093),
 )
+WORKER_METRICS_PORT = 9094
+DEFAULT_OTLP_RECEIVER_PORT = 4317
+
+
+def trace_viewer_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment that makes every process export traces to the gateway's OTLP
+    receiver, unless the user already points OTLP somewhere (Jaeger, Tempo, a collector)."""
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return {}
+    port = environ.get("INFERMESH_GATEWAY_OTLP_RECEIVER_PORT") or str(DEFAULT_OTLP_RECEIVER_PORT)
+    return {
+        "INFERMESH_GATEWAY_OTLP_RECEIVER_PORT": port,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        # Spans show up within a second rather than the default five.
+        "OTEL_BSP_SCHEDULE_DELAY": environ.get("OTEL_BSP_SCHEDULE_DELAY", "1000"),
+    }
 
 
 def service(name: str) -> ServiceSpec:
@@ -68,6 +85,7 @@ class LocalMesh:
             env[f"{spec.env_prefix}MODEL_REPOSITORY"] = str(self.repository)
             env[f"{spec.env_prefix}HOST"] = self.host
             env.setdefault(f"{spec.env_prefix}GRPC_PORT", str(spec.port))
+            env.setdefault(f"{spec.env_prefix}METRICS_PORT", str(spec.metrics_port))
             if spec.name == "explainer":
                 env["INFERMESH_EXPLAINER_INFERENCE"] = self.address(service("inference"))
             self.processes[spec.name] = subprocess.Popen([sys.executable, "-m", spec.module], env=env)
@@ -115,8 +133,19 @@ class LocalMesh:
         raise RuntimeError(f"the gateway did not answer on {url}")
 
     def address(self, spec: ServiceSpec) -> str:
-        port = self.extra_env.get(f"{spec.env_prefix}GRPC_PORT", os.environ.get(f"{spec.env_prefix}GRPC_PORT"))
-        return f"{self.host}:{port or spec.port}"
+        return f"{self.host}:{self._setting(spec.env_prefix + 'GRPC_PORT', spec.port)}"
+
+    def metrics_url(self, name: str) -> str:
+        """Where a process (a service, `worker` or `gateway`) serves /metrics."""
+        if name == "gateway":
+            return f"http://{self.host}:{self._setting('INFERMESH_GATEWAY_HTTP_PORT', 8080)}/metrics"
+        if name == "worker":
+            return f"http://{self.host}:{self._setting('INFERMESH_WORKER_METRICS_PORT', WORKER_METRICS_PORT)}/metrics"
+        spec = service(name)
+        return f"http://{self.host}:{self._setting(spec.env_prefix + 'METRICS_PORT', spec.metrics_port)}/metrics"
+
+    def _setting(self, key: str, default: int) -> str:
+        return self.extra_env.get(key) or os.environ.get(key) or str(default)
 
     def wait(self) -> str | None:
         """Blocks until a child exits; returns its name."""

@@ -6,6 +6,10 @@ cost is `longest item * count` for padded model inputs, or the plain sum of leng
 Up to `max_concurrent_batches` batches run at once, so the next batch forms while the
 current one executes. The queue is bounded in items;
 a submit that would overflow it fails with `Overloaded` instead of waiting.
+
+Batches run in the batcher's task, not the callers': each batch span continues the
+first caller's trace and links the others, and each caller's trace gets a `queue wait`
+span covering the time its items waited for the batch.
 """
 
 from __future__ import annotations
@@ -13,13 +17,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
+
 from shared.errors import Overloaded
+from shared.metrics import BatcherMetrics
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -41,11 +52,20 @@ class BatchPolicy:
     """Cost a batch as `longest * count` (padded tensors); False: the sum of lengths."""
 
 
+@dataclass(frozen=True)
+class _Submission:
+    """What the items of one `submit` call share: when they were queued, whose trace."""
+
+    queued_ns: int
+    context: otel_context.Context
+
+
 @dataclass
 class _Entry(Generic[ItemT, ResultT]):
     item: ItemT
     length: int
     future: asyncio.Future[ResultT]
+    submission: _Submission
 
 
 class DynamicBatcher(Generic[ItemT, ResultT]):
@@ -61,10 +81,17 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         execute: Callable[[list[ItemT]], Awaitable[list[ResultT | BaseException]]],
         length_of: Callable[[ItemT], int],
         policy: BatchPolicy,
+        name: str = "batch",
+        span_attributes: Mapping[str, AttributeValue] | None = None,
+        metrics: BatcherMetrics | None = None,
     ) -> None:
         self._execute = execute
         self._length_of = length_of
         self.policy = policy
+        self.name = name
+        """Name of the span each executed batch gets."""
+        self._span_attributes = dict(span_attributes or {})
+        self._metrics = metrics
         self._queue: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()
         # NOTE: asyncio primitives are created lazily, inside the running loop.
         self._wakeup: asyncio.Event | None = None
@@ -81,6 +108,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Queues `items` together and waits for their results."""
         if len(self._queue) + len(items) > self.policy.max_queue_size:
+            if self._metrics is not None:
+                self._metrics.rejected.inc(len(items))
             raise Overloaded(
                 f"batch queue holds {len(self._queue)} sequences; adding {len(items)} would pass "
                 f"the limit of {self.policy.max_queue_size}"
@@ -88,8 +117,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._start()
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        entries = [_Entry(item, self._length_of(item), loop.create_future()) for item in items]
+        submission = _Submission(time.time_ns(), otel_context.get_current())
+        entries = [_Entry(item, self._length_of(item), loop.create_future(), submission) for item in items]
         self._queue.extend(entries)
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
         return list(await asyncio.gather(*(e.future for e in entries)))
 
@@ -168,10 +200,48 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             except TimeoutError:
                 return batch
 
+    def _observe(self, batch: list[_Entry[ItemT, ResultT]], started_ns: int) -> int:
+        """Records the batch's size, cost and waits; returns its cost."""
+        longest = max(entry.length for entry in batch)
+        cost = longest * len(batch) if self.policy.padded_cost else sum(entry.length for entry in batch)
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(len(self._queue))
+            self._metrics.batch_size.observe(len(batch))
+            self._metrics.batch_cost.observe(cost)
+            for entry in batch:
+                self._metrics.queue_wait.observe((started_ns - entry.submission.queued_ns) / 1e9)
+        return cost
+
+    def _start_span(self, batch: list[_Entry[ItemT, ResultT]], started_ns: int, cost: int) -> trace.Span:
+        """The batch's span, child of the first caller's trace and linked to the others';
+        plus one `queue wait` span per caller, ending when the batch starts."""
+        submissions = list({id(entry.submission): entry.submission for entry in batch}.values())
+        callers = [trace.get_current_span(s.context).get_span_context() for s in submissions]
+        for submission, caller in zip(submissions, callers, strict=True):
+            if caller.is_valid:
+                _tracer.start_span("queue wait", context=submission.context, start_time=submission.queued_ns).end(
+                    end_time=started_ns
+                )
+        return _tracer.start_span(
+            self.name,
+            context=submissions[0].context,
+            links=[trace.Link(caller) for caller in callers[1:] if caller.is_valid],
+            attributes={
+                **self._span_attributes,
+                "infermesh.batch.size": len(batch),
+                "infermesh.batch.cost": cost,
+                "infermesh.batch.callers": len(submissions),
+            },
+        )
+
     async def _run(self, batch: list[_Entry[ItemT, ResultT]]) -> None:
         assert self._slots is not None
+        started_ns = time.time_ns()
+        cost = self._observe(batch, started_ns)
+        span = self._start_span(batch, started_ns, cost)
         try:
-            results = await self._execute([e.item for e in batch])
+            with trace.use_span(span, end_on_exit=True):
+                results = await self._execute([e.item for e in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
             for entry, result in zip(batch, results, strict=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from shared.errors import ERROR_TYPE_METADATA_KEY, InfermeshError
+from shared.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS, MetricsServer
 from shared.settings import BaseServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -26,9 +28,10 @@ INTERNAL_ERROR_DETAIL = "Internal server error"
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Maps `shared.errors` to their status codes; anything else is INTERNAL with a
-    generic detail so no traceback or internal message reaches the caller."""
+    generic detail so no traceback or internal message reaches the caller. Counts every
+    call by method and the status it ends with, and times it."""
 
     async def intercept_service(
         self,
@@ -41,17 +44,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         inner = cast(Callable[[Any, ServicerContext], Awaitable[Any]], handler.unary_unary)
         method = handler_call_details.method
 
+        duration = GRPC_DURATION.labels(method)
+
         async def guarded(request: Any, context: ServicerContext) -> Any:
+            code = grpc.StatusCode.OK
+            started = time.perf_counter()
+            GRPC_IN_FLIGHT.inc()
             try:
                 return await inner(request, context)
             except InfermeshError as error:
+                code = error.grpc_code
                 context.set_trailing_metadata(((ERROR_TYPE_METADATA_KEY, type(error).__name__),))
                 await context.abort(error.grpc_code, error.detail)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception:
+                code = grpc.StatusCode.INTERNAL
                 logger.exception("unhandled error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAIL)
+            finally:
+                GRPC_IN_FLIGHT.dec()
+                GRPC_REQUESTS.labels(method, code.name).inc()
+                duration.observe(time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
@@ -91,7 +109,7 @@ async def start_server(
         # Tracing outermost, so the status a caller sees is the status on the span.
         interceptors=[
             aio_server_interceptor(filter_=filters.negate(filters.health_check())),  # type: ignore[no-untyped-call]
-            ErrorInterceptor(),
+            StatusInterceptor(),
         ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -110,6 +128,13 @@ async def start_server(
     running = RunningServer(server, port, health_servicer, tuple(service_names))
     await running.set_serving(False)
     return running
+
+
+def start_metrics(settings: BaseServiceSettings) -> MetricsServer | None:
+    """The process's /metrics endpoint on `settings.metrics_port`, unless disabled."""
+    if not settings.metrics_enabled:
+        return None
+    return MetricsServer(settings.host, settings.metrics_port)
 
 
 async def wait_for_termination_signal() -> None:

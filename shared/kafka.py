@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.metrics import KAFKA_LAG
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +124,39 @@ def read_to_end(
     finally:
         consumer.close(autocommit=False)
     return records
+
+
+_lag_series: dict[str, set[tuple[str, str]]] = {}
+
+
+def observe_lag(consumer: KafkaConsumer, group: str) -> int:
+    """Sets the lag gauge of each assigned partition from the last fetch's high-water
+    mark, and drops the series of partitions no longer assigned; call from the thread
+    that polls (consumers are not thread-safe). Returns how many partitions are assigned."""
+    current: set[tuple[str, str]] = set()
+    assignment = consumer.assignment()
+    for partition in assignment:
+        highwater = consumer.highwater(partition)
+        if highwater is None:
+            continue
+        position = consumer.position(partition, timeout_ms=100)
+        if position is not None:
+            labels = (partition.topic, str(partition.partition))
+            KAFKA_LAG.labels(group, *labels).set(max(0, highwater - position))
+            current.add(labels)
+    for labels in _lag_series.get(group, set()) - current:
+        KAFKA_LAG.remove(group, *labels)
+    _lag_series[group] = current
+    return len(assignment)
+
+
+def broker_reachable(bootstrap_servers: list[str], timeout_seconds: float = 1.0) -> bool:
+    """Whether any bootstrap broker accepts a TCP connection (readiness, not a full handshake)."""
+    for server in bootstrap_servers:
+        host, _, port = server.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_seconds):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

@@ -19,13 +19,12 @@ from types import TracebackType
 import grpc
 import numpy as np
 import numpy.typing as npt
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from shared import oip
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput, from_grpc_error
 from shared.grpc_client import channel
+from shared.metrics import PIPELINE_BATCHER_METRICS
 from shared.padding import pad_right
 from shared.pb import grpc_predict_v2_pb2 as infer_pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
@@ -35,7 +34,6 @@ from shared.pb import tokenizer_pb2 as tok_pb
 from shared.pb import tokenizer_pb2_grpc as tok_grpc
 
 DEFAULT_MODEL = "finance-sentiment"
-_tracer = trace.get_tracer(__name__)
 #: Distinct (version, thresholds) option sets that get a shared round; others run alone.
 MAX_ROUND_KEYS = 16
 
@@ -68,11 +66,10 @@ class ClassifyResult:
 
 @dataclass(frozen=True)
 class _Call:
-    """One caller's texts waiting for a shared round, with the caller's trace context."""
+    """One caller's texts waiting for a shared round."""
 
     texts: list[str]
     deadline: float
-    context: otel_context.Context
 
 
 @dataclass(frozen=True)
@@ -156,9 +153,16 @@ class PipelineClient:
             async def run_round(calls: list[_Call]) -> list[ClassifyResult | BaseException]:
                 return await self._run_round(calls, model_version, thresholds)
 
-            batcher = DynamicBatcher(run_round, lambda call: len(call.texts), self._round_policy)
+            # Each round's span continues the first caller's trace and links the others'.
+            batcher = DynamicBatcher(
+                run_round,
+                lambda call: len(call.texts),
+                self._round_policy,
+                name="classify round",
+                metrics=PIPELINE_BATCHER_METRICS,
+            )
             self._rounds[key] = batcher
-        call = _Call(list(texts), time.monotonic() + timeout, otel_context.get_current())
+        call = _Call(list(texts), time.monotonic() + timeout)
         try:
             (result,) = await asyncio.wait_for(batcher.submit([call]), timeout)
         except TimeoutError:
@@ -171,23 +175,7 @@ class PipelineClient:
         merged = [text for call in calls for text in call.texts]
         # The round lives as long as its most patient caller; the others stop waiting on their own.
         timeout = max(0.001, max(call.deadline for call in calls) - time.monotonic())
-        # Rounds run in the batcher's task, not the callers': continue the first caller's
-        # trace and link the others, so every request's trace shows the work done for it.
-        token = otel_context.attach(calls[0].context)
-        links = [
-            trace.Link(trace.get_current_span(call.context).get_span_context())
-            for call in calls[1:]
-            if trace.get_current_span(call.context).get_span_context().is_valid
-        ]
-        try:
-            with _tracer.start_as_current_span(
-                "classify round",
-                links=links,
-                attributes={"infermesh.calls": len(calls), "infermesh.texts": len(merged)},
-            ):
-                return await self._round(calls, merged, model_version, thresholds, timeout)
-        finally:
-            otel_context.detach(token)
+        return await self._round(calls, merged, model_version, thresholds, timeout)
 
     async def _round(
         self,

@@ -16,6 +16,12 @@ class BaseServiceSettings(BaseSettings):
     grpc_port: int = 0
     """Port where to listen for gRPC connections; 0 lets the OS pick one."""
 
+    metrics_port: int = 0
+    """Port of the Prometheus `/metrics` endpoint; 0 lets the OS pick one."""
+
+    metrics_enabled: bool = True
+    """Serve `/metrics` (the port is needed only then)."""
+
     log_json: bool = False
     """Write logs as JSON lines instead of plain text."""
 

@@ -1,7 +1,8 @@
 """Telemetry set-up shared by every process: tracing (OpenTelemetry SDK, W3C trace
 context, OTLP/gRPC export when OTEL_EXPORTER_OTLP_ENDPOINT is set; the standard OTEL_*
 variables such as OTEL_TRACES_SAMPLER are honoured) and logging (JSON lines or plain
-text, with the trace and span ids of the active span). Prometheus metrics come with #6.
+text, with the trace and span ids of the active span). OTEL_SDK_DISABLED=true leaves
+tracing off altogether. Prometheus metrics live in shared/metrics.py.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_tracing(service_name: str) -> TracerProvider:
-    """Installs the process's tracer provider; call once, before servers and clients start."""
+def configure_tracing(service_name: str) -> TracerProvider | None:
+    """Installs the process's tracer provider; call once, before servers and clients start.
+    The sampler comes from OTEL_TRACES_SAMPLER (default: parent-based, always on)."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
     resource = Resource.create({"service.name": service_name, "service.version": _version()})
     provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):

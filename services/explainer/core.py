@@ -15,10 +15,13 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import trace
 
 from services.explainer.gradients import IntegratedGradients
 from services.tokenizer.core import Chunk, Tokenizer
 from shared.errors import InputTooLarge, InvalidInput
+
+_tracer = trace.get_tracer(__name__)
 
 #: ERASER-style "top k%" word sets.
 TOP_PERCENTS = (0.1, 0.2, 0.5)
@@ -138,7 +141,8 @@ class Explainer:
             raise InputTooLarge(f"steps is {steps}; max is {limits.max_steps}")
         if target_label and target_label not in self.labels:
             raise InvalidInput(f"unknown target label {target_label!r}; labels are {self.labels}")
-        tokenized = await self.tokenizer.tokenize_async(texts, return_offsets=True)
+        with _tracer.start_as_current_span("tokenize", attributes={"infermesh.texts": len(texts)}):
+            tokenized = await self.tokenizer.tokenize_async(texts, return_offsets=True)
         for index, result in enumerate(tokenized):
             if len(result.chunks) > limits.max_chunks:
                 raise InputTooLarge(f"text {index} needs {len(result.chunks)} chunks; max is {limits.max_chunks}")
@@ -150,7 +154,8 @@ class Explainer:
     async def _explain_text(
         self, text: str, chunks: list[Chunk], method: Method, target_label: str, steps: int
     ) -> Explanation:
-        full = await self.model.probabilities([c.input_ids for c in chunks], self.limits.timeout_seconds)
+        with _tracer.start_as_current_span("score text", attributes={"infermesh.chunks": len(chunks)}):
+            full = await self.model.probabilities([c.input_ids for c in chunks], self.limits.timeout_seconds)
         weights = np.array([len(c.input_ids) for c in chunks], dtype=np.float64)
         combined = (full * weights[:, None]).sum(axis=0) / weights.sum()
         label = self.labels[int(combined.argmax())]
@@ -185,12 +190,16 @@ class Explainer:
         gap = None
         if method is Method.INTEGRATED_GRADIENTS:
             special = [word_id < 0 for word_id in chunk.word_ids]
-            result = await asyncio.to_thread(self.gradients.attribute, ids, special, target, steps)
+            with _tracer.start_as_current_span(
+                "integrated gradients", attributes={"infermesh.steps": steps, "infermesh.tokens": len(ids)}
+            ):
+                result = await asyncio.to_thread(self.gradients.attribute, ids, special, target, steps)
             token_scores = result.tokens
             gap = abs(float(token_scores.sum()) - (result.at_input - result.at_baseline))
         else:
             variants = [words.without(ids, {w}) for w in range(len(words.positions))]
-            scored = await self.model.probabilities(variants, self.limits.timeout_seconds)
+            with _tracer.start_as_current_span("occlusion", attributes={"infermesh.variants": len(variants)}):
+                scored = await self.model.probabilities(variants, self.limits.timeout_seconds)
             token_scores = np.zeros(len(ids))
             for w, positions in enumerate(words.positions):
                 drop = probability - scored[w, target]
@@ -241,7 +250,8 @@ class Explainer:
             for chosen in (top, *randoms):
                 sequences.append(words.without(ids, chosen))
                 sequences.append(words.only(ids, chosen))
-        scored = (await self.model.probabilities(sequences, self.limits.timeout_seconds))[:, target]
+        with _tracer.start_as_current_span("faithfulness", attributes={"infermesh.variants": len(sequences)}):
+            scored = (await self.model.probabilities(sequences, self.limits.timeout_seconds))[:, target]
         figures = []
         row = 0
         for share, _, randoms in plans:

@@ -12,7 +12,7 @@ from services.explainer.scoring import OipProbabilities
 from services.explainer.servicer import ExplainerServicer
 from services.explainer.settings import ExplainerSettings
 from services.tokenizer.core import Tokenizer, TokenizerLimits
-from shared.grpc_server import RunningServer, start_server, wait_for_termination_signal
+from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
 from shared.model_repository import ModelRepository
 from shared.pb import explainer_pb2 as pb
 from shared.pb import explainer_pb2_grpc as pb_grpc
@@ -58,7 +58,10 @@ async def start(settings: ExplainerSettings) -> tuple[RunningServer, OipProbabil
 
 
 async def serve(settings: ExplainerSettings) -> None:
+    metrics = start_metrics(settings)
     running, probabilities = await start(settings)
     await wait_for_termination_signal()
     await running.stop(settings.shutdown_grace_seconds)
     await probabilities.close()
+    if metrics is not None:
+        metrics.stop()

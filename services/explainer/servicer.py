@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.explainer.core import Explainer, Explanation, Method
 from shared.errors import ModelNotFound
 from shared.grpc_server import ServicerContext
+from shared.metrics import EXPLAINER_DURATION, EXPLAINER_EXPLANATIONS
 from shared.pb import explainer_pb2 as pb
 from shared.pb import explainer_pb2_grpc as pb_grpc
 
@@ -65,9 +66,11 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
                 f"not version {request.model_version!r}"
             )
         method = _METHODS.get(request.method, Method.INTEGRATED_GRADIENTS)
-        explanations = await self._explainer.explain(
-            list(request.texts), method, target_label=request.target_label, steps=request.steps
-        )
+        with EXPLAINER_DURATION.labels(method.value).time():
+            explanations = await self._explainer.explain(
+                list(request.texts), method, target_label=request.target_label, steps=request.steps
+            )
+        EXPLAINER_EXPLANATIONS.labels(method.value).inc(len(explanations))
         return pb.ExplainResponse(
             explanations=[explanation_to_pb(e) for e in explanations],
             model_name=self._model_name,

@@ -15,6 +15,9 @@ class ExplainerSettings(BaseServiceSettings):
     grpc_port: int = 50053
     """Port where to listen for gRPC connections."""
 
+    metrics_port: int = 9093
+    """Port of the Prometheus `/metrics` endpoint."""
+
     model_repository: Path = Path("models")
     """Model repository: the tokenizer, the merged weights (hf/) and the labels come from here."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import trace
 
 from services.inference.backends.base import Backend
 from services.inference.types import (
@@ -29,10 +31,12 @@ from services.inference.types import (
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.calibration import softmax
 from shared.errors import InputTooLarge, InvalidInput, ModelNotFound, ModelNotReady
+from shared.metrics import INFERENCE_EXECUTION, INFERENCE_SEQUENCES, inference_batcher_metrics
 from shared.model_repository import ModelConfig, ModelRepository
 from shared.padding import pad_right
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits", "probabilities", "label")
@@ -60,14 +64,38 @@ class LoadedVersion:
         self.config = config
         self.backend = backend
         self._executor = executor
+        self._attributes = {
+            "infermesh.model.name": config.name,
+            "infermesh.model.version": config.version,
+            "infermesh.backend": backend.name,
+        }
+        self._execution_seconds = INFERENCE_EXECUTION.labels(config.name, config.version, backend.name)
+        self._sequences_scored = INFERENCE_SEQUENCES.labels(config.name, config.version)
         self.batcher: DynamicBatcher[Sequence, npt.NDArray[np.float32]] = DynamicBatcher(
-            self._run_batch, lambda s: len(s.input_ids), policy
+            self._run_batch,
+            lambda s: len(s.input_ids),
+            policy,
+            name="inference batch",
+            span_attributes=self._attributes,
+            metrics=inference_batcher_metrics(config.name, config.version),
         )
 
     async def _run_batch(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32] | BaseException]:
         input_ids, attention_mask = pad_right([s.input_ids for s in sequences])
         loop = asyncio.get_running_loop()
-        logits = await loop.run_in_executor(self._executor, self.backend.run, input_ids, attention_mask)
+        with _tracer.start_as_current_span(
+            "model execute",
+            attributes={
+                **self._attributes,
+                "infermesh.batch.size": input_ids.shape[0],
+                "infermesh.batch.padded_length": input_ids.shape[1],
+                "infermesh.batch.tokens": int(attention_mask.sum()),
+            },
+        ):
+            started = time.perf_counter()
+            logits = await loop.run_in_executor(self._executor, self.backend.run, input_ids, attention_mask)
+            self._execution_seconds.observe(time.perf_counter() - started)
+        self._sequences_scored.inc(len(sequences))
         return list(logits)
 
 

@@ -13,7 +13,7 @@ from services.inference.core import InferenceCore, Limits
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared.batching import BatchPolicy
-from shared.grpc_server import RunningServer, start_server, wait_for_termination_signal
+from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
 from shared.model_repository import ModelConfig, ModelRepository
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -68,7 +68,10 @@ async def start(settings: InferenceSettings) -> tuple[RunningServer, InferenceCo
 
 
 async def serve(settings: InferenceSettings) -> None:
+    metrics = start_metrics(settings)
     running, core = await start(settings)
     await wait_for_termination_signal()
     await running.stop(settings.shutdown_grace_seconds)
     await core.close()
+    if metrics is not None:
+        metrics.stop()

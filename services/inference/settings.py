@@ -17,6 +17,9 @@ class InferenceSettings(BaseServiceSettings):
     grpc_port: int = 8001
     """Port where to listen for gRPC connections (Triton's, so stock clients need no flags)."""
 
+    metrics_port: int = 8002
+    """Port of the Prometheus `/metrics` endpoint (Triton's metrics port)."""
+
     model_repository: Path = Path("models")
     """Folder holding `<name>/<version>/config.json`."""
 

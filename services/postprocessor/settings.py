@@ -15,6 +15,9 @@ class PostprocessorSettings(BaseServiceSettings):
     grpc_port: int = 50052
     """Port where to listen for gRPC connections."""
 
+    metrics_port: int = 9092
+    """Port of the Prometheus `/metrics` endpoint."""
+
     model_repository: Path = Path("models")
     """Model repository holding each version's labels and temperature."""
 

@@ -9,7 +9,7 @@ import grpc
 from services.tokenizer.core import Tokenizer, TokenizerLimits
 from services.tokenizer.servicer import TokenizerServicer
 from services.tokenizer.settings import TokenizerSettings
-from shared.grpc_server import RunningServer, start_server, wait_for_termination_signal
+from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
 from shared.model_repository import ModelRepository
 from shared.pb import tokenizer_pb2 as pb
 from shared.pb import tokenizer_pb2_grpc as pb_grpc
@@ -46,6 +46,9 @@ async def start(settings: TokenizerSettings) -> RunningServer:
 
 
 async def serve(settings: TokenizerSettings) -> None:
+    metrics = start_metrics(settings)
     running = await start(settings)
     await wait_for_termination_signal()
     await running.stop(settings.shutdown_grace_seconds)
+    if metrics is not None:
+        metrics.stop()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from opentelemetry import trace
+
 from services.tokenizer.core import Overflow, TokenizedText, Tokenizer
 from shared.grpc_server import ServicerContext
+from shared.metrics import TOKENIZER_CHUNKS, TOKENIZER_TEXTS, TOKENIZER_TOKENS, TOKENIZER_TRUNCATED
 from shared.pb import tokenizer_pb2 as pb
 from shared.pb import tokenizer_pb2_grpc as pb_grpc
+
+_tracer = trace.get_tracer(__name__)
 
 _OVERFLOW = {
     pb.OVERFLOW_UNSPECIFIED: Overflow.CHUNK,
@@ -33,13 +38,21 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         self._tokenizer = tokenizer
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: ServicerContext) -> pb.TokenizeResponse:
-        results = await self._tokenizer.tokenize_async(
-            list(request.texts),
-            max_length=request.max_length or None,
-            stride=request.stride or None,
-            overflow=_OVERFLOW.get(request.overflow, Overflow.CHUNK),
-            return_offsets=request.return_offsets,
-        )
+        with _tracer.start_as_current_span("tokenize", attributes={"infermesh.texts": len(request.texts)}) as span:
+            results = await self._tokenizer.tokenize_async(
+                list(request.texts),
+                max_length=request.max_length or None,
+                stride=request.stride or None,
+                overflow=_OVERFLOW.get(request.overflow, Overflow.CHUNK),
+                return_offsets=request.return_offsets,
+            )
+            tokens = sum(r.num_tokens for r in results)
+            chunks = sum(len(r.chunks) for r in results)
+            span.set_attributes({"infermesh.tokens": tokens, "infermesh.chunks": chunks})
+        TOKENIZER_TEXTS.inc(len(results))
+        TOKENIZER_TOKENS.inc(tokens)
+        TOKENIZER_CHUNKS.inc(chunks)
+        TOKENIZER_TRUNCATED.inc(sum(r.truncated for r in results))
         return pb.TokenizeResponse(results=[tokenized_to_pb(r) for r in results])
 
     async def GetTokenizerInfo(

@@ -15,6 +15,9 @@ class TokenizerSettings(BaseServiceSettings):
     grpc_port: int = 50051
     """Port where to listen for gRPC connections."""
 
+    metrics_port: int = 9091
+    """Port of the Prometheus `/metrics` endpoint."""
+
     model_repository: Path = Path("models")
     """Model repository the tokenizer file is read from."""
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from shared.kafka import KafkaSettings, ensure_topics
+from shared.kafka import KafkaSettings, broker_reachable, ensure_topics
+from shared.metrics import MetricsServer
 from shared.pipeline import PipelineTargets
 from shared.telemetry import configure_logging, configure_tracing
 from workers.sentiment_monitor.attribution import TickerAttributor
@@ -45,7 +46,7 @@ def group_consumer(client: dict[str, Any], group: str, max_poll_records: int) ->
 def main() -> None:
     settings = MonitorSettings()
     client = KafkaSettings().client_config()
-    configure_logging(json_lines=False)
+    configure_logging(settings.log_json, settings.log_level)
     configure_tracing("infermesh-worker")
     ensure_topics(client, monitor_topics(settings.partitions))
     producer = KafkaProducer(**client, acks="all", enable_idempotence=True, linger_ms=5)
@@ -70,6 +71,16 @@ def main() -> None:
 
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, stop)
+
+    def readiness() -> tuple[bool, str]:
+        idle = [type(stage).__name__ for stage in stages if stage.assigned_partitions == 0]
+        if idle:
+            return False, f"no partitions assigned yet to {', '.join(idle)}"
+        if not broker_reachable(client["bootstrap_servers"]):
+            return False, "no bootstrap broker accepts connections"
+        return True, "ready: " + ", ".join(f"{type(s).__name__} {s.assigned_partitions} partitions" for s in stages)
+
+    metrics = MetricsServer(settings.host, settings.metrics_port, readiness) if settings.metrics_enabled else None
     failed: list[str] = []
 
     def run_stage(stage: NewsScorer | WindowStage) -> None:
@@ -94,6 +105,8 @@ def main() -> None:
     producer.close()
     if pipeline is not None:
         pipeline.close()
+    if metrics is not None:
+        metrics.stop()
     sys.exit(1 if failed else 0)
 
 

@@ -23,7 +23,9 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from opentelemetry import trace
 
 from shared.errors import DeadlineExceeded, InfermeshError, InputTooLarge, InvalidInput, Overloaded, Unavailable
+from shared.kafka import observe_lag
 from shared.kafka_tracing import extract_context, inject_headers
+from shared.metrics import KAFKA_CONSUMED, KAFKA_PRODUCED, WORKER_BATCH_DURATION, WORKER_DEAD_LETTERED, WORKER_RETRIES
 from shared.pipeline import ClassifyResult
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.messages import (
@@ -58,6 +60,7 @@ class _Batch:
     """A polled batch on its way from poll to commit."""
 
     records: list[Any]
+    started: float = field(default_factory=time.perf_counter)
     good: list[tuple[Any, NewsItem]] = field(default_factory=list)
     links: list[trace.Link] = field(default_factory=list)
     """One link per record whose producer sent a trace context."""
@@ -102,6 +105,8 @@ class NewsScorer:
         self.settings = settings
         self._sleep = sleep
         self._stopping = threading.Event()
+        self.assigned_partitions = 0
+        """Partitions the group gave this stage, as of its last poll (for readiness)."""
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch, commit and return."""
@@ -130,8 +135,10 @@ class NewsScorer:
         """Polls, dead-letters the poison, and sends the rest for scoring (not awaited)."""
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch)
         records = [record for batch in polled.values() for record in batch]
+        self.assigned_partitions = observe_lag(self.consumer, self.settings.scorer_group)
         if not records:
             return None
+        KAFKA_CONSUMED.labels(NEWS_TOPIC).inc(len(records))
         batch = _Batch(records)
         for record in records:
             producer_span = trace.get_current_span(extract_context(record.headers)).get_span_context()
@@ -167,6 +174,7 @@ class NewsScorer:
             ):
                 headers = inject_headers()
                 for scored_item in self._scored_items(item, outcome):
+                    KAFKA_PRODUCED.labels(SENTIMENT_TOPIC).inc()
                     batch.acks.append(
                         self.producer.send(
                             SENTIMENT_TOPIC,
@@ -180,10 +188,13 @@ class NewsScorer:
         for ack in batch.acks:
             ack.get(timeout=30)  # raises if the broker refused an output: nothing is committed
         self._commit(batch.records)
+        WORKER_BATCH_DURATION.labels("score").observe(time.perf_counter() - batch.started)
         return BatchOutcome(len(batch.records), scored, len(batch.records) - scored)
 
     def _dead_letter(self, record: Any, reason: str, detail: str) -> Any:
         logger.warning("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        WORKER_DEAD_LETTERED.labels(reason).inc()
+        KAFKA_PRODUCED.labels(DLQ_TOPIC).inc()
         return self.producer.send(
             DLQ_TOPIC, key=record.key, value=record.value or b"", headers=dead_letter_headers(record, reason, detail)
         )
@@ -224,6 +235,7 @@ class NewsScorer:
                 if time.monotonic() + delay > deadline:
                     raise
                 logger.warning("scoring failed (%s: %s); retrying in %.1f s", type(error).__name__, error.detail, delay)
+                WORKER_RETRIES.inc()
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
 

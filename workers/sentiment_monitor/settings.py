@@ -12,6 +12,21 @@ class MonitorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="INFERMESH_WORKER_", extra="ignore")
 
+    host: str = "127.0.0.1"
+    """Interface of the metrics and probe endpoint; 0.0.0.0 in containers."""
+
+    metrics_port: int = 9094
+    """Port serving `/metrics`, `/healthz` and `/readyz` (partitions assigned, broker reachable)."""
+
+    metrics_enabled: bool = True
+    """Serve that endpoint."""
+
+    log_json: bool = False
+    """Write logs as JSON lines."""
+
+    log_level: str = "INFO"
+    """Root log level."""
+
     scorer_group: str = "infermesh-sentiment-scorer"
     """Consumer group of the scoring stage (reads finance.news.v1)."""
 
