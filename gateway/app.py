@@ -60,6 +60,7 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
             receiver, receiver_port = await traces.start_receiver(
                 app.state.traces, settings.host, settings.otlp_receiver_port
             )
+            app.state.otlp_receiver_port = receiver_port
             logger.info("OTLP trace receiver on %s:%d; traces at /traces", settings.host, receiver_port)
         servicer = PipelineServicer(app.state.pipeline, app.state.explainer, settings.explain_timeout_seconds)
         grpc_server = await start_server(

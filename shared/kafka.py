@@ -129,10 +129,11 @@ def read_to_end(
 _lag_series: dict[str, set[tuple[str, str]]] = {}
 
 
-def observe_lag(consumer: KafkaConsumer, group: str) -> int:
+def observe_lag(consumer: KafkaConsumer) -> int:
     """Sets the lag gauge of each assigned partition from the last fetch's high-water
     mark, and drops the series of partitions no longer assigned; call from the thread
     that polls (consumers are not thread-safe). Returns how many partitions are assigned."""
+    group = str(consumer.config["group_id"])
     current: set[tuple[str, str]] = set()
     assignment = consumer.assignment()
     for partition in assignment:

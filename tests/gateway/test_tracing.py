@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.conftest import SPANS
 
@@ -52,3 +52,61 @@ async def test_one_rest_call_is_one_trace_across_every_hop(client: httpx.AsyncCl
         assert caller.kind == SpanKind.CLIENT and caller.name == hop
         assert http in ancestors(server), f"{hop} is not under the HTTP request's span"
         assert server.resource.attributes["service.name"] == "infermesh-tests"
+
+
+def _child(spans: list[ReadableSpan], parent: ReadableSpan, name: str) -> ReadableSpan:
+    assert parent.context is not None
+    children = [
+        s for s in spans if s.name == name and s.parent is not None and s.parent.span_id == parent.context.span_id
+    ]
+    assert children, f"no {name!r} span under {parent.name!r}; spans: {sorted(s.name for s in spans)}"
+    return children[0]
+
+
+async def test_the_trace_shows_where_the_time_went_inside_each_service(client: httpx.AsyncClient) -> None:
+    SPANS.clear()
+    reply = await client.post("/v1/sentiment", json={"texts": ["Acme shares plunge after profit warning"]})
+    assert reply.status_code == 200
+    http = next(
+        s for s in SPANS.get_finished_spans() if s.kind == SpanKind.SERVER and s.name.startswith("POST /v1/sentiment")
+    )
+    assert http.context is not None
+    for _ in range(50):
+        spans = _by_trace(http.context.trace_id)
+        if {"model execute", "postprocess", "tokenize"} <= {s.name for s in spans}:
+            break
+        await asyncio.sleep(0.02)
+    servers = {s.name: s for s in spans if s.kind == SpanKind.SERVER}
+
+    tokenize = _child(spans, servers["/infermesh.tokenizer.v1.TokenizerService/Tokenize"], "tokenize")
+    assert int((tokenize.attributes or {})["infermesh.tokens"]) > 0  # type: ignore[arg-type]
+
+    model_infer = servers["/inference.GRPCInferenceService/ModelInfer"]
+    waited = _child(spans, model_infer, "queue wait")
+    batch = _child(spans, model_infer, "inference batch")
+    execute = _child(spans, batch, "model execute")
+    assert waited.end_time is not None and batch.start_time is not None and waited.end_time <= batch.start_time
+    for span in (batch, execute):
+        attributes = span.attributes or {}
+        assert attributes["infermesh.model.name"] == "finance-sentiment"
+        assert attributes["infermesh.model.version"] == "2"
+        assert attributes["infermesh.batch.size"] == 1
+    assert int((execute.attributes or {})["infermesh.batch.tokens"]) > 0  # type: ignore[arg-type]
+
+    postprocess = _child(spans, servers["/infermesh.postprocess.v1.PostprocessService/Postprocess"], "postprocess")
+    assert (postprocess.attributes or {})["infermesh.model.version"] == "2"
+
+
+async def test_a_failed_call_is_an_error_span_without_the_callers_text(client: httpx.AsyncClient) -> None:
+    SPANS.clear()
+    # The text passes the tokenizer and inference; the post-processor refuses the threshold.
+    secret = "Confidential merger of Foo and Bar"
+    reply = await client.post("/v1/sentiment", json={"texts": [secret], "thresholds": {"bogus": 0.5}})
+    assert reply.status_code == 400, reply.text
+    await asyncio.sleep(0.1)
+    spans = SPANS.get_finished_spans()
+    failed = {s.name for s in spans if s.status.status_code == StatusCode.ERROR}
+    assert "/infermesh.postprocess.v1.PostprocessService/Postprocess" in failed
+    for span in spans:
+        recorded = repr(dict(span.attributes or {})) + repr([(e.name, dict(e.attributes or {})) for e in span.events])
+        assert "Confidential merger" not in recorded, f"span {span.name!r} leaks the input text"

@@ -8,8 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
+from opentelemetry import trace
+from prometheus_client import REGISTRY
 
 from shared.kafka import read_to_end
+from shared.kafka_tracing import extract_context, inject_headers
+from tests.conftest import SPANS
 from workers.sentiment_monitor.messages import ALERTS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC, Alert, WindowAggregate
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.windowing import WindowStage
@@ -114,3 +118,56 @@ async def test_a_restarted_stage_neither_loses_windows_nor_repeats_the_alert(kaf
     ids = [w.id for w in windows]
     assert len(ids) == len(set(ids)) == 2 * 19  # nothing lost, nothing emitted twice
     assert all(w.count == 10 for w in windows)
+
+
+async def test_windows_and_alerts_carry_the_trace_of_their_window_span(kafka_config: dict[str, Any]) -> None:
+    tracer = trace.get_tracer("test-scorer")
+    items = episode_items(0, 9)
+    producer = KafkaProducer(**kafka_config, acks="all")
+    item_spans: dict[tuple[str | None, int], set[int]] = {}  # (ticker, window number): item spans
+    for item in items:
+        with tracer.start_as_current_span("score news item") as span:
+            window_number = int(item.item_id[1:].split("-")[0])
+            item_spans.setdefault((item.ticker, window_number), set()).add(span.get_span_context().span_id)
+            producer.send(
+                SENTIMENT_TOPIC,
+                key=item.ticker.encode(),
+                value=item.model_dump_json().encode(),
+                headers=inject_headers(),
+            )
+    producer.flush()
+    producer.close()
+    closed_before = REGISTRY.get_sample_value("infermesh_worker_windows_closed_total") or 0
+    alerts_before = REGISTRY.get_sample_value("infermesh_worker_alerts_total") or 0
+    SPANS.clear()
+    window_stage = stage(kafka_config)
+    try:
+        await run_until_idle(window_stage, len(items))
+    finally:
+        close(window_stage)
+
+    window_spans = {s.context.span_id: s for s in SPANS.get_finished_spans() if s.name == "close window" and s.context}
+    window_records = read_to_end(kafka_config, WINDOWS_TOPIC, [0, 1])
+    assert len(window_records) == len(window_spans) == 2 * 9
+    for record in window_records:
+        carried = trace.get_current_span(extract_context(record.headers)).get_span_context()
+        window_span = window_spans[carried.span_id]
+        window = WindowAggregate.model_validate_json(record.value)
+        assert (window_span.attributes or {})["infermesh.ticker"] == window.ticker
+        # The window's span links the traces of the items counted in it.
+        window_number = int((window.window_start - T0) / timedelta(minutes=5))
+        assert {link.context.span_id for link in window_span.links} == item_spans[(window.ticker, window_number)]
+    (alert_record,) = read_to_end(kafka_config, ALERTS_TOPIC, [0, 1])
+    alert_span = trace.get_current_span(extract_context(alert_record.headers)).get_span_context()
+    emitted = next(s for s in SPANS.get_finished_spans() if s.name == "emit alert")
+    assert emitted.context is not None and emitted.context.span_id == alert_span.span_id
+    assert emitted.parent is not None and emitted.parent.span_id in window_spans
+
+    assert REGISTRY.get_sample_value("infermesh_worker_windows_closed_total") == closed_before + 2 * 9
+    assert REGISTRY.get_sample_value("infermesh_worker_alerts_total") == alerts_before + 1
+    lag = REGISTRY.get_sample_value(
+        "infermesh_kafka_consumer_lag_records", {"group": "test-windows", "topic": SENTIMENT_TOPIC, "partition": "0"}
+    )
+    assert lag == 0, [
+        s for m in REGISTRY.collect() if m.name == "infermesh_kafka_consumer_lag_records" for s in m.samples
+    ]

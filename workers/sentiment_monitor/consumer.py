@@ -135,7 +135,7 @@ class NewsScorer:
         """Polls, dead-letters the poison, and sends the rest for scoring (not awaited)."""
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch)
         records = [record for batch in polled.values() for record in batch]
-        self.assigned_partitions = observe_lag(self.consumer, self.settings.scorer_group)
+        self.assigned_partitions = observe_lag(self.consumer)
         if not records:
             return None
         KAFKA_CONSUMED.labels(NEWS_TOPIC).inc(len(records))

@@ -142,7 +142,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def run_once(self, timeout_ms: int = 500) -> int:
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch)
-        self.assigned_partitions = observe_lag(self.consumer, self.settings.windows_group)
+        self.assigned_partitions = observe_lag(self.consumer)
         started = time.perf_counter()
         acks = []
         touched: list[TopicPartition] = []
