@@ -4,7 +4,10 @@
 2. ONNX Runtime on the model alone, fp32 and int8 (batch-1 loop, batched);
 3. our services end to end over gRPC as separate processes (one request at a time, and
    concurrent clients), plus the ratios between them, the machine's fp32 GEMM rate, the
-   model's GFLOP per headline and the inference service's resident memory.
+   model's GFLOP per headline and the inference service's resident memory;
+4. the cost of tracing: the mesh above exports every span over OTLP to a receiver in this
+   process (default sampling, as `make run` does); a second mesh with the OpenTelemetry SDK
+   disabled runs beside it, and the two take turns on the same workloads.
 
 Usage: python -m benchmarks.e2e [--repository models] [--model finance-sentiment]
 """
@@ -34,6 +37,7 @@ import numpy.typing as npt
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from tokenizers import Tokenizer
 
+from gateway.traces import TraceStore, start_receiver
 from infermesh.broker import EmbeddedBroker
 from infermesh.mesh import SERVICES, LocalMesh
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
@@ -331,8 +335,97 @@ async def bench_explain(target: str, headlines: list[str], method: explainer_pb.
     )
 
 
-def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Row], float, list[int]]:
-    mesh = LocalMesh(repository.resolve(), extra_env={"INFERMESH_INFERENCE_LOG_LEVEL": "WARNING"})
+class TraceReceiver:
+    """The gateway's OTLP receiver on its own event-loop thread, counting what arrives."""
+
+    def __init__(self) -> None:
+        self.store = TraceStore(max_traces=100_000, max_spans_per_trace=100)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="otlp-receiver")
+        self._thread.start()
+        self._server, self.port = asyncio.run_coroutine_threadsafe(
+            start_receiver(self.store, "127.0.0.1", 0), self._loop
+        ).result()
+
+    def spans(self) -> int:
+        return sum(summary["spans"] for summary in self.store.summaries(limit=100_000))
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def mesh_env(**overrides: str) -> dict[str, str]:
+    """Free ports for a mesh's gRPC and metrics endpoints, so two meshes can run side by side."""
+    env = {"INFERMESH_INFERENCE_LOG_LEVEL": "WARNING", "INFERMESH_GATEWAY_LOG_LEVEL": "WARNING"}
+    for spec in SERVICES:
+        env[f"{spec.env_prefix}GRPC_PORT"] = str(_free_port())
+        env[f"{spec.env_prefix}METRICS_PORT"] = str(_free_port())
+    return env | overrides
+
+
+@dataclass(frozen=True)
+class TracingCost:
+    workload: str
+    on_per_second: float
+    off_per_second: float
+    spans_exported: int
+
+    @property
+    def overhead(self) -> float:
+        return 1 - self.on_per_second / self.off_per_second
+
+
+def bench_tracing_cost(
+    traced: LocalMesh, receiver: TraceReceiver, repository: Path, headlines: list[str]
+) -> list[TracingCost]:
+    """Median of alternating rounds on the traced mesh and an untraced twin (SDK disabled)."""
+    untraced = LocalMesh(repository.resolve(), extra_env=mesh_env(OTEL_SDK_DISABLED="true"))
+    untraced.start()
+    try:
+
+        def targets(mesh: LocalMesh) -> PipelineTargets:
+            addresses = {spec.name: mesh.address(spec) for spec in SERVICES}
+            return PipelineTargets(addresses["tokenizer"], addresses["inference"], addresses["postprocessor"])
+
+        async def go() -> list[TracingCost]:
+            costs = []
+            async with PipelineClient(targets(traced)) as on, PipelineClient(targets(untraced)) as off:
+                # One request at a time is the worst case: every headline pays for its own spans.
+                for concurrency, per_request, count in ((4, 32, len(headlines)), (16, 1, len(headlines)), (1, 1, 300)):
+                    rates: dict[str, list[float]] = {"on": [], "off": []}
+                    spans_before = receiver.spans()
+                    for _ in range(3):
+                        for name, client in (("on", on), ("off", off)):
+                            row = await bench_mesh(client, headlines[:count], concurrency, per_request)
+                            rates[name].append(row.headlines_per_second)
+                    await asyncio.sleep(2)  # let the exporters' last batches arrive
+                    costs.append(
+                        TracingCost(
+                            f"{concurrency} client{'s' if concurrency > 1 else ''} x {per_request} "
+                            f"headline{'s' if per_request > 1 else ''}/request",
+                            statistics.median(rates["on"]),
+                            statistics.median(rates["off"]),
+                            receiver.spans() - spans_before,
+                        )
+                    )
+            return costs
+
+        return asyncio.run(go())
+    finally:
+        untraced.stop()
+
+
+def run_mesh_benchmarks(
+    repository: Path, headlines: list[str]
+) -> tuple[list[Row], float, list[int], list[TracingCost]]:
+    receiver = TraceReceiver()
+    mesh = LocalMesh(
+        repository.resolve(),
+        extra_env=mesh_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}", OTEL_BSP_SCHEDULE_DELAY="1000"
+        ),
+    )
     mesh.start()
     try:
         addresses = {spec.name: mesh.address(spec) for spec in SERVICES}
@@ -364,9 +457,11 @@ def run_mesh_benchmarks(repository: Path, headlines: list[str]) -> tuple[list[Ro
         kafka_row, lags = bench_kafka(mesh, headlines)
         rows.append(kafka_row)
         memory = rss_mb(mesh.processes["inference"].pid)
+        tracing = bench_tracing_cost(mesh, receiver, repository, headlines)
     finally:
         mesh.stop()
-    return rows, memory, lags
+        receiver.stop()
+    return rows, memory, lags, tracing
 
 
 def main() -> None:
@@ -389,7 +484,7 @@ def main() -> None:
     print(
         f"benchmarking {args.model} v{config.version}: {len(headlines)} headlines, {mean_tokens:.1f} tokens on average"
     )
-    mesh_rows, inference_rss, lags = run_mesh_benchmarks(args.repository, headlines)
+    mesh_rows, inference_rss, lags, tracing = run_mesh_benchmarks(args.repository, headlines)
     ort_rows = bench_onnxruntime(folder, config.variants, headlines[:300], batched)
     hf_rows = bench_transformers(folder / "hf", headlines[:200], batched[:12])
     rows = hf_rows + ort_rows + mesh_rows
@@ -429,6 +524,13 @@ def main() -> None:
             f"p50 +{rest.p50_ms - grpc_single.p50_ms:.2f} ms, p99 +{rest.p99_ms - grpc_single.p99_ms:.2f} ms"
         )
     print(f"Kafka e2e / best gRPC e2e: {kafka_rate / best_grpc:.2f}")
+    print()
+    print("tracing cost (median of 3 alternating rounds; on = every span exported over OTLP, default sampling):")
+    for cost in tracing:
+        print(
+            f"  {cost.workload:<34} on {cost.on_per_second:7.1f}/s  off {cost.off_per_second:7.1f}/s  "
+            f"overhead {cost.overhead * 100:5.1f}%  ({cost.spans_exported} spans exported)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -439,6 +541,7 @@ def main() -> None:
                 "mean_tokens": mean_tokens,
                 "inference_rss_mb": inference_rss,
                 "kafka_lag_samples": lags,
+                "tracing": [asdict(cost) | {"overhead": cost.overhead} for cost in tracing],
                 "cpu_count": os.cpu_count(),
             },
             indent=2,

@@ -9,4 +9,5 @@ from shared.telemetry import configure_logging, configure_tracing
 settings = GatewaySettings()
 configure_logging(settings.log_json, settings.log_level)
 configure_tracing("infermesh-gateway")
-uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None)
+# Our access log (gateway.access) has the route template and the trace id; uvicorn's would repeat it.
+uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None, access_log=False)
