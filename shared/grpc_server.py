@@ -86,16 +86,50 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    _watcher: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
+    async def serve_while_healthy(self, downstreams: Sequence[str], interval_seconds: float = 2.0) -> None:
+        """SERVING only while every downstream (host:port) reports SERVING: a service
+        that cannot answer without them should not receive traffic. Checks now, then
+        every `interval_seconds` until `stop`."""
+        channels = [grpc.aio.insecure_channel(target) for target in downstreams]
+
+        async def check() -> None:
+            await self.set_serving(all(await asyncio.gather(*(_health_of(channel) for channel in channels))))
+
+        async def watch() -> None:
+            try:
+                while True:
+                    await asyncio.sleep(interval_seconds)
+                    await check()
+            finally:
+                for channel in channels:
+                    await channel.close()
+
+        await check()
+        self._watcher = asyncio.create_task(watch(), name="downstream-health")
+
     async def stop(self, grace: float) -> None:
         """Flips health to NOT_SERVING so balancers stop sending, then drains."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self.set_serving(False)
         await self.server.stop(grace)
+
+
+async def _health_of(channel: grpc.aio.Channel) -> bool:
+    """Whether the server behind `channel` reports SERVING."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 async def start_server(

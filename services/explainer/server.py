@@ -52,7 +52,8 @@ async def start(settings: ExplainerSettings) -> tuple[RunningServer, OipProbabil
         )
 
     running = await start_server(settings, register, [SERVICE_NAME])
-    await running.set_serving(True)
+    # Occlusion and every faithfulness figure need the inference service.
+    await running.serve_while_healthy([settings.inference])
     logger.info("explainer serving %s v%s on %s:%d", settings.model_name, version, settings.host, running.port)
     return running, probabilities
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.grpc_server import RunningServer
+from services.explainer.server import start as start_explainer
+from services.explainer.settings import ExplainerSettings
+from shared.grpc_server import RunningServer, start_server
 from shared.pb import explainer_pb2 as pb
 from shared.pb import explainer_pb2_grpc as pb_grpc
+from shared.settings import BaseServiceSettings
+from tests.conftest import free_port
 
 CLEAR = [
     "Acme shares plunge after the company slashes its profit forecast",
@@ -95,3 +102,40 @@ async def test_bad_requests_are_rejected_with_the_limit(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await explainer.Explain(request_)
     assert caught.value.code() == code and detail in (caught.value.details() or "")
+
+
+async def test_the_explainer_serves_only_while_its_inference_service_does(model_repository: Path) -> None:
+    inference_port = free_port()
+    settings = ExplainerSettings(
+        grpc_port=0, model_repository=model_repository, inference=f"127.0.0.1:{inference_port}"
+    )
+    running, probabilities = await start_explainer(settings)
+    stand_in: RunningServer | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                return (await health.Check(health_pb2.HealthCheckRequest())).status
+
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            # Something healthy appears where the inference service should be.
+            stand_in = await start_server(BaseServiceSettings(grpc_port=inference_port), lambda server: None, [])
+            await stand_in.set_serving(True)
+            for _ in range(40):
+                if await status() == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert await status() == health_pb2.HealthCheckResponse.SERVING
+            await stand_in.stop(0)
+            stand_in = None
+            for _ in range(40):
+                if await status() == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        if stand_in is not None:
+            await stand_in.stop(0)
+        await running.stop(0)
+        await probabilities.close()

@@ -191,7 +191,7 @@ async def test_transient_failures_are_retried_not_dead_lettered(
     assert read_all(kafka_config, DLQ_TOPIC, expected=1, timeout_ms=2000) == []
 
 
-async def test_a_message_trace_continues_through_the_worker_into_its_outputs(
+async def test_a_message_trace_continues_through_the_worker_into_the_services_and_its_outputs(
     kafka_config: dict[str, Any], pipeline: BlockingPipeline
 ) -> None:
     tracer = trace.get_tracer("test-producer")
@@ -219,5 +219,14 @@ async def test_a_message_trace_continues_through_the_worker_into_its_outputs(
     )
     assert item_span.parent is not None and item_span.parent.span_id == producer_context.span_id
     assert item_span.context is not None and carried.span_id == item_span.context.span_id
+    # The shared scoring call continues the (first) traced message's trace into the services.
     batch_span = next(s for s in spans if s.name == "score news batch")
-    assert [link.context.span_id for link in batch_span.links] == [producer_context.span_id]
+    assert batch_span.parent is not None and batch_span.parent.span_id == producer_context.span_id
+    in_trace = {s.name for s in spans if s.context is not None and s.context.trace_id == producer_context.trace_id}
+    assert {
+        "classify round",
+        "/infermesh.tokenizer.v1.TokenizerService/Tokenize",
+        "/inference.GRPCInferenceService/ModelInfer",
+        "model execute",
+        "/infermesh.postprocess.v1.PostprocessService/Postprocess",
+    } <= in_trace

@@ -62,8 +62,8 @@ class _Batch:
     records: list[Any]
     started: float = field(default_factory=time.perf_counter)
     good: list[tuple[Any, NewsItem]] = field(default_factory=list)
-    links: list[trace.Link] = field(default_factory=list)
-    """One link per record whose producer sent a trace context."""
+    traced: list[trace.SpanContext] = field(default_factory=list)
+    """The producer span of each record that carried a trace context."""
     acks: list[Any] = field(default_factory=list)
     """Broker acknowledgements to wait for before committing."""
     scoring: Future[ClassifyResult] | None = None
@@ -143,16 +143,22 @@ class NewsScorer:
         for record in records:
             producer_span = trace.get_current_span(extract_context(record.headers)).get_span_context()
             if producer_span.is_valid:
-                batch.links.append(trace.Link(producer_span))
+                batch.traced.append(producer_span)
             try:
                 batch.good.append((record, decode_news(record.value, self.settings.max_record_bytes)))
             except PoisonRecord as poison:
                 batch.acks.append(self._dead_letter(record, poison.reason, poison.detail))
         if batch.good:
             texts = [item.text() for _, item in batch.good]
-            # The scoring call is shared by the batch: its span links every message's trace.
+            # The scoring call is shared by the batch: its span continues the first traced
+            # message's trace (so a lone message's trace reaches the services) and links the rest.
+            first = trace.set_span_in_context(trace.NonRecordingSpan(batch.traced[0])) if batch.traced else None
             with _tracer.start_as_current_span(
-                "score news batch", links=batch.links, attributes={"messaging.batch.message_count": len(records)}
+                "score news batch",
+                context=first,
+                kind=trace.SpanKind.CONSUMER,
+                links=[trace.Link(producer) for producer in batch.traced[1:]],
+                attributes={"messaging.batch.message_count": len(records)},
             ):
                 batch.scoring = self.scorer.submit(texts, self.settings.score_timeout_seconds)
         return batch
