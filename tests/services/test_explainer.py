@@ -116,7 +116,7 @@ async def test_the_explainer_serves_only_while_its_inference_service_does(model_
             health = health_pb2_grpc.HealthStub(channel)
 
             async def status() -> int:
-                return (await health.Check(health_pb2.HealthCheckRequest())).status
+                return int((await health.Check(health_pb2.HealthCheckRequest())).status)
 
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
             # Something healthy appears where the inference service should be.
