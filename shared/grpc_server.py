@@ -149,6 +149,10 @@ async def start_server(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients reconnect (and re-resolve DNS) every few minutes, so replicas added by
+            # a scale-up get their share of calls from clients that were already running.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 30_000),
         ],
     )
     register(server)
