@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
@@ -335,24 +337,40 @@ async def bench_explain(target: str, headlines: list[str], method: explainer_pb.
     )
 
 
+def _serve_otlp(port_out: Connection, requests: Connection) -> None:
+    """The receiver process: the gateway's OTLP receiver, answering span counts on request."""
+
+    async def serve() -> None:
+        store = TraceStore(max_traces=100_000, max_spans_per_trace=100)
+        server, port = await start_receiver(store, "127.0.0.1", 0)
+        port_out.send(port)
+        loop = asyncio.get_running_loop()
+        while await loop.run_in_executor(None, requests.recv) == "spans":
+            requests.send(sum(summary["spans"] for summary in store.summaries(limit=100_000)))
+        await server.stop(0)
+
+    asyncio.run(serve())
+
+
 class TraceReceiver:
-    """The gateway's OTLP receiver on its own event-loop thread, counting what arrives."""
+    """The gateway's OTLP receiver in a process of its own, as a collector would be, so
+    decoding what arrives does not share the load generator's interpreter."""
 
     def __init__(self) -> None:
-        self.store = TraceStore(max_traces=100_000, max_spans_per_trace=100)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="otlp-receiver")
-        self._thread.start()
-        self._server, self.port = asyncio.run_coroutine_threadsafe(
-            start_receiver(self.store, "127.0.0.1", 0), self._loop
-        ).result()
+        context = multiprocessing.get_context("spawn")
+        port_in, port_out = context.Pipe(duplex=False)
+        self._requests, theirs = context.Pipe()
+        self._process = context.Process(target=_serve_otlp, args=(port_out, theirs), daemon=True, name="otlp-receiver")
+        self._process.start()
+        self.port: int = port_in.recv()
 
     def spans(self) -> int:
-        return sum(summary["spans"] for summary in self.store.summaries(limit=100_000))
+        self._requests.send("spans")
+        return int(self._requests.recv())
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._requests.send("stop")
+        self._process.join(timeout=10)
 
 
 def mesh_env(**overrides: str) -> dict[str, str]:

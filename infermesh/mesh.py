@@ -27,12 +27,12 @@ class ServiceSpec:
 
 
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("tokenizer", "services.tokenizer", "INFERMESH_TOKENIZER_", 50051, 9091),
+    ServiceSpec("tokenizer", "services.tokenizer", "INFERMESH_TOKENIZER_", 50051, 9101),
     ServiceSpec("inference", "services.inference", "INFERMESH_INFERENCE_", 8001, 8002),
-    ServiceSpec("postprocessor", "services.postprocessor", "INFERMESH_POSTPROCESSOR_", 50052, 9092),
-    ServiceSpec("explainer", "services.explainer", "INFERMESH_EXPLAINER_", 50053, 9093),
+    ServiceSpec("postprocessor", "services.postprocessor", "INFERMESH_POSTPROCESSOR_", 50052, 9102),
+    ServiceSpec("explainer", "services.explainer", "INFERMESH_EXPLAINER_", 50053, 9103),
 )
-WORKER_METRICS_PORT = 9094
+WORKER_METRICS_PORT = 9104
 DEFAULT_OTLP_RECEIVER_PORT = 4317
 
 

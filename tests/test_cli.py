@@ -13,8 +13,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from gateway.settings import GatewaySettings
+from infermesh.broker import EmbeddedBroker
+from infermesh.mesh import DEFAULT_OTLP_RECEIVER_PORT, SERVICES, WORKER_METRICS_PORT
+from services.explainer.settings import ExplainerSettings
+from services.inference.settings import InferenceSettings
+from services.postprocessor.settings import PostprocessorSettings
+from services.tokenizer.settings import TokenizerSettings
 from tests.conftest import free_port
 from tests.test_pipeline import CLEAR_HEADLINES
+from workers.sentiment_monitor.settings import MonitorSettings
 
 
 def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repository: Path) -> None:
@@ -215,3 +223,32 @@ def _assert_traces_cross_every_process(gateway: str) -> None:
         span = by_id[span["parent_span_id"]]
         chain.append((span["service"], span["name"]))
     assert chain[-1][0] == "infermesh-gateway" and chain[-1][1].startswith("POST /v1/sentiment")
+
+
+def test_make_run_default_ports_come_from_the_settings_and_never_collide() -> None:
+    """`make run` starts every process on its default ports next to the embedded broker; a
+    metrics port on Kafka's 9092 once kept the post-processor from starting."""
+    settings_classes = {
+        "tokenizer": TokenizerSettings,
+        "inference": InferenceSettings,
+        "postprocessor": PostprocessorSettings,
+        "explainer": ExplainerSettings,
+    }
+    ports: dict[str, int] = {}
+    for spec in SERVICES:
+        fields = settings_classes[spec.name].model_fields
+        assert (spec.port, spec.metrics_port) == (fields["grpc_port"].default, fields["metrics_port"].default)
+        ports[f"{spec.name} gRPC"], ports[f"{spec.name} metrics"] = spec.port, spec.metrics_port
+    assert MonitorSettings.model_fields["metrics_port"].default == WORKER_METRICS_PORT
+    gateway = GatewaySettings.model_fields
+    ports |= {
+        "worker metrics": WORKER_METRICS_PORT,
+        "gateway HTTP": gateway["http_port"].default,
+        "gateway gRPC": gateway["grpc_port"].default,
+        "OTLP receiver": DEFAULT_OTLP_RECEIVER_PORT,
+        "embedded Kafka": EmbeddedBroker().port,
+    }
+    by_port: dict[int, list[str]] = {}
+    for name, port in ports.items():
+        by_port.setdefault(port, []).append(name)
+    assert {port: names for port, names in by_port.items() if len(names) > 1} == {}

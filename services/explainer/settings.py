@@ -15,7 +15,7 @@ class ExplainerSettings(BaseServiceSettings):
     grpc_port: int = 50053
     """Port where to listen for gRPC connections."""
 
-    metrics_port: int = 9093
+    metrics_port: int = 9103
     """Port of the Prometheus `/metrics` endpoint."""
 
     model_repository: Path = Path("models")

@@ -15,7 +15,7 @@ class PostprocessorSettings(BaseServiceSettings):
     grpc_port: int = 50052
     """Port where to listen for gRPC connections."""
 
-    metrics_port: int = 9092
+    metrics_port: int = 9102
     """Port of the Prometheus `/metrics` endpoint."""
 
     model_repository: Path = Path("models")

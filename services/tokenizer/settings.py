@@ -15,7 +15,7 @@ class TokenizerSettings(BaseServiceSettings):
     grpc_port: int = 50051
     """Port where to listen for gRPC connections."""
 
-    metrics_port: int = 9091
+    metrics_port: int = 9101
     """Port of the Prometheus `/metrics` endpoint."""
 
     model_repository: Path = Path("models")

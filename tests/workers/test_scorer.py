@@ -230,3 +230,7 @@ async def test_a_message_trace_continues_through_the_worker_into_the_services_an
         "model execute",
         "/infermesh.postprocess.v1.PostprocessService/Postprocess",
     } <= in_trace
+    # The batch span lasts until its outputs are committed, so it covers its scoring round.
+    scoring_round = next(s for s in spans if s.name == "classify round" and s.parent == batch_span.context)
+    assert batch_span.end_time is not None and scoring_round.end_time is not None
+    assert batch_span.end_time >= scoring_round.end_time

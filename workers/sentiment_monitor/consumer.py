@@ -67,6 +67,8 @@ class _Batch:
     acks: list[Any] = field(default_factory=list)
     """Broker acknowledgements to wait for before committing."""
     scoring: Future[ClassifyResult] | None = None
+    span: trace.Span = trace.INVALID_SPAN
+    """"score news batch", from the scoring call until the commit."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,9 @@ class NewsScorer:
         self.consumer.subscribe([NEWS_TOPIC])
         pending: _Batch | None = None
         while not self._stopping.is_set():
-            batch = self._start()
+            # With a batch in flight, take only what has already arrived: a lone message's
+            # outputs must not wait out a full poll for company.
+            batch = self._start(timeout_ms=20 if pending is not None else 500)
             if pending is not None:
                 self._finish(pending)
             pending = batch
@@ -153,18 +157,23 @@ class NewsScorer:
             # The scoring call is shared by the batch: its span continues the first traced
             # message's trace (so a lone message's trace reaches the services) and links the rest.
             first = trace.set_span_in_context(trace.NonRecordingSpan(batch.traced[0])) if batch.traced else None
-            with _tracer.start_as_current_span(
+            batch.span = _tracer.start_span(
                 "score news batch",
                 context=first,
                 kind=trace.SpanKind.CONSUMER,
                 links=[trace.Link(producer) for producer in batch.traced[1:]],
                 attributes={"messaging.batch.message_count": len(records)},
-            ):
+            )
+            with trace.use_span(batch.span, end_on_exit=False):
                 batch.scoring = self.scorer.submit(texts, self.settings.score_timeout_seconds)
         return batch
 
     def _finish(self, batch: _Batch) -> BatchOutcome:
         """Waits for the scores, produces the outputs, waits for their acks, commits."""
+        with trace.use_span(batch.span, end_on_exit=True, record_exception=True, set_status_on_exception=True):
+            return self._score_and_commit(batch)
+
+    def _score_and_commit(self, batch: _Batch) -> BatchOutcome:
         scored = 0
         outcomes = self._score([item for _, item in batch.good], batch.scoring)
         for (record, item), outcome in zip(batch.good, outcomes, strict=True):

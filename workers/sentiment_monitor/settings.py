@@ -15,7 +15,7 @@ class MonitorSettings(BaseSettings):
     host: str = "127.0.0.1"
     """Interface of the metrics and probe endpoint; 0.0.0.0 in containers."""
 
-    metrics_port: int = 9094
+    metrics_port: int = 9104
     """Port serving `/metrics`, `/healthz` and `/readyz` (partitions assigned, broker reachable)."""
 
     metrics_enabled: bool = True
