@@ -20,6 +20,7 @@ from services.explainer.settings import ExplainerSettings
 from services.inference.settings import InferenceSettings
 from services.postprocessor.settings import PostprocessorSettings
 from services.tokenizer.settings import TokenizerSettings
+from shared.settings import BaseServiceSettings
 from tests.conftest import free_port
 from tests.test_pipeline import CLEAR_HEADLINES
 from workers.sentiment_monitor.settings import MonitorSettings
@@ -228,7 +229,7 @@ def _assert_traces_cross_every_process(gateway: str) -> None:
 def test_make_run_default_ports_come_from_the_settings_and_never_collide() -> None:
     """`make run` starts every process on its default ports next to the embedded broker; a
     metrics port on Kafka's 9092 once kept the post-processor from starting."""
-    settings_classes = {
+    settings_classes: dict[str, type[BaseServiceSettings]] = {
         "tokenizer": TokenizerSettings,
         "inference": InferenceSettings,
         "postprocessor": PostprocessorSettings,
