@@ -215,6 +215,75 @@ def train(
     typer.echo(json.dumps(summary["validation_torch"], indent=2))
 
 
+@app.command()
+def finetune(
+    train_file: Annotated[Path, typer.Option("--train", help="Training data: .csv with a header, or .jsonl.")],
+    valid_file: Annotated[Path, typer.Option("--valid", help="Validation data, same format.")],
+    model: Annotated[str, typer.Option(help="Model name in the repository; a new version is added.")],
+    labels: Annotated[
+        str, typer.Option(help="Comma-separated label set in output order; default: the training labels, sorted.")
+    ] = "",
+    label_map: Annotated[
+        str, typer.Option(help="Map file values to labels first, e.g. 0=negative,1=positive,2=neutral.")
+    ] = "",
+    text_column: Annotated[str, typer.Option(help="Column (CSV) or key (JSONL) holding the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column or key holding the label.")] = "label",
+    repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
+    version: Annotated[str, typer.Option(help="Version to write; default: the next free one.")] = "",
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs; early stopping may end sooner.")] = 6,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without validation gain before stopping.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    lora_rank: Annotated[int, typer.Option(min=1)] = 8,
+    max_length: Annotated[int, typer.Option(min=8, max=512, help="Tokens per training text.")] = 64,
+    seed: Annotated[int, typer.Option(help="Same seed, data and machine give the same weights.")] = 13,
+) -> None:
+    """Fine-tune LoRA adapters and a head on your labelled data into a new model version."""
+    from infermesh.model.data import DatasetError, parse_label_map
+    from infermesh.model.finetune import DataSpec
+    from infermesh.model.finetune import finetune as run_finetune
+    from infermesh.model.train import TrainConfig
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        spec = DataSpec(
+            train_file,
+            valid_file,
+            text_column,
+            label_column,
+            tuple(name.strip() for name in labels.split(",") if name.strip()),
+            parse_label_map(label_map),
+        )
+        config = TrainConfig(
+            seed=seed,
+            epochs=epochs,
+            patience=patience,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            lora_rank=lora_rank,
+            lora_alpha=2 * lora_rank,
+            max_length=max_length,
+        )
+        target = run_finetune(spec, repository, model, version, config)
+    except (DatasetError, ValueError, FileExistsError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    metrics = json.loads((target / "metrics.json").read_text())
+    default = metrics["variants"][metrics["default_variant"]]
+    typer.echo(
+        json.dumps(
+            {
+                "version": str(target),
+                "accuracy": round(default["accuracy"], 4),
+                "macro_f1": round(default["macro_f1"], 4),
+                "ece_calibrated": round(default["ece_calibrated"], 4),
+                **metrics["training"],
+            },
+            indent=2,
+        )
+    )
+
+
 @app.command("build-model")
 def build_model(
     repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),

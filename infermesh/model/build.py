@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_model_repository(weights_dir: Path, repository: Path, name: str, version: str = "1") -> Path:
-    """Builds `repository/name/version` from `weights_dir`; returns the version folder."""
+def build_model_repository(
+    weights_dir: Path,
+    repository: Path,
+    name: str,
+    version: str = "1",
+    before_publish: Callable[[Path], None] | None = None,
+) -> Path:
+    """Builds `repository/name/version` from `weights_dir`; returns the version folder.
+
+    The version is assembled in a hidden staging folder and renamed into place whole, so a
+    server watching the repository never sees half a version; `before_publish` may add
+    files to the staging folder (evaluation figures, a card) before that happens."""
     summary = json.loads((weights_dir / "training.json").read_text())
     target = repository / name / version
     staging = repository / name / f".{version}.building"
@@ -159,6 +170,8 @@ def build_model_repository(weights_dir: Path, repository: Path, name: str, versi
         },
     }
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if before_publish is not None:
+        before_publish(staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from infermesh.model.data import read_tfns_csv
+from infermesh.model.data import Example, read_tfns_csv
 from infermesh.model.metrics import classification_report
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.tokenizer.core import Overflow, Tokenizer, TokenizerLimits
 from shared.calibration import expected_calibration_error, softmax
-from shared.model_repository import ModelRepository
+from shared.model_repository import CONFIG_FILE, ModelConfig, ModelRepository
 from shared.padding import pad_right
 
 
@@ -25,14 +26,13 @@ def _logits(backend: OnnxRuntimeBackend, ids: list[list[int]], batch_size: int =
     return np.concatenate(out)
 
 
-def evaluate_repository_model(repository_root: Path, name: str, version: str, data: Path) -> dict[str, Any]:
-    repository = ModelRepository(repository_root)
-    config = repository.config(name, version)
-    folder = repository.path(name, config.version)
-    examples = read_tfns_csv(data, tuple(config.labels))
+def evaluate_version(folder: Path, examples: Sequence[Example], data_name: str) -> dict[str, Any]:
+    """Figures of every ONNX variant in a version folder on `examples`, tokenized and
+    truncated as the services do, calibrated with the version's temperature."""
+    config = ModelConfig.model_validate_json((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     tokenizer = Tokenizer(
         folder / config.tokenizer,
-        name,
+        config.name,
         TokenizerLimits(config.max_sequence_length, 0, len(examples), 1 << 20),
     )
     tokenized = tokenizer.tokenize([e.text for e in examples], overflow=Overflow.TRUNCATE)
@@ -45,6 +45,7 @@ def evaluate_repository_model(repository_root: Path, name: str, version: str, da
         started = time.perf_counter()
         logits = _logits(backend, ids)
         seconds = time.perf_counter() - started
+        backend.close()
         report = classification_report(logits.argmax(-1), labels, tuple(config.labels))
         report["ece_uncalibrated"] = expected_calibration_error(softmax(logits), labels)
         report["ece_calibrated"] = expected_calibration_error(softmax(logits, config.temperature), labels)
@@ -52,12 +53,13 @@ def evaluate_repository_model(repository_root: Path, name: str, version: str, da
         variants[variant] = report
         probabilities[variant] = softmax(logits, config.temperature)
     result: dict[str, Any] = {
-        "model": name,
+        "model": config.name,
         "version": config.version,
-        "data": data.name,
+        "data": data_name,
         "examples": len(examples),
         "truncated": sum(t.truncated for t in tokenized),
         "temperature": config.temperature,
+        "default_variant": config.default_variant,
         "variants": variants,
     }
     if {"fp32", "int8"} <= probabilities.keys():
@@ -65,3 +67,10 @@ def evaluate_repository_model(repository_root: Path, name: str, version: str, da
         result["int8_fp32_label_agreement"] = float((fp32.argmax(-1) == int8.argmax(-1)).mean())
         result["int8_fp32_max_probability_diff"] = float(np.abs(fp32 - int8).max())
     return result
+
+
+def evaluate_repository_model(repository_root: Path, name: str, version: str, data: Path) -> dict[str, Any]:
+    """`evaluate_version` of a built version on a TFNS-coded CSV."""
+    repository = ModelRepository(repository_root)
+    config = repository.config(name, version)
+    return evaluate_version(repository.path(name, config.version), read_tfns_csv(data, tuple(config.labels)), data.name)

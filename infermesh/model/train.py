@@ -113,16 +113,26 @@ def predict_logits(model: Any, tokenizer: Any, examples: Sequence[Example], max_
     return np.concatenate(chunks)
 
 
-def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig | None = None) -> dict[str, Any]:
-    """Trains, keeps the best epoch by dev macro-F1, fits the temperature, writes `out_dir`."""
+@dataclass
+class Fitted:
+    """What `fit` returns: the model at its best epoch and how it got there."""
+
+    model: Any
+    tokenizer: Any
+    trainable_parameters: int
+    total_parameters: int
+    best_epoch: int
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def fit(train_set: Sequence[Example], select_set: Sequence[Example], config: TrainConfig) -> Fitted:
+    """Trains LoRA adapters and the head on `train_set`; keeps the epoch with the best
+    macro-F1 on `select_set` and stops after `config.patience` epochs without a gain."""
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-    config = config or TrainConfig()
     seed_everything(config.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = AutoTokenizer.from_pretrained(base_encoder_path())
-    train_set, dev_set = split_dev(read_tfns_csv(train_csv, config.labels), config.dev_fraction, config.seed)
-    valid_set = read_tfns_csv(valid_csv, config.labels)
     model = build_lora_model(config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -136,10 +146,10 @@ def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig |
     scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
         optimizer, int(config.warmup_fraction * total_steps), total_steps
     )
-    dev_labels = np.array([e.label for e in dev_set])
+    select_labels = np.array([e.label for e in select_set])
     rng = random.Random(config.seed)
     best_f1, best_state, best_epoch, stale = -1.0, None, 0, 0
-    history = []
+    history: list[dict[str, float]] = []
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -161,10 +171,10 @@ def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig |
             scheduler.step()
             optimizer.zero_grad()
             progress.set_postfix(loss=f"{loss.item():.3f}")
-        dev_logits = predict_logits(model, tokenizer, dev_set, config.max_length)
-        report = classification_report(dev_logits.argmax(-1), dev_labels, config.labels)
+        logits = predict_logits(model, tokenizer, select_set, config.max_length)
+        report = classification_report(logits.argmax(-1), select_labels, config.labels)
         history.append({"epoch": epoch, "dev_accuracy": report["accuracy"], "dev_macro_f1": report["macro_f1"]})
-        tqdm.write(f"epoch {epoch}: dev accuracy {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}")
+        tqdm.write(f"epoch {epoch}: accuracy {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}")
         if report["macro_f1"] > best_f1:
             best_f1, best_epoch, stale = report["macro_f1"], epoch, 0
             best_state = {
@@ -173,20 +183,15 @@ def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig |
         else:
             stale += 1
             if stale >= config.patience:
-                tqdm.write(f"early stop: no dev improvement for {stale} epochs")
+                tqdm.write(f"early stop: no improvement for {stale} epochs")
                 break
-    training_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     assert best_state is not None
     model.load_state_dict(best_state, strict=False)
+    return Fitted(model, tokenizer, trainable, total, best_epoch, history, seconds)
 
-    dev_logits = predict_logits(model, tokenizer, dev_set, config.max_length)
-    temperature = fit_temperature(dev_logits, dev_labels)
-    valid_logits = predict_logits(model, tokenizer, valid_set, config.max_length)
-    valid_labels = np.array([e.label for e in valid_set])
-    valid_report = classification_report(valid_logits.argmax(-1), valid_labels, config.labels)
-    valid_report["ece_uncalibrated"] = expected_calibration_error(softmax(valid_logits), valid_labels)
-    valid_report["ece_calibrated"] = expected_calibration_error(softmax(valid_logits, temperature), valid_labels)
 
+def save_adapter(model: Any, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     # peft records the absolute site-packages path of the base; name the package instead.
@@ -194,20 +199,53 @@ def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig |
     adapter_config = json.loads(adapter_config_path.read_text())
     adapter_config["base_model_name_or_path"] = BASE_PACKAGE
     adapter_config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-    summary = {
+
+
+def calibrate_and_report(
+    fitted: Fitted, calibration_set: Sequence[Example], report_set: Sequence[Example], config: TrainConfig
+) -> tuple[float, dict[str, Any]]:
+    """The temperature fitted on `calibration_set`, and torch figures on `report_set`."""
+    calibration_logits = predict_logits(fitted.model, fitted.tokenizer, calibration_set, config.max_length)
+    temperature = fit_temperature(calibration_logits, np.array([e.label for e in calibration_set]))
+    logits = predict_logits(fitted.model, fitted.tokenizer, report_set, config.max_length)
+    expected = np.array([e.label for e in report_set])
+    report = classification_report(logits.argmax(-1), expected, config.labels)
+    report["ece_uncalibrated"] = expected_calibration_error(softmax(logits), expected)
+    report["ece_calibrated"] = expected_calibration_error(softmax(logits, temperature), expected)
+    return temperature, report
+
+
+def training_summary(
+    fitted: Fitted, config: TrainConfig, temperature: float, report: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """`training.json`: what `build_model_repository` and the model cards read."""
+    return {
         "base_package": f"{BASE_PACKAGE}=={base_package_version()}",
         "labels": list(config.labels),
         "max_length": config.max_length,
         "temperature": temperature,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "training_seconds": round(training_seconds, 1),
-        "best_epoch": best_epoch,
-        "history": history,
-        "train_examples": len(train_set),
-        "dev_examples": len(dev_set),
-        "validation_torch": valid_report,
+        "trainable_parameters": fitted.trainable_parameters,
+        "total_parameters": fitted.total_parameters,
+        "training_seconds": round(fitted.seconds, 1),
+        "best_epoch": fitted.best_epoch,
+        "history": fitted.history,
+        **extra,
+        "validation_torch": report,
     }
+
+
+def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig | None = None) -> dict[str, Any]:
+    """The default model: early stopping and temperature on a dev split held out from the
+    training file, so the validation file stays unseen for the model card's figures."""
+    config = config or TrainConfig()
+    train_set, dev_set = split_dev(read_tfns_csv(train_csv, config.labels), config.dev_fraction, config.seed)
+    valid_set = read_tfns_csv(valid_csv, config.labels)
+    fitted = fit(train_set, dev_set, config)
+    temperature, report = calibrate_and_report(fitted, dev_set, valid_set, config)
+    save_adapter(fitted.model, out_dir)
+    summary = training_summary(
+        fitted, config, temperature, report, train_examples=len(train_set), dev_examples=len(dev_set)
+    )
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
