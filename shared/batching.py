@@ -131,6 +131,15 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._slots = asyncio.Semaphore(self.policy.max_concurrent_batches)
             self._loop_task = asyncio.create_task(self._batch_loop(), name="dynamic-batcher")
 
+    async def drain(self) -> None:
+        """Waits until everything queued has run. The caller stops new submissions first
+        (a model version leaving service): requests already here still get answers."""
+        while self._queue or self._running:
+            if self._running:
+                await asyncio.wait(set(self._running))
+            else:
+                await asyncio.sleep(0.001)  # the loop is collecting the next batch
+
     async def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()

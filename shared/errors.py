@@ -54,6 +54,14 @@ class ModelNotReady(InfermeshError):
     title = "Model not ready"
 
 
+class ModelLoadFailed(InfermeshError):
+    """A version's artifacts could not be loaded; what was serving keeps serving."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+    title = "Model load failed"
+
+
 class Overloaded(InfermeshError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429

@@ -28,6 +28,12 @@ MESSAGES = [
     "ModelInferRequest.InferRequestedOutputTensor",
     "ModelInferResponse",
     "ModelInferResponse.InferOutputTensor",
+    "ModelRepositoryParameter",
+    "RepositoryIndexRequest",
+    "RepositoryIndexResponse",
+    "RepositoryIndexResponse.ModelIndex",
+    "RepositoryModelLoadRequest",
+    "RepositoryModelUnloadRequest",
 ]
 
 DUMP = """

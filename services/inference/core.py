@@ -9,6 +9,7 @@ top `label` as BYTES, so a stock OIP client gets a usable answer in one call.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +31,14 @@ from services.inference.types import (
 )
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.calibration import softmax
-from shared.errors import InputTooLarge, InvalidInput, ModelNotFound, ModelNotReady
+from shared.errors import (
+    InfermeshError,
+    InputTooLarge,
+    InvalidInput,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+)
 from shared.metrics import INFERENCE_EXECUTION, INFERENCE_SEQUENCES, inference_batcher_metrics
 from shared.model_repository import ModelConfig, ModelRepository
 from shared.padding import pad_right
@@ -99,8 +107,62 @@ class LoadedVersion:
         return list(logits)
 
 
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model serve: the newest `latest`, or exactly `specific`, or
+    `all` (Triton's version_policy, and its JSON shape in `from_json`)."""
+
+    latest: int = 1
+    specific: tuple[str, ...] = ()
+    all: bool = False
+
+    def select(self, available: list[str]) -> list[str]:
+        """Versions to serve out of `available` (oldest first)."""
+        if self.all:
+            return list(available)
+        if self.specific:
+            return [v for v in available if v in self.specific]
+        return available[-self.latest :] if self.latest > 0 else []
+
+    @classmethod
+    def from_json(cls, text: str) -> VersionPolicy:
+        """`{"version_policy": {"latest": {"num_versions": 2}}}`, `{"specific": {"versions": [1, 3]}}`
+        or `{"all": {}}`, as in a RepositoryModelLoad `config` parameter."""
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidInput(f"config parameter is not JSON: {error.msg}") from None
+        policy = document.get("version_policy") if isinstance(document, dict) else None
+        if not isinstance(policy, dict) or len(policy) != 1:
+            raise InvalidInput('config must hold one "version_policy": latest, specific or all')
+        ((kind, body),) = policy.items()
+        body = body if isinstance(body, dict) else {}
+        if kind == "all":
+            return cls(all=True)
+        if kind == "latest" and isinstance(body.get("num_versions"), int) and body["num_versions"] > 0:
+            return cls(latest=body["num_versions"])
+        if kind == "specific" and isinstance(body.get("versions"), list) and body["versions"]:
+            return cls(specific=tuple(str(v) for v in body["versions"]))
+        raise InvalidInput(
+            f"version_policy {json.dumps(policy)} is not latest.num_versions > 0, specific.versions or all"
+        )
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """One row of the repository index."""
+
+    name: str
+    version: str
+    state: str
+    """READY while serving, UNAVAILABLE otherwise (Triton's words)."""
+    reason: str = ""
+
+
 class InferenceCore:
-    """Serves the latest `versions_to_serve` versions of each model in a repository."""
+    """Serves the versions each model's version policy selects from a repository, and
+    loads or unloads them while serving: a version leaving service first stops taking
+    requests, then finishes the ones it has, then frees its backend."""
 
     def __init__(
         self,
@@ -110,35 +172,117 @@ class InferenceCore:
         model_names: list[str] | None = None,
         versions_to_serve: int = 1,
         limits: Limits | None = None,
+        version_policy: VersionPolicy | None = None,
     ) -> None:
         self.repository = repository
         self._backend_factory = backend_factory
         self._policy = policy
         self._model_names = model_names
-        self._versions_to_serve = versions_to_serve
+        self._default_version_policy = version_policy or VersionPolicy(latest=versions_to_serve)
+        self._version_policies: dict[str, VersionPolicy] = {}
         self.limits = limits or Limits()
         self._models: dict[str, dict[str, LoadedVersion]] = {}
+        self._unavailable: dict[tuple[str, str], str] = {}
+        """Why a version on disk is not serving, when it is not."""
+        self._locks: dict[str, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(max_workers=policy.max_concurrent_batches, thread_name_prefix="backend")
         self.ready = False
 
     async def load(self) -> None:
-        """Loads every model version to serve; the server is ready only afterwards."""
+        """Loads every model's versions; the server is ready only afterwards."""
         names = self._model_names or self.repository.model_names()
         if not names:
             raise ModelNotFound(f"no models in repository {self.repository.root}")
         for name in names:
-            versions = self.repository.versions(name)
-            if not versions:
-                raise ModelNotFound.named(name)
-            for version in versions[-self._versions_to_serve :]:
-                config = self.repository.config(name, version)
-                path = self.repository.path(name, version)
-                backend = await asyncio.to_thread(self._backend_factory, config, path)
-                self._models.setdefault(name, {})[version] = LoadedVersion(
-                    config, backend, self._policy, self._executor
-                )
-                logger.info("loaded %s version %s with %s", name, version, backend.name)
+            await self.load_model(name)
         self.ready = True
+
+    async def load_model(self, name: str, version_policy: VersionPolicy | None = None) -> list[str]:
+        """Brings `name` to what its version policy (this one, else the last one given, else
+        the default) selects from the repository now; returns the versions serving. If a
+        new version fails to load, nothing changes and ModelLoadFailed says why."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            policy = version_policy or self._version_policies.get(name, self._default_version_policy)
+            available = self.repository.versions(name)
+            if not available:
+                raise ModelNotFound.named(name)
+            wanted = policy.select(available)
+            if not wanted:
+                raise InvalidInput(f"the version policy selects none of {name!r}'s versions {available}")
+            current = self._models.get(name, {})
+            added: dict[str, LoadedVersion] = {}
+            try:
+                for version in wanted:
+                    if version not in current:
+                        added[version] = await self._load_version(name, version)
+            except Exception as error:
+                for loaded in added.values():
+                    await self._retire(loaded)
+                # Backend messages carry file paths: those go to the log, not to callers.
+                logger.error("loading %s failed", name, exc_info=error)
+                reason = error.detail if isinstance(error, InfermeshError) else f"{type(error).__name__}, see the log"
+                failed = next(v for v in wanted if v not in current and v not in added)
+                self._unavailable[(name, failed)] = f"failed to load: {reason}"
+                raise ModelLoadFailed(f"{name} version {failed} could not load ({reason}); nothing changed") from error
+            serving = {version: current.get(version) or added[version] for version in wanted}
+            self._models[name] = serving  # one assignment: requests see the old set or the new one
+            self._version_policies[name] = policy
+            for version in available:
+                if version not in serving:
+                    self._unavailable[(name, version)] = "not selected by the version policy"
+                else:
+                    self._unavailable.pop((name, version), None)
+            for version, loaded in current.items():
+                if version not in serving:
+                    await self._retire(loaded)
+                    logger.info("unloaded %s version %s", name, version)
+            return list(serving)
+
+    async def unload_model(self, name: str) -> None:
+        """Stops serving every version of `name` once the requests they hold are answered."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            current = self._models.pop(name, None)
+            if current is None and not self.repository.versions(name):
+                raise ModelNotFound.named(name)
+            for version in self.repository.versions(name):
+                self._unavailable[(name, version)] = "unloaded"
+            for version, loaded in (current or {}).items():
+                await self._retire(loaded)
+                logger.info("unloaded %s version %s", name, version)
+
+    async def refresh(self) -> None:
+        """Applies each loaded model's version policy to the repository as it is now."""
+        for name in list(self._models):
+            try:
+                await self.load_model(name)
+            except InfermeshError as error:
+                logger.warning("repository refresh of %s: %s", name, error.detail)
+
+    async def _load_version(self, name: str, version: str) -> LoadedVersion:
+        config = self.repository.config(name, version)
+        path = self.repository.path(name, version)
+        backend = await asyncio.to_thread(self._backend_factory, config, path)
+        logger.info("loaded %s version %s with %s", name, version, backend.name)
+        return LoadedVersion(config, backend, self._policy, self._executor)
+
+    @staticmethod
+    async def _retire(loaded: LoadedVersion) -> None:
+        await loaded.batcher.drain()
+        await loaded.batcher.close()
+        loaded.backend.close()
+
+    def repository_index(self, ready_only: bool = False) -> list[VersionState]:
+        names = sorted(set(self.repository.model_names()) | set(self._models))
+        rows = []
+        for name in names:
+            serving = self._models.get(name, {})
+            for version in sorted(set(self.repository.versions(name)) | set(serving), key=int):
+                if version in serving:
+                    rows.append(VersionState(name, version, "READY"))
+                elif not ready_only:
+                    reason = self._unavailable.get((name, version), "not loaded")
+                    rows.append(VersionState(name, version, "UNAVAILABLE", reason))
+        return rows
 
     async def close(self) -> None:
         self.ready = False
@@ -153,16 +297,23 @@ class InferenceCore:
         if versions is None:
             if not self.ready:
                 raise ModelNotReady(f"model {name!r} is still loading")
+            if self.repository.versions(name):
+                raise ModelNotReady(f"model {name!r} is not loaded")
             raise ModelNotFound.named(name)
         if not version:
             return versions[max(versions, key=int)]
         loaded = versions.get(version)
         if loaded is None:
+            if version in self.repository.versions(name):
+                raise ModelNotReady(f"model {name!r} version {version} is not loaded")
             raise ModelNotFound.named(name, version)
         return loaded
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        self._resolve(name, version)
+        try:
+            self._resolve(name, version)
+        except ModelNotReady:
+            return False
         return self.ready
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:

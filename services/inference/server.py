@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib.metadata import version
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from services.inference.backends.base import Backend
-from services.inference.core import InferenceCore, Limits
+from services.inference.core import InferenceCore, Limits, VersionPolicy
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared.batching import BatchPolicy
@@ -48,8 +49,8 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
         make_backend,
         policy,
         model_names=settings.models or None,
-        versions_to_serve=settings.versions_to_serve,
         limits=Limits(max_sequences_per_request=settings.max_sequences_per_request),
+        version_policy=VersionPolicy(latest=settings.versions_to_serve, specific=tuple(settings.versions)),
     )
 
 
@@ -67,10 +68,22 @@ async def start(settings: InferenceSettings) -> tuple[RunningServer, InferenceCo
     return running, core
 
 
+async def poll_repository(core: InferenceCore, every_seconds: float) -> None:
+    """Triton's poll mode: versions appearing or disappearing on disk follow the policy."""
+    while True:
+        await asyncio.sleep(every_seconds)
+        await core.refresh()
+
+
 async def serve(settings: InferenceSettings) -> None:
     metrics = start_metrics(settings)
     running, core = await start(settings)
+    poller = None
+    if settings.repository_poll_seconds > 0:
+        poller = asyncio.create_task(poll_repository(core, settings.repository_poll_seconds))
     await wait_for_termination_signal()
+    if poller is not None:
+        poller.cancel()
     await running.stop(settings.shutdown_grace_seconds)
     await core.close()
     if metrics is not None:

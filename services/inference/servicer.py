@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from services.inference.converters import metadata_to_pb, request_from_pb, response_to_pb
-from services.inference.core import InferenceCore
+from services.inference.core import InferenceCore, VersionPolicy
+from shared.errors import InvalidInput
 from shared.grpc_server import ServicerContext
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -28,7 +29,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._server_version, extensions=[])
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._server_version, extensions=["model_repository"]
+        )
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: ServicerContext
@@ -38,3 +41,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: ServicerContext) -> pb.ModelInferResponse:
         response = await self._core.infer(request_from_pb(request))
         return response_to_pb(response)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        rows = self._core.repository_index(ready_only=request.ready)
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=r.name, version=r.version, state=r.state, reason=r.reason)
+                for r in rows
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        unknown = sorted(set(request.parameters) - {"config"})
+        if unknown:
+            raise InvalidInput(f"unsupported load parameter {unknown[0]!r}; only 'config' (a version_policy) is")
+        policy = None
+        if "config" in request.parameters:
+            policy = VersionPolicy.from_json(request.parameters["config"].string_param)
+        await self._core.load_model(request.model_name, policy)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._core.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()

@@ -29,6 +29,13 @@ class InferenceSettings(BaseServiceSettings):
     versions_to_serve: int = 1
     """How many of each model's newest versions to load; requests may pin any of them."""
 
+    versions: list[str] = []
+    """Exactly these versions of each model instead of the newest `versions_to_serve`."""
+
+    repository_poll_seconds: float = 0.0
+    """Look at the repository this often and load or unload versions as the version policy
+    says (0: only at start and on RepositoryModelLoad/Unload calls)."""
+
     backend: Literal["onnxruntime"] = "onnxruntime"
     """Execution backend."""
 

@@ -31,6 +31,11 @@ async def test_triton_client_metadata_readiness_and_inference(inference_target: 
 
     assert seen["live"] and seen["ready"] and seen["model_ready"]
     assert seen["server"]["name"] == "infermesh"
+    assert "model_repository" in seen["server"]["extensions"]
+    assert {(m["name"], m["version"], m["state"]) for m in seen["index"]["models"]} == {
+        (MODEL, "1", "READY"),
+        (MODEL, "2", "READY"),
+    }
     metadata = seen["metadata"]
     assert metadata["name"] == MODEL and metadata["versions"] == ["1", "2"]
     assert [(i["name"], i["datatype"]) for i in metadata["inputs"]] == [

@@ -28,6 +28,7 @@ def main(url: str, tokenizer_path: str, model: str, texts: list[str]) -> dict[st
         "model_ready": client.is_model_ready(model),
         "metadata": client.get_model_metadata(model, as_json=True),
         "server": client.get_server_metadata(as_json=True),
+        "index": client.get_model_repository_index(as_json=True),
     }
     inputs = [
         triton.InferInput("input_ids", list(ids.shape), "INT64"),
