@@ -16,6 +16,9 @@ from typing import Annotated
 
 import typer
 
+from shared.errors import InfermeshError
+from shared.model_repository import RolloutRule
+
 app = typer.Typer(help="infermesh: finance sentiment inference mesh.", no_args_is_help=True)
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "model" / "weights" / "finance-sentiment"
@@ -282,6 +285,126 @@ def finetune(
             indent=2,
         )
     )
+
+
+ModelOption = Annotated[str, typer.Option("--model", help="Model name in the repository.")]
+RepositoryOption = Annotated[Path, typer.Option(help="Model repository folder.")]
+InferenceOption = Annotated[
+    str, typer.Option(help="Running inference service to reload with the new rule; empty: only write the rule.")
+]
+
+
+def _apply_rule(inference: str, model: str, rule: RolloutRule) -> None:
+    """Prints the rule and, if an inference address is given, makes the service apply it now."""
+    import grpc
+
+    from infermesh.model.rollout import apply_rule
+
+    applied = "not asked"
+    if inference:
+        try:
+            asyncio.run(apply_rule(inference, model))
+            applied = f"applied by {inference}"
+        except grpc.aio.AioRpcError as error:
+            applied = f"not applied: {inference} answered {error.code().name}: {error.details()}"
+    typer.echo(json.dumps({"rule": rule.model_dump(), "inference": applied}, indent=2))
+
+
+@app.command()
+def rollout(
+    model: ModelOption,
+    candidate: Annotated[str, typer.Option(help="Version to try next to the serving one.")] = "",
+    canary: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of unpinned requests the candidate answers.")
+    ] = 0.0,
+    shadow: Annotated[
+        bool, typer.Option(help="Candidate scores every unpinned request; only serving answers.")
+    ] = False,
+    stop: Annotated[bool, typer.Option(help="End the candidate's trial; the serving version answers alone.")] = False,
+    serving: Annotated[
+        str, typer.Option(help="Set the serving version directly (first set-up; promote is the checked way).")
+    ] = "",
+    repository: RepositoryOption = Path("models"),
+    inference: InferenceOption = "127.0.0.1:8001",
+) -> None:
+    """Start (canary or shadow) or stop a candidate version's trial next to the serving one."""
+    from infermesh.model.rollout import RolloutRefused, start_candidate, stop_candidate
+    from shared.model_repository import ModelRepository
+
+    repo = ModelRepository(repository)
+    try:
+        if serving:
+            repo.write_rollout(model, RolloutRule(serving=serving))
+            rule = RolloutRule(serving=serving)
+        elif stop:
+            rule = stop_candidate(repo, model)
+        elif candidate:
+            rule = start_candidate(repo, model, candidate, "shadow" if shadow else "canary", canary)
+        else:
+            raise RolloutRefused("give --candidate (with --canary or --shadow), --stop or --serving")
+    except (RolloutRefused, ValueError, InfermeshError) as error:
+        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
+        raise typer.Exit(1) from None
+    _apply_rule(inference, model, rule)
+
+
+@app.command()
+def promote(
+    model: ModelOption,
+    candidate: Annotated[str, typer.Option(help="Version to promote; default: the rule's candidate.")] = "",
+    data: Annotated[
+        Path | None, typer.Option(help="Labelled .csv/.jsonl both versions are scored on before deciding.")
+    ] = None,
+    label_map: Annotated[str, typer.Option(help="Map file values to labels, e.g. 0=negative,1=positive.")] = "",
+    text_column: Annotated[str, typer.Option()] = "text",
+    label_column: Annotated[str, typer.Option()] = "label",
+    tolerance: Annotated[
+        float, typer.Option(min=0.0, help="Largest macro-F1 drop accepted against the serving version.")
+    ] = 0.01,
+    force: Annotated[bool, typer.Option(help="Promote even if the candidate scores worse.")] = False,
+    repository: RepositoryOption = Path("models"),
+    inference: InferenceOption = "127.0.0.1:8001",
+) -> None:
+    """Make a candidate the serving version, if it is not worse than what serves."""
+    from infermesh.model.data import DatasetError, parse_label_map
+    from infermesh.model.rollout import LabelledFile, RolloutRefused, compare, current_rule
+    from infermesh.model.rollout import promote as run_promote
+    from shared.model_repository import ModelRepository
+
+    repo = ModelRepository(repository)
+    try:
+        version = candidate or current_rule(repo, model).candidate or ""
+        if not version:
+            raise RolloutRefused("no candidate: give --candidate or start one with `infermesh rollout`")
+        comparison = None
+        if data is not None:
+            labelled = LabelledFile(data, text_column, label_column, parse_label_map(label_map))
+            comparison = compare(repo, model, version, labelled)
+            typer.echo(json.dumps(comparison.as_dict(), indent=2))
+        rule = run_promote(repo, model, version, comparison, tolerance, force)
+    except (RolloutRefused, DatasetError, ValueError, InfermeshError) as error:
+        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
+        raise typer.Exit(1) from None
+    _apply_rule(inference, model, rule)
+
+
+@app.command()
+def rollback(
+    model: ModelOption,
+    repository: RepositoryOption = Path("models"),
+    inference: InferenceOption = "127.0.0.1:8001",
+) -> None:
+    """Return to the version that served before the last promotion."""
+    from infermesh.model.rollout import RolloutRefused
+    from infermesh.model.rollout import rollback as run_rollback
+    from shared.model_repository import ModelRepository
+
+    try:
+        rule = run_rollback(ModelRepository(repository), model)
+    except (RolloutRefused, ValueError, InfermeshError) as error:
+        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
+        raise typer.Exit(1) from None
+    _apply_rule(inference, model, rule)
 
 
 @app.command("build-model")

@@ -79,6 +79,16 @@ INFERENCE_EXECUTION = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 INFERENCE_SEQUENCES = Counter("infermesh_inference_sequences", "Sequences scored", ["model", "version"])
+INFERENCE_ROUTED = Counter(
+    "infermesh_inference_routed_requests",
+    "Requests by the version that answered and why: pinned, serving or canary (the rollout rule)",
+    ["model", "version", "route"],
+)
+INFERENCE_SHADOW = Counter(
+    "infermesh_inference_shadow_sequences",
+    "Sequences a shadow candidate also scored, by whether its label agreed with the serving version's",
+    ["model", "candidate", "outcome"],
+)
 
 # Post-processor.
 POSTPROCESS_DOCUMENTS = Counter(

@@ -7,13 +7,16 @@ the post-processor the labels and temperature, so all follow one version's artif
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import ModelNotFound
 
 CONFIG_FILE = "config.json"
+ROLLOUT_FILE = "rollout.json"
 
 
 class TensorSpec(BaseModel):
@@ -43,6 +46,32 @@ class ModelConfig(BaseModel):
     tokenizer: str = "tokenizer.json"
     base_model: str = ""
     sha256: dict[str, str] = Field(default_factory=dict)
+
+
+class RolloutRule(BaseModel):
+    """`<name>/rollout.json`: which version answers requests that pin none. Written by
+    `infermesh rollout`, `promote` and `rollback`; applied by the inference service."""
+
+    model_config = ConfigDict(frozen=True)
+
+    serving: str
+    candidate: str | None = None
+    mode: Literal["canary", "shadow"] = "canary"
+    """canary: `canary_share` of unpinned requests go to the candidate; shadow: the
+    candidate scores every unpinned request too, but only the serving answer returns."""
+    canary_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    history: list[str] = Field(default_factory=list)
+    """Versions that served before, oldest first: where `rollback` returns to."""
+
+    @model_validator(mode="after")
+    def _candidate_differs(self) -> RolloutRule:
+        if self.candidate == self.serving:
+            raise ValueError(f"candidate {self.candidate} is already the serving version")
+        return self
+
+    @property
+    def versions(self) -> list[str]:
+        return [self.serving] + ([self.candidate] if self.candidate else [])
 
 
 class ModelRepository:
@@ -82,3 +111,19 @@ class ModelRepository:
         resolved = self.resolve(name, version)
         text = (self.path(name, resolved) / CONFIG_FILE).read_text(encoding="utf-8")
         return ModelConfig.model_validate_json(text)
+
+    def rollout(self, name: str) -> RolloutRule | None:
+        path = self.root / name / ROLLOUT_FILE
+        if not path.is_file():
+            return None
+        return RolloutRule.model_validate_json(path.read_text(encoding="utf-8"))
+
+    def write_rollout(self, name: str, rule: RolloutRule) -> None:
+        """Replaces the rule in one rename, so a reader sees the old rule or the new one."""
+        missing = [v for v in rule.versions if v not in self.versions(name)]
+        if missing:
+            raise ModelNotFound.named(name, missing[0])
+        path = self.root / name / ROLLOUT_FILE
+        staging = path.with_name(f".{ROLLOUT_FILE}.writing")
+        staging.write_text(rule.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, path)

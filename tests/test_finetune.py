@@ -21,6 +21,7 @@ from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
 from shared.grpc_client import channel
 from shared.grpc_server import RunningServer
+from shared.model_repository import ModelRepository, RolloutRule
 from shared.oip import decode_raw
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
@@ -91,6 +92,8 @@ def test_finetune_writes_a_complete_version_with_figures_and_a_card(finetuned: P
     card = (version / "model-card.md").read_text()
     assert "valid.jsonl" in card and "bearish" in card and f"{training['trainable_parameters']:,}" in card
     assert not list((finetuned / MODEL).glob(".*")), "no staging folder left behind"
+    # What served before keeps serving until the new version is rolled out.
+    assert ModelRepository(finetuned).rollout(MODEL) == RolloutRule(serving="1")
 
 
 @pytest_asyncio.fixture

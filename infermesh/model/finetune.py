@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infermesh.model.data import DatasetError, Example, LabelledRow, read_labelled, to_examples
+from shared.model_repository import ModelRepository
 
 if TYPE_CHECKING:
     from infermesh.model.train import TrainConfig
@@ -91,6 +92,7 @@ def finetune(
     from infermesh.model.build import build_model_repository
     from infermesh.model.card import render_version_card
     from infermesh.model.evaluate import evaluate_version
+    from infermesh.model.rollout import current_rule, pin_serving
     from infermesh.model.train import TrainConfig, calibrate_and_report, fit, save_adapter, training_summary
 
     dataset = load_dataset(spec)
@@ -125,6 +127,10 @@ def finetune(
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / CARD_FILE).write_text(render_version_card(summary, metrics))
 
+    existing = ModelRepository(repository).versions(name)
+    if existing:
+        # What serves now keeps serving until this version is rolled out.
+        pin_serving(ModelRepository(repository), name, current_rule(ModelRepository(repository), name).serving)
     with tempfile.TemporaryDirectory() as scratch:
         adapter = Path(scratch) / ADAPTER_FOLDER
         save_adapter(fitted.model, adapter)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +40,14 @@ from shared.errors import (
     ModelNotFound,
     ModelNotReady,
 )
-from shared.metrics import INFERENCE_EXECUTION, INFERENCE_SEQUENCES, inference_batcher_metrics
-from shared.model_repository import ModelConfig, ModelRepository
+from shared.metrics import (
+    INFERENCE_EXECUTION,
+    INFERENCE_ROUTED,
+    INFERENCE_SEQUENCES,
+    INFERENCE_SHADOW,
+    inference_batcher_metrics,
+)
+from shared.model_repository import ModelConfig, ModelRepository, RolloutRule
 from shared.padding import pad_right
 
 logger = logging.getLogger(__name__)
@@ -185,6 +192,10 @@ class InferenceCore:
         self._unavailable: dict[tuple[str, str], str] = {}
         """Why a version on disk is not serving, when it is not."""
         self._locks: dict[str, asyncio.Lock] = {}
+        self._rules: dict[str, RolloutRule] = {}
+        """Each model's rollout rule (`<name>/rollout.json`), as of its last load."""
+        self._random = random.Random()
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=policy.max_concurrent_batches, thread_name_prefix="backend")
         self.ready = False
 
@@ -206,7 +217,10 @@ class InferenceCore:
             available = self.repository.versions(name)
             if not available:
                 raise ModelNotFound.named(name)
-            wanted = policy.select(available)
+            rule = self._read_rule(name, available)
+            # The policy decides what is loaded (requests may pin any of it), plus whatever
+            # the rollout rule names; the rule decides what answers unpinned requests.
+            wanted = sorted(set(policy.select(available)) | set(rule.versions if rule else []), key=int)
             if not wanted:
                 raise InvalidInput(f"the version policy selects none of {name!r}'s versions {available}")
             current = self._models.get(name, {})
@@ -226,7 +240,12 @@ class InferenceCore:
                 raise ModelLoadFailed(f"{name} version {failed} could not load ({reason}); nothing changed") from error
             serving = {version: current.get(version) or added[version] for version in wanted}
             self._models[name] = serving  # one assignment: requests see the old set or the new one
-            self._version_policies[name] = policy
+            if rule is None:
+                self._rules.pop(name, None)
+            else:
+                self._rules[name] = rule
+            if version_policy is not None:
+                self._version_policies[name] = version_policy
             for version in available:
                 if version not in serving:
                     self._unavailable[(name, version)] = "not selected by the version policy"
@@ -237,6 +256,26 @@ class InferenceCore:
                     await self._retire(loaded)
                     logger.info("unloaded %s version %s", name, version)
             return list(serving)
+
+    def _read_rule(self, name: str, available: list[str]) -> RolloutRule | None:
+        try:
+            rule = self.repository.rollout(name)
+        except ValueError as error:  # pydantic's ValidationError is one
+            raise InvalidInput(f"{name}/rollout.json is not a valid rollout rule: {error}") from None
+        if rule is None:
+            return None
+        missing = [v for v in rule.versions if v not in available]
+        if missing:
+            raise InvalidInput(f"{name}/rollout.json names version {missing[0]}, which the repository lacks")
+        if rule.candidate is not None:
+            serving, candidate = (self.repository.config(name, v) for v in (rule.serving, rule.candidate))
+            # Callers tokenize before the version is picked: both must read the same ids.
+            if serving.sha256.get(serving.tokenizer) != candidate.sha256.get(candidate.tokenizer):
+                raise InvalidInput(f"{name} versions {rule.serving} and {rule.candidate} use different tokenizers")
+        return rule
+
+    def rollout_rule(self, name: str) -> RolloutRule | None:
+        return self._rules.get(name)
 
     async def unload_model(self, name: str) -> None:
         """Stops serving every version of `name` once the requests they hold are answered."""
@@ -301,7 +340,8 @@ class InferenceCore:
                 raise ModelNotReady(f"model {name!r} is not loaded")
             raise ModelNotFound.named(name)
         if not version:
-            return versions[max(versions, key=int)]
+            rule = self._rules.get(name)
+            return versions[rule.serving] if rule is not None else versions[max(versions, key=int)]
         loaded = versions.get(version)
         if loaded is None:
             if version in self.repository.versions(name):
@@ -334,8 +374,21 @@ class InferenceCore:
     def queue_depth(self) -> int:
         return sum(v.batcher.queue_depth for versions in self._models.values() for v in versions.values())
 
+    def _route(self, name: str, version: str) -> tuple[LoadedVersion, str, LoadedVersion | None]:
+        """(the version that answers, why it was picked, a shadow candidate to score too)."""
+        if version:
+            return self._resolve(name, version), "pinned", None
+        rule = self._rules.get(name)
+        if rule is None or rule.candidate is None:
+            return self._resolve(name, ""), "serving", None
+        if rule.mode == "canary":
+            if self._random.random() < rule.canary_share:
+                return self._resolve(name, rule.candidate), "canary", None
+            return self._resolve(name, ""), "serving", None
+        return self._resolve(name, ""), "serving", self._models[name].get(rule.candidate)
+
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        loaded = self._resolve(request.model_name, request.model_version)
+        loaded, route, shadow = self._route(request.model_name, request.model_version)
         config = loaded.config
         unknown_outputs = [name for name in request.requested_outputs if name not in OUTPUT_NAMES]
         if unknown_outputs:
@@ -343,13 +396,45 @@ class InferenceCore:
                 f"model {config.name!r} has no output {unknown_outputs[0]!r}; outputs are {OUTPUT_NAMES}"
             )
         sequences = self._sequences(config, request)
-        logits = np.stack(await loaded.batcher.submit(sequences))
+        shadowed = asyncio.ensure_future(shadow.batcher.submit(sequences)) if shadow is not None else None
+        try:
+            logits = np.stack(await loaded.batcher.submit(sequences))
+        except BaseException:
+            if shadowed is not None:
+                shadowed.cancel()
+            raise
+        INFERENCE_ROUTED.labels(config.name, config.version, route).inc()
+        if shadowed is not None and shadow is not None:
+            task = asyncio.create_task(self._compare_shadow(shadowed, shadow.config, config, logits))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
         return InferenceResponse(
             model_name=config.name,
             model_version=config.version,
             id=request.id,
             outputs=self._outputs(config, logits, request.requested_outputs or list(OUTPUT_NAMES)),
         )
+
+    @staticmethod
+    async def _compare_shadow(
+        shadowed: asyncio.Future[list[npt.NDArray[np.float32]]],
+        candidate: ModelConfig,
+        serving: ModelConfig,
+        serving_logits: npt.NDArray[np.float32],
+    ) -> None:
+        """Counts whether the shadow candidate's labels agree with what was returned."""
+        counter = INFERENCE_SHADOW.labels(candidate.name, candidate.version, "error")
+        try:
+            shadow_logits = np.stack(await shadowed)
+        except Exception as error:  # the shadow never affects the answer
+            logger.warning("shadow %s version %s failed: %s", candidate.name, candidate.version, error)
+            counter.inc(len(serving_logits))
+            return
+        theirs = [candidate.labels[i] for i in shadow_logits.argmax(axis=1)]
+        ours = [serving.labels[i] for i in serving_logits.argmax(axis=1)]
+        agreed = sum(a == b for a, b in zip(theirs, ours, strict=True))
+        INFERENCE_SHADOW.labels(candidate.name, candidate.version, "agree").inc(agreed)
+        INFERENCE_SHADOW.labels(candidate.name, candidate.version, "disagree").inc(len(ours) - agreed)
 
     def _sequences(self, config: ModelConfig, request: InferenceRequest) -> list[Sequence]:
         by_name: dict[str, Tensor] = {}
