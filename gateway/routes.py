@@ -111,7 +111,11 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     try:
         reply = await stub.Explain(
             explainer_pb.ExplainRequest(
-                texts=[body.text], method=_METHODS[body.method], target_label=body.target_label, steps=body.steps
+                texts=[body.text],
+                method=_METHODS[body.method],
+                target_label=body.target_label,
+                steps=body.steps,
+                model_version=body.model_version,
             ),
             timeout=settings.explain_timeout_seconds,
         )

@@ -34,6 +34,11 @@ class ExplainRequest(BaseModel):
     method: Literal["integrated_gradients", "occlusion"] = "integrated_gradients"
     target_label: str = Field("", description="Label to explain; empty means the predicted one.")
     steps: int = Field(0, ge=0, le=1_000_000, description="Integrated-gradients steps; 0 means the service default.")
+    model_version: str = Field(
+        "",
+        max_length=32,
+        description="Explain with this version (the one the prediction came from); empty: the serving one.",
+    )
 
 
 class TokenAttribution(BaseModel):

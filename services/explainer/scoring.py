@@ -12,22 +12,25 @@ import numpy.typing as npt
 
 from shared import oip
 from shared.errors import from_grpc_error
-from shared.grpc_client import channel
 from shared.padding import pad_right
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
 class OipProbabilities:
-    def __init__(self, target: str, model_name: str, model_version: str, rows_per_call: int = 64) -> None:
-        self._channel = channel(target)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+    """One model version's probabilities; versions share the caller's channel."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.GRPCInferenceServiceAsyncStub,
+        model_name: str,
+        model_version: str,
+        rows_per_call: int = 64,
+    ) -> None:
+        self._stub = stub
         self.model_name = model_name
         self.model_version = model_version
         self.rows_per_call = rows_per_call
-
-    async def close(self) -> None:
-        await self._channel.close()
 
     async def probabilities(self, sequences: Sequence[Sequence[int]], timeout: float) -> npt.NDArray[np.float64]:
         """Row i: the calibrated probabilities of sequences[i] (sequences need no padding)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.explainer.core import Explainer, Explanation, Method
+from services.explainer.core import Explanation, Method
+from services.explainer.versions import ExplainerVersions
 from shared.errors import ModelNotFound
 from shared.grpc_server import ServicerContext
 from shared.metrics import EXPLAINER_DURATION, EXPLAINER_EXPLANATIONS
@@ -52,28 +53,23 @@ def explanation_to_pb(explanation: Explanation) -> pb.Explanation:
 
 
 class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
-    def __init__(self, explainer: Explainer, model_name: str, model_version: str) -> None:
-        self._explainer = explainer
-        self._model_name = model_name
-        self._model_version = model_version
+    def __init__(self, versions: ExplainerVersions) -> None:
+        self._versions = versions
 
     async def Explain(self, request: pb.ExplainRequest, context: ServicerContext) -> pb.ExplainResponse:
-        if request.model_name and request.model_name != self._model_name:
-            raise ModelNotFound(f"this explainer serves {self._model_name!r}, not {request.model_name!r}")
-        if request.model_version and request.model_version != self._model_version:
-            raise ModelNotFound(
-                f"this explainer serves {self._model_name!r} version {self._model_version!r}, "
-                f"not version {request.model_version!r}"
-            )
+        model_name = self._versions.settings.model_name
+        if request.model_name and request.model_name != model_name:
+            raise ModelNotFound(f"this explainer serves {model_name!r}, not {request.model_name!r}")
+        version, explainer = await self._versions.get(request.model_version)
         method = _METHODS.get(request.method, Method.INTEGRATED_GRADIENTS)
         with EXPLAINER_DURATION.labels(method.value).time():
-            explanations = await self._explainer.explain(
+            explanations = await explainer.explain(
                 list(request.texts), method, target_label=request.target_label, steps=request.steps
             )
         EXPLAINER_EXPLANATIONS.labels(method.value).inc(len(explanations))
         return pb.ExplainResponse(
             explanations=[explanation_to_pb(e) for e in explanations],
-            model_name=self._model_name,
-            model_version=self._model_version,
+            model_name=model_name,
+            model_version=version,
             method=request.method or pb.METHOD_INTEGRATED_GRADIENTS,
         )

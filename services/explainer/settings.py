@@ -25,7 +25,11 @@ class ExplainerSettings(BaseServiceSettings):
     """Model to explain."""
 
     model_version: str = ""
-    """Version to explain; empty means the latest. Inference calls are pinned to it."""
+    """Version for requests that name none; empty: the version the rollout rule serves, else
+    the latest. Requests may name any version (the one their prediction came from)."""
+
+    max_loaded_versions: int = 2
+    """Versions kept in memory (each holds its weights for integrated gradients)."""
 
     inference: str = "127.0.0.1:8001"
     """Inference service address (occlusion and faithfulness are scored there)."""

@@ -93,6 +93,12 @@ async def test_explain_returns_words_tokens_and_faithfulness(client: httpx.Async
     assert chunk["completeness_gap"] is None
     assert [f["top_percent"] for f in chunk["faithfulness"]] == pytest.approx([0.1, 0.2, 0.5])
 
+    # A prediction from version 1 is explained by version 1 (its labels and calibration).
+    pinned = await client.post("/v1/explain", json={"text": text, "method": "occlusion", "model_version": "1"})
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json()["model_version"] == "1" and body["model_version"] == "2"
+    assert pinned.json()["probabilities"] != body["probabilities"]
+
 
 @pytest.mark.parametrize(
     ("body", "status", "detail"),
@@ -102,6 +108,7 @@ async def test_explain_returns_words_tokens_and_faithfulness(client: httpx.Async
         ({"text": "fine", "steps": 1000}, 413, "steps is 1000; max is 256"),
         ({"text": "fine", "target_label": "bullish"}, 400, "'bullish'"),
         ({"text": "fine", "steps": 3173506351247841139097600}, 422, "steps"),
+        ({"text": "fine", "model_version": "7"}, 404, "version '7' is not in the model repository"),
     ],
 )
 async def test_explain_bad_requests(

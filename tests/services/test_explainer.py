@@ -85,6 +85,22 @@ async def test_occlusion_explains_a_target_label_and_long_documents_by_chunk(
     assert max(deciding.words, key=lambda w: w.attribution).text in {"plunge", "slashes"}
 
 
+async def test_an_explanation_uses_the_version_its_prediction_came_from(
+    explainer: pb_grpc.ExplainerServiceAsyncStub,
+) -> None:
+    """Version 2 of the test repository differs from version 1 only in its temperature:
+    each explanation must report the probabilities of the version it names."""
+    replies = {}
+    for version in ("1", "2", ""):
+        replies[version] = await explainer.Explain(
+            pb.ExplainRequest(texts=[CLEAR[0]], method=pb.METHOD_OCCLUSION, model_version=version)
+        )
+    assert [replies[v].model_version for v in ("1", "2", "")] == ["1", "2", "2"]
+    confidence = {v: max(replies[v].explanations[0].probabilities.values()) for v in ("1", "2")}
+    assert confidence["1"] > confidence["2"] + 0.01, "version 2's higher temperature flattens its probabilities"
+    assert replies[""].explanations[0].probabilities == replies["2"].explanations[0].probabilities
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "detail"),
     [
@@ -93,7 +109,7 @@ async def test_occlusion_explains_a_target_label_and_long_documents_by_chunk(
         (pb.ExplainRequest(texts=["a"], steps=1000), grpc.StatusCode.INVALID_ARGUMENT, "steps is 1000; max is 256"),
         (pb.ExplainRequest(texts=["a"], target_label="bullish"), grpc.StatusCode.INVALID_ARGUMENT, "'bullish'"),
         (pb.ExplainRequest(texts=["word " * 3000]), grpc.StatusCode.INVALID_ARGUMENT, "chunks; max is 8"),
-        (pb.ExplainRequest(texts=["a"], model_version="1"), grpc.StatusCode.NOT_FOUND, "not version '1'"),
+        (pb.ExplainRequest(texts=["a"], model_version="7"), grpc.StatusCode.NOT_FOUND, "version '7' is not in"),
     ],
 )
 async def test_bad_requests_are_rejected_with_the_limit(
