@@ -51,7 +51,6 @@ from shared.model_repository import ModelConfig, ModelRepository, RolloutRule
 from shared.padding import pad_right
 
 logger = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits", "probabilities", "label")
@@ -90,7 +89,7 @@ class LoadedVersion:
             self._run_batch,
             lambda s: len(s.input_ids),
             policy,
-            name="inference batch",
+            name="model execute",
             span_attributes=self._attributes,
             metrics=inference_batcher_metrics(config.name, config.version),
         )
@@ -98,18 +97,16 @@ class LoadedVersion:
     async def _run_batch(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32] | BaseException]:
         input_ids, attention_mask = pad_right([s.input_ids for s in sequences])
         loop = asyncio.get_running_loop()
-        with _tracer.start_as_current_span(
-            "model execute",
-            attributes={
-                **self._attributes,
-                "infermesh.batch.size": input_ids.shape[0],
+        # Runs inside the batcher's "model execute" span: it gets the padded shape.
+        trace.get_current_span().set_attributes(
+            {
                 "infermesh.batch.padded_length": input_ids.shape[1],
                 "infermesh.batch.tokens": int(attention_mask.sum()),
-            },
-        ):
-            started = time.perf_counter()
-            logits = await loop.run_in_executor(self._executor, self.backend.run, input_ids, attention_mask)
-            self._execution_seconds.observe(time.perf_counter() - started)
+            }
+        )
+        started = time.perf_counter()
+        logits = await loop.run_in_executor(self._executor, self.backend.run, input_ids, attention_mask)
+        self._execution_seconds.observe(time.perf_counter() - started)
         self._sequences_scored.inc(len(sequences))
         return list(logits)
 

@@ -10,8 +10,6 @@ from shared.metrics import POSTPROCESS_DOCUMENTS
 from shared.pb import postprocess_pb2 as pb
 from shared.pb import postprocess_pb2_grpc as pb_grpc
 
-_tracer = trace.get_tracer(__name__)
-
 _AGGREGATION = {
     pb.AGGREGATION_UNSPECIFIED: Aggregation.MEAN,
     pb.AGGREGATION_MEAN: Aggregation.MEAN,
@@ -44,24 +42,24 @@ class PostprocessorServicer(pb_grpc.PostprocessServiceServicer):
         self._postprocessor = postprocessor
 
     async def Postprocess(self, request: pb.PostprocessRequest, context: ServicerContext) -> pb.PostprocessResponse:
-        with _tracer.start_as_current_span(
-            "postprocess",
-            attributes={
+        # The server span is the post-processing span: it gets the model and size.
+        trace.get_current_span().set_attributes(
+            {
                 "infermesh.model.name": request.model_name,
                 "infermesh.model.version": request.model_version,
                 "infermesh.rows": len(request.document_index) or len(request.logits) // max(1, request.num_labels),
-            },
-        ):
-            result = self._postprocessor.process(
-                request.model_name,
-                request.model_version,
-                request.logits,
-                request.num_labels,
-                document_index=request.document_index,
-                row_weights=request.row_weights,
-                thresholds=dict(request.thresholds),
-                aggregation=_AGGREGATION.get(request.aggregation, Aggregation.MEAN),
-            )
+            }
+        )
+        result = self._postprocessor.process(
+            request.model_name,
+            request.model_version,
+            request.logits,
+            request.num_labels,
+            document_index=request.document_index,
+            row_weights=request.row_weights,
+            thresholds=dict(request.thresholds),
+            aggregation=_AGGREGATION.get(request.aggregation, Aggregation.MEAN),
+        )
         for document in result.results:
             POSTPROCESS_DOCUMENTS.labels(result.model_name, result.model_version, document.label).inc()
         return result_to_pb(result)

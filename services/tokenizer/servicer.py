@@ -10,8 +10,6 @@ from shared.metrics import TOKENIZER_CHUNKS, TOKENIZER_TEXTS, TOKENIZER_TOKENS, 
 from shared.pb import tokenizer_pb2 as pb
 from shared.pb import tokenizer_pb2_grpc as pb_grpc
 
-_tracer = trace.get_tracer(__name__)
-
 _OVERFLOW = {
     pb.OVERFLOW_UNSPECIFIED: Overflow.CHUNK,
     pb.OVERFLOW_CHUNK: Overflow.CHUNK,
@@ -38,17 +36,19 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         self._tokenizer = tokenizer
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: ServicerContext) -> pb.TokenizeResponse:
-        with _tracer.start_as_current_span("tokenize", attributes={"infermesh.texts": len(request.texts)}) as span:
-            results = await self._tokenizer.tokenize_async(
-                list(request.texts),
-                max_length=request.max_length or None,
-                stride=request.stride or None,
-                overflow=_OVERFLOW.get(request.overflow, Overflow.CHUNK),
-                return_offsets=request.return_offsets,
-            )
-            tokens = sum(r.num_tokens for r in results)
-            chunks = sum(len(r.chunks) for r in results)
-            span.set_attributes({"infermesh.tokens": tokens, "infermesh.chunks": chunks})
+        results = await self._tokenizer.tokenize_async(
+            list(request.texts),
+            max_length=request.max_length or None,
+            stride=request.stride or None,
+            overflow=_OVERFLOW.get(request.overflow, Overflow.CHUNK),
+            return_offsets=request.return_offsets,
+        )
+        tokens = sum(r.num_tokens for r in results)
+        chunks = sum(len(r.chunks) for r in results)
+        # The server span is the tokenization span: no second span for the same time.
+        trace.get_current_span().set_attributes(
+            {"infermesh.texts": len(results), "infermesh.tokens": tokens, "infermesh.chunks": chunks}
+        )
         TOKENIZER_TEXTS.inc(len(results))
         TOKENIZER_TOKENS.inc(tokens)
         TOKENIZER_CHUNKS.inc(chunks)

@@ -114,11 +114,16 @@ async def test_the_trace_view_shows_what_the_otlp_receiver_got(servers: list[Run
             spans = (await http.get(f"/traces/api/traces/{trace_id}")).json()
             missing = await http.get(f"/traces/api/traces/{'0' * 32}")
     names = {span["name"] for span in spans}
-    assert {"classify round", "tokenize", "queue wait", "inference batch", "model execute", "postprocess"} <= names
+    assert {
+        "classify round",
+        "queue wait",
+        "model execute",
+        "/infermesh.tokenizer.v1.TokenizerService/Tokenize",
+    } <= names
     assert summary["spans"] == len(spans)
     by_id = {span["span_id"]: span for span in spans}
     execute = next(span for span in spans if span["name"] == "model execute")
-    assert by_id[execute["parent_span_id"]]["name"] == "inference batch"
+    assert by_id[execute["parent_span_id"]]["name"] == "/inference.GRPCInferenceService/ModelInfer"
     assert execute["attributes"]["infermesh.model.name"] == "finance-sentiment"
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
 
@@ -134,9 +139,9 @@ async def test_the_traces_page_draws_a_waterfall_of_a_request(servers: list[Runn
         await page.wait_for_selector("#waterfall .row", timeout=10_000)
         names = await page.eval_on_selector_all("#waterfall .row", "rows => rows.map(r => r.dataset.spanName)")
         assert names[0].startswith("POST /v1/sentiment")
-        assert "model execute" in names and "tokenize" in names
-        # A span sits below its parent: the model runs inside its batch.
-        assert names.index("inference batch") < names.index("model execute")
+        assert "model execute" in names and "/infermesh.tokenizer.v1.TokenizerService/Tokenize" in names
+        # A span sits below its parent: the model runs inside the inference call.
+        assert names.index("/inference.GRPCInferenceService/ModelInfer") < names.index("model execute")
         await page.click("#waterfall .row[data-span-name='model execute']")
         details = await page.inner_text("#waterfall .details")
         assert "infermesh.batch.tokens" in details
