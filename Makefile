@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 # protoc finds its mypy plugins on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install proto lint fmt test run bench model train _browser _kustomize
+.PHONY: install proto lint fmt test run bench bench-train model train _browser _kustomize
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -79,3 +79,8 @@ run: model
 
 bench: model
 	$(PY) -m benchmarks.e2e --repository $(MODEL_REPOSITORY) --model $(MODEL_NAME)
+
+# Fine-tuning cost and figures on $(DATA) (TFNS coding), into a scratch repository.
+bench-train: model
+	$(PY) -m benchmarks.train --train $(DATA)/train.csv --valid $(DATA)/valid.csv \
+		--repository $(MODEL_REPOSITORY) --model $(MODEL_NAME)
