@@ -3,6 +3,8 @@
 A batch closes when it holds `max_batch_size` items, when one more item would push its
 cost past `max_batch_tokens`, or `max_queue_delay` after its first item was taken. The
 cost is `longest item * count` for padded model inputs, or the plain sum of lengths.
+With `length_buckets`, a batch takes only items of its oldest item's bucket, and its
+cost is the bucket's edge times the count.
 Up to `max_concurrent_batches` batches run at once, so the next batch forms while the
 current one executes. The queue is bounded in items;
 a submit that would overflow it fails with `Overloaded` instead of waiting.
@@ -50,6 +52,22 @@ class BatchPolicy:
     """Batches executing at once."""
     padded_cost: bool = True
     """Cost a batch as `longest * count` (padded tensors); False: the sum of lengths."""
+    length_buckets: tuple[int, ...] = ()
+    """Ascending sequence-length edges. When set, a batch holds items of one bucket only
+    (the oldest waiting item's), so short items are never padded to a long neighbour,
+    and its cost is the bucket's edge times the count. Longer items than the last edge
+    form a bucket of their own length."""
+
+    def __post_init__(self) -> None:
+        if list(self.length_buckets) != sorted(set(self.length_buckets)) or any(e <= 0 for e in self.length_buckets):
+            raise ValueError(f"length_buckets must be positive and ascending, not {self.length_buckets}")
+
+    def bucket_of(self, length: int) -> int:
+        """The padded length an item of `length` gets: its bucket's edge (or itself)."""
+        for edge in self.length_buckets:
+            if length <= edge:
+                return edge
+        return length
 
 
 @dataclass(frozen=True)
@@ -175,13 +193,32 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         return self._cost_with(batch, cost, candidate) <= self.policy.max_batch_tokens
 
     def _cost_with(self, batch: list[_Entry[ItemT, ResultT]], cost: int, candidate: _Entry[ItemT, ResultT]) -> int:
-        """The batch's cost once `candidate` joins; `cost` is the longest item or the sum."""
+        """The batch's cost once `candidate` joins; `cost` is the padded length or the sum."""
         if self.policy.padded_cost:
-            return max(cost, candidate.length) * (len(batch) + 1)
+            return self._new_cost(cost, candidate) * (len(batch) + 1)
         return cost + candidate.length
 
     def _new_cost(self, cost: int, entry: _Entry[ItemT, ResultT]) -> int:
-        return max(cost, entry.length) if self.policy.padded_cost else cost + entry.length
+        if self.policy.padded_cost:
+            return max(cost, self.policy.bucket_of(entry.length))
+        return cost + entry.length
+
+    def _take_bucket(self, batch: list[_Entry[ItemT, ResultT]], cost: int) -> int:
+        """Moves every waiting item of the batch's bucket that fits into it, oldest first;
+        the others keep their places. Returns the batch's cost."""
+        bucket = self.policy.bucket_of(batch[0].length)
+        kept: collections.deque[_Entry[ItemT, ResultT]] = collections.deque()
+        while self._queue and len(batch) < self.policy.max_batch_size:
+            entry = self._queue.popleft()
+            if entry.future.done():
+                self.dropped += 1
+            elif self.policy.bucket_of(entry.length) == bucket and self._fits(batch, cost, entry):
+                cost = self._new_cost(cost, entry)
+                batch.append(entry)
+            else:
+                kept.append(entry)
+        self._queue.extendleft(reversed(kept))
+        return cost
 
     async def _collect(self) -> list[_Entry[ItemT, ResultT]]:
         assert self._wakeup is not None
@@ -189,11 +226,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if first is None:
             return []
         batch = [first]
-        cost = first.length
+        cost = self._new_cost(0, first)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.policy.max_queue_delay_seconds
         while True:
-            while self._queue and self._fits(batch, cost, self._queue[0]):
+            if self.policy.length_buckets:
+                cost = self._take_bucket(batch, cost)
+            while not self.policy.length_buckets and self._queue and self._fits(batch, cost, self._queue[0]):
                 entry = self._take_live()
                 if entry is None:
                     break
@@ -211,7 +250,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     def _observe(self, batch: list[_Entry[ItemT, ResultT]], started_ns: int) -> int:
         """Records the batch's size, cost and waits; returns its cost."""
-        longest = max(entry.length for entry in batch)
+        longest = self.policy.bucket_of(max(entry.length for entry in batch))
         cost = longest * len(batch) if self.policy.padded_cost else sum(entry.length for entry in batch)
         if self._metrics is not None:
             self._metrics.queue_depth.set(len(self._queue))

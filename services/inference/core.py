@@ -77,6 +77,7 @@ class LoadedVersion:
     def __init__(self, config: ModelConfig, backend: Backend, policy: BatchPolicy, executor: ThreadPoolExecutor):
         self.config = config
         self.backend = backend
+        self._policy = policy
         self._executor = executor
         self._attributes = {
             "infermesh.model.name": config.name,
@@ -95,7 +96,9 @@ class LoadedVersion:
         )
 
     async def _run_batch(self, sequences: list[Sequence]) -> list[npt.NDArray[np.float32] | BaseException]:
-        input_ids, attention_mask = pad_right([s.input_ids for s in sequences])
+        longest = max(len(s.input_ids) for s in sequences)
+        length = self._policy.bucket_of(longest) if self.backend.static_shapes else None
+        input_ids, attention_mask = pad_right([s.input_ids for s in sequences], length)
         loop = asyncio.get_running_loop()
         # Runs inside the batcher's "model execute" span: it gets the padded shape.
         trace.get_current_span().set_attributes(

@@ -43,6 +43,7 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
         max_queue_delay_seconds=settings.max_queue_delay_ms / 1000,
         max_queue_size=settings.max_queue_size,
         max_concurrent_batches=settings.max_concurrent_batches,
+        length_buckets=tuple(settings.length_buckets),
     )
     return InferenceCore(
         ModelRepository(settings.model_repository),

@@ -65,6 +65,11 @@ class InferenceSettings(BaseServiceSettings):
     max_concurrent_batches: int = 1
     """Batches executing at once."""
 
+    length_buckets: list[int] = []
+    """Ascending sequence-length edges (e.g. [16, 32, 64, 128]): a batch holds one bucket's
+    sequences, so short ones are not padded to a long neighbour. Empty: first come, first
+    served, padded to the batch's longest."""
+
     max_sequences_per_request: int = 1024
     """Rows per ModelInfer request."""
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ class Recorder:
         return [item.upper() for item in items]
 
 
-def batcher(recorder: Recorder, **policy: float) -> DynamicBatcher[str, str]:
+def batcher(recorder: Recorder, **policy: Any) -> DynamicBatcher[str, str]:
     return DynamicBatcher(recorder, len, BatchPolicy(**policy))  # type: ignore[arg-type]
 
 
@@ -112,3 +113,44 @@ async def test_an_item_can_fail_alone_and_sum_cost_counts_every_item() -> None:
     assert await b.submit(["aaaa", "bbbb"]) == ["AAAA", "BBBB"]
     assert seen[-2:] == [["aaaa"], ["bbbb"]]  # 4 + 4 would pass 6
     await b.close()
+
+
+async def test_length_buckets_keep_short_items_away_from_long_ones() -> None:
+    """Edges 4 and 8: lengths 2,3,4 share a bucket (padded to 4), 6 and 7 another (padded
+    to 8), 12 is its own; the oldest waiting item's bucket always goes next."""
+    recorder = Recorder()
+    recorder.release.clear()
+    b = batcher(recorder, max_batch_size=8, max_queue_delay_seconds=0, length_buckets=(4, 8))
+    first = asyncio.create_task(b.submit(["x"]))
+    await asyncio.sleep(0.01)  # the first batch executes and is held while the rest queue up
+    words = ["aaaaaaa", "bb", "cccccc", "ddd", "eeeeeeeeeeee", "ffff"]
+    rest = [asyncio.create_task(b.submit([w])) for w in words]
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    await first
+    assert [(await t)[0] for t in rest] == [w.upper() for w in words]
+    assert recorder.batches == [["x"], ["aaaaaaa", "cccccc"], ["bb", "ddd", "ffff"], ["eeeeeeeeeeee"]]
+    await b.close()
+
+
+async def test_bucketed_cost_is_the_edge_times_the_count() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+    # Budget 16 at edge 8: two items per batch, though each is only 5 long.
+    b = batcher(recorder, max_batch_size=8, max_batch_tokens=16, max_queue_delay_seconds=0, length_buckets=(8,))
+    first = asyncio.create_task(b.submit(["x"]))
+    await asyncio.sleep(0.01)
+    rest = asyncio.create_task(b.submit(["aaaaa", "bbbbb", "ccccc"]))
+    await asyncio.sleep(0.01)
+    recorder.release.set()
+    await first
+    assert await rest == ["AAAAA", "BBBBB", "CCCCC"]
+    assert recorder.batches == [["x"], ["aaaaa", "bbbbb"], ["ccccc"]]
+    await b.close()
+
+
+def test_bucket_edges_must_ascend() -> None:
+    with pytest.raises(ValueError, match="ascending"):
+        BatchPolicy(length_buckets=(32, 16))
+    assert BatchPolicy(length_buckets=(16, 32)).bucket_of(17) == 32
+    assert BatchPolicy(length_buckets=(16, 32)).bucket_of(40) == 40

@@ -17,6 +17,9 @@ class Backend(Protocol):
     """
 
     name: str
+    static_shapes: bool
+    """True when batches must be padded to their length bucket's edge (engines and CUDA
+    graphs built per shape); False pads to the batch's longest sequence."""
 
     def run(self, input_ids: npt.NDArray[np.int64], attention_mask: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         """Logits for the batch."""

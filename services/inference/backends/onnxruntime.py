@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    static_shapes = False
 
     def __init__(self, model_path: Path, intra_op_threads: int = 0, allow_spinning: bool = False) -> None:
         options = ort.SessionOptions()
