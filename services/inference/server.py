@@ -24,8 +24,29 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+def resolve_device(settings: InferenceSettings) -> str:
+    """`cuda` where the chosen backend can use a GPU here, else `cpu` (for device auto)."""
+    if settings.device != "auto":
+        return settings.device
+    if settings.backend == "torch":
+        from services.inference.backends.pytorch import cuda_available
+
+        return "cuda" if cuda_available() else "cpu"
+    import onnxruntime
+
+    return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+
+
 def build_core(settings: InferenceSettings) -> InferenceCore:
+    device = resolve_device(settings)
+
     def make_backend(config: ModelConfig, path: Path) -> Backend:
+        if settings.backend == "torch":
+            from services.inference.backends.pytorch import TorchBackend
+
+            return TorchBackend(
+                path / "hf", device=device, cuda_graphs=settings.cuda_graphs, threads=settings.intra_op_threads
+            )
         from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 
         variant = settings.variant or config.default_variant
@@ -35,6 +56,7 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
             path / config.variants[variant],
             intra_op_threads=settings.intra_op_threads,
             allow_spinning=settings.allow_spinning,
+            device=device,
         )
 
     policy = BatchPolicy(

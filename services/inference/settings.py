@@ -36,8 +36,14 @@ class InferenceSettings(BaseServiceSettings):
     """Look at the repository this often and load or unload versions as the version policy
     says (0: only at start and on RepositoryModelLoad/Unload calls)."""
 
-    backend: Literal["onnxruntime"] = "onnxruntime"
-    """Execution backend."""
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"
+    """Execution backend. auto: ONNX Runtime, on CUDA when onnxruntime-gpu sees a GPU."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the backend runs; auto picks CUDA when the backend can use it here."""
+
+    cuda_graphs: bool = True
+    """torch on CUDA: capture one CUDA graph per (batch, length bucket) shape."""
 
     variant: str = ""
     """Model file variant (e.g. `int8`, `fp32`); empty means the model's default."""

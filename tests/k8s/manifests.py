@@ -32,6 +32,12 @@ K8S = REPO / "k8s"
 OVERLAYS = ("dev", "prod")
 FIRST_PARTY = frozenset({"shared", "services", "gateway", "workers", "infermesh"})
 
+#: Modules a process imports only when a setting chooses them, with that setting: the
+#: torch backend of the inference service needs the explainer image's torch.
+OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
+    "services.inference.backends.pytorch": ("INFERMESH_INFERENCE_BACKEND", "torch"),
+}
+
 #: Where docker/Dockerfile puts the model repository in both images.
 IMAGE_MODEL_REPOSITORY = "/app/models"
 
@@ -230,7 +236,7 @@ def import_graph(entry: str) -> tuple[frozenset[str], frozenset[str]]:
     pending = [entry]
     while pending:
         module = pending.pop()
-        if module in first_party:
+        if module in first_party or module in OPTIONAL_MODULES:
             continue
         path = module_file(module)
         if path is None:  # an attribute (`from x import name`), not a module

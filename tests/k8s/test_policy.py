@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings
 from shared import metrics
 from tests.k8s.manifests import (
     IMAGE_MODEL_REPOSITORY,
+    OPTIONAL_MODULES,
     EnvRef,
     Manifests,
     Obj,
@@ -290,6 +291,12 @@ def test_only_the_process_that_imports_torch_gets_the_torch_image(manifests: Man
     assert (
         manifests.process("services.explainer").container["image"].rsplit("/", 1)[-1].startswith("infermesh-explainer:")
     )
+    # A setting that switches on a torch-only module needs the torch image too.
+    for process in manifests.processes():
+        environment = manifests.environment(process.container)
+        for variable, value in OPTIONAL_MODULES.values():
+            if environment.get(variable) == value:
+                assert "infermesh-explainer:" in str(process.container["image"]), f"{process.app} sets {variable}"
 
 
 # --- network policies -----------------------------------------------------------------------

@@ -7,6 +7,12 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from shared.errors import ModelLoadFailed
+
+
+class BackendUnavailable(ModelLoadFailed):
+    """A backend this machine or install cannot run, and why (missing package, no GPU)."""
+
 
 class Backend(Protocol):
     """Runs a sequence classifier on one padded batch.

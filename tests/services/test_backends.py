@@ -1,0 +1,87 @@
+"""Every backend that can run here gives the labels ONNX Runtime fp32 gives, within a
+stated tolerance on the logits; a backend that cannot run says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from tokenizers import Tokenizer
+
+from services.inference.backends.base import BackendUnavailable
+from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from services.inference.backends.pytorch import TorchBackend, cuda_available, padded_rows
+from services.inference.server import start as start_inference
+from services.inference.settings import InferenceSettings
+from shared.grpc_client import channel
+from shared.oip import decode_raw
+from shared.padding import pad_right
+from shared.pb import grpc_predict_v2_pb2 as pb
+from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.conftest import MODEL
+from tests.test_pipeline import CLEAR_HEADLINES
+
+#: Largest absolute logit difference accepted between fp32 backends (same weights, other kernels).
+FP32_TOLERANCE = 1e-4
+TEXTS = [
+    *CLEAR_HEADLINES,
+    "Regulators open a probe into the bank's lending practices",
+    "Retailer beats on revenue but warns of weaker holiday demand",
+    "$TSLA deliveries come in below consensus for the second quarter running",
+    "Central bank leaves rates unchanged, as expected",
+]
+
+
+def encoded(built_model: Path) -> tuple[np.ndarray, np.ndarray]:
+    tokenizer = Tokenizer.from_file(str(built_model / "tokenizer.json"))
+    return pad_right([e.ids for e in tokenizer.encode_batch(TEXTS)])
+
+
+def test_torch_and_onnxruntime_agree_with_onnxruntime_fp32(built_model: Path) -> None:
+    ids, mask = encoded(built_model)
+    reference = OnnxRuntimeBackend(built_model / "model.fp32.onnx").run(ids, mask)
+    torch_cpu = TorchBackend(built_model / "hf", device="cpu").run(ids, mask)
+    assert np.abs(torch_cpu - reference).max() < FP32_TOLERANCE
+    assert (torch_cpu.argmax(axis=1) == reference.argmax(axis=1)).all()
+
+
+async def test_the_inference_service_serves_the_same_labels_with_the_torch_backend(
+    model_repository: Path, built_model: Path
+) -> None:
+    ids, mask = encoded(built_model)
+    labels = {}
+    for backend in ("onnxruntime", "torch"):
+        settings = InferenceSettings(grpc_port=0, model_repository=model_repository, backend=backend, variant="fp32")
+        running, core = await start_inference(settings)
+        request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[ids.tobytes(), mask.tobytes()])
+        for name in ("input_ids", "attention_mask"):
+            request.inputs.add(name=name, datatype="INT64", shape=list(ids.shape))
+        request.outputs.add(name="label")
+        async with channel(f"127.0.0.1:{running.port}") as ch:
+            response = await pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request)
+        output = response.outputs[0]
+        labels[backend] = decode_raw(output.name, output.datatype, output.shape, response.raw_output_contents[0])
+        await running.stop(0)
+        await core.close()
+    assert list(labels["torch"]) == list(labels["onnxruntime"])
+    assert {label.decode() for label in labels["torch"]} == {"negative", "neutral", "positive"}
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in onnxruntime.get_available_providers(), reason="onnxruntime-gpu is installed here"
+)
+def test_onnxruntime_on_cuda_without_onnxruntime_gpu_says_what_to_install(built_model: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="install onnxruntime-gpu"):
+        OnnxRuntimeBackend(built_model / "model.int8.onnx", device="cuda")
+
+
+@pytest.mark.skipif(cuda_available(), reason="this machine has a CUDA device")
+def test_torch_on_cuda_without_a_gpu_says_so(built_model: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        TorchBackend(built_model / "hf", device="cuda")
+
+
+def test_cuda_graph_row_counts_are_powers_of_two() -> None:
+    assert [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 128]
