@@ -12,7 +12,7 @@ import threading
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -405,6 +405,53 @@ def rollback(
         typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
         raise typer.Exit(1) from None
     _apply_rule(inference, model, rule)
+
+
+@app.command("build-engine")
+def build_engine(
+    repository: RepositoryOption = Path("models"),
+    model: Annotated[str, typer.Option("--model", help="Model name in the repository.")] = "finance-sentiment",
+    version: Annotated[str, typer.Option(help="Version; empty means the latest.")] = "",
+    buckets: Annotated[str, typer.Option(help="Sequence-length buckets, one engine profile each.")] = "16,32,64,128",
+    max_batch: Annotated[int, typer.Option(min=1, help="Most rows per batch (the service's max batch size).")] = 64,
+    workspace_mb: Annotated[int, typer.Option(min=64, help="Builder workspace limit.")] = 2048,
+    fp16: Annotated[bool, typer.Option(help="FP16 kernels.")] = True,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Engine cache; default: engines/ in the version folder.")
+    ] = None,
+) -> None:
+    """Build (or find in the cache) the TensorRT engine the inference service will load."""
+    from tqdm import tqdm
+
+    from services.inference.backends.tensorrt import cached_engine, engine_spec, length_profiles
+    from shared.model_repository import ModelRepository
+
+    repo = ModelRepository(repository)
+    bars: dict[str, tqdm[Any]] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar = bars.get(phase)
+        if bar is None:
+            bar = bars[phase] = tqdm(total=total, desc=phase, position=len(bars), leave=False)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bars.pop(phase).close()
+
+    try:
+        config = repo.config(model, version or None)
+        fp32 = config.variants.get("fp32")
+        if fp32 is None:
+            raise ValueError(f"{model} version {config.version} has no fp32 ONNX variant")
+        edges = [int(edge) for edge in buckets.split(",") if edge.strip()]
+        profiles = length_profiles(edges, max_batch, config.max_sequence_length)
+        spec = engine_spec(config.sha256.get(fp32, ""), profiles, fp16, workspace_mb << 20)
+        folder = repo.path(model, config.version)
+        _, path, built = cached_engine(folder / fp32, spec, cache_dir or folder / "engines", progress)
+    except (InfermeshError, ValueError) as error:
+        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps({"engine": str(path), "built": built, "spec": spec.cache_key()}, indent=2))
 
 
 @app.command("build-model")

@@ -232,9 +232,11 @@ class InferenceCore:
             except Exception as error:
                 for loaded in added.values():
                     await self._retire(loaded)
-                # Backend messages carry file paths: those go to the log, not to callers.
-                logger.error("loading %s failed", name, exc_info=error)
-                reason = error.detail if isinstance(error, InfermeshError) else f"{type(error).__name__}, see the log"
+                if isinstance(error, InfermeshError):
+                    reason = error.detail
+                else:  # backend messages carry file paths: those go to the log, not to callers
+                    logger.error("loading %s failed", name, exc_info=error)
+                    reason = f"{type(error).__name__}, see the log"
                 failed = next(v for v in wanted if v not in current and v not in added)
                 self._unavailable[(name, failed)] = f"failed to load: {reason}"
                 raise ModelLoadFailed(f"{name} version {failed} could not load ({reason}); nothing changed") from error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ from services.inference.core import InferenceCore, Limits, VersionPolicy
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared.batching import BatchPolicy
+from shared.errors import InfermeshError
 from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
 from shared.model_repository import ModelConfig, ModelRepository
 from shared.pb import grpc_predict_v2_pb2 as pb
@@ -24,24 +26,53 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-def resolve_device(settings: InferenceSettings) -> str:
-    """`cuda` where the chosen backend can use a GPU here, else `cpu` (for device auto)."""
-    if settings.device != "auto":
-        return settings.device
-    if settings.backend == "torch":
-        from services.inference.backends.pytorch import cuda_available
+#: Length buckets for backends that run fixed shapes (TensorRT profiles, CUDA graphs).
+STATIC_SHAPE_BUCKETS = (16, 32, 64, 128)
 
-        return "cuda" if cuda_available() else "cpu"
+
+def resolve_backend(settings: InferenceSettings) -> tuple[str, str]:
+    """(backend, device) for this machine: `auto` picks TensorRT where it is installed and
+    a GPU is present, else ONNX Runtime; device `auto` picks CUDA where the backend can."""
     import onnxruntime
 
-    return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+    from services.inference.backends.pytorch import cuda_available
+
+    backend = settings.backend
+    if backend == "auto":
+        backend = "tensorrt" if cuda_available() and find_spec("tensorrt") is not None else "onnxruntime"
+    if settings.device != "auto":
+        return backend, settings.device
+    if backend in ("torch", "tensorrt"):
+        return backend, "cuda" if cuda_available() else "cpu"
+    return backend, "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
 
 
 def build_core(settings: InferenceSettings) -> InferenceCore:
-    device = resolve_device(settings)
+    backend, device = resolve_backend(settings)
+    static_shapes = backend == "tensorrt" or (backend == "torch" and device == "cuda" and settings.cuda_graphs)
+    buckets = tuple(settings.length_buckets) or (STATIC_SHAPE_BUCKETS if static_shapes else ())
+    logger.info("backend %s on %s, length buckets %s", backend, device, list(buckets) or "none")
 
     def make_backend(config: ModelConfig, path: Path) -> Backend:
-        if settings.backend == "torch":
+        if backend == "tensorrt":
+            from services.inference.backends.tensorrt import (
+                TensorRTBackend,
+                cached_engine,
+                engine_spec,
+                length_profiles,
+            )
+
+            fp32 = config.variants.get("fp32")
+            if fp32 is None:
+                raise ValueError(f"model {config.name} has no fp32 ONNX variant to build a TensorRT engine from")
+            profiles = length_profiles(buckets, settings.max_batch_size, config.max_sequence_length)
+            spec = engine_spec(
+                config.sha256.get(fp32, ""), profiles, settings.tensorrt_fp16, settings.tensorrt_workspace_mb << 20
+            )
+            engine, file, built = cached_engine(path / fp32, spec, settings.engine_cache_dir or path / "engines")
+            logger.info("TensorRT engine %s (%s)", file.name, "built now" if built else "from the cache")
+            return TensorRTBackend(engine, profiles, len(config.labels))
+        if backend == "torch":
             from services.inference.backends.pytorch import TorchBackend
 
             return TorchBackend(
@@ -65,7 +96,7 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
         max_queue_delay_seconds=settings.max_queue_delay_ms / 1000,
         max_queue_size=settings.max_queue_size,
         max_concurrent_batches=settings.max_concurrent_batches,
-        length_buckets=tuple(settings.length_buckets),
+        length_buckets=buckets,
     )
     return InferenceCore(
         ModelRepository(settings.model_repository),
@@ -85,7 +116,12 @@ async def start(settings: InferenceSettings) -> tuple[RunningServer, InferenceCo
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, version("infermesh")), server)
 
     running = await start_server(settings, register, [SERVICE_NAME])
-    await core.load()
+    try:
+        await core.load()
+    except BaseException:
+        await running.stop(0)
+        await core.close()
+        raise
     await running.set_serving(True)
     logger.info("inference serving on %s:%d", settings.host, running.port)
     return running, core
@@ -100,7 +136,13 @@ async def poll_repository(core: InferenceCore, every_seconds: float) -> None:
 
 async def serve(settings: InferenceSettings) -> None:
     metrics = start_metrics(settings)
-    running, core = await start(settings)
+    try:
+        running, core = await start(settings)
+    except InfermeshError as error:  # a model or backend that cannot load: say why, no traceback
+        logger.error("inference cannot serve: %s", error.detail)
+        if metrics is not None:
+            metrics.stop()
+        raise SystemExit(1) from None
     poller = None
     if settings.repository_poll_seconds > 0:
         poller = asyncio.create_task(poll_repository(core, settings.repository_poll_seconds))

@@ -36,14 +36,24 @@ class InferenceSettings(BaseServiceSettings):
     """Look at the repository this often and load or unload versions as the version policy
     says (0: only at start and on RepositoryModelLoad/Unload calls)."""
 
-    backend: Literal["auto", "onnxruntime", "torch"] = "auto"
-    """Execution backend. auto: ONNX Runtime, on CUDA when onnxruntime-gpu sees a GPU."""
+    backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    """Execution backend. auto: TensorRT where it is installed and a GPU is present, else
+    ONNX Runtime (on CUDA when onnxruntime-gpu sees a GPU)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backend runs; auto picks CUDA when the backend can use it here."""
 
     cuda_graphs: bool = True
     """torch on CUDA: capture one CUDA graph per (batch, length bucket) shape."""
+
+    engine_cache_dir: Path | None = None
+    """Where TensorRT engines are cached; default: `engines/` in each version's folder."""
+
+    tensorrt_workspace_mb: int = 2048
+    """TensorRT builder workspace limit."""
+
+    tensorrt_fp16: bool = True
+    """Build TensorRT engines with FP16 kernels."""
 
     variant: str = ""
     """Model file variant (e.g. `int8`, `fp32`); empty means the model's default."""
@@ -73,8 +83,9 @@ class InferenceSettings(BaseServiceSettings):
 
     length_buckets: list[int] = []
     """Ascending sequence-length edges (e.g. [16, 32, 64, 128]): a batch holds one bucket's
-    sequences, so short ones are not padded to a long neighbour. Empty: first come, first
-    served, padded to the batch's longest."""
+    sequences, so short ones are not padded to a long neighbour. Empty: the backend's
+    default (none for ONNX Runtime on CPU: first come, first served, padded to the batch's
+    longest; 16/32/64/128 for TensorRT and CUDA graphs, which need fixed shapes)."""
 
     max_sequences_per_request: int = 1024
     """Rows per ModelInfer request."""

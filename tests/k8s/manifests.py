@@ -36,6 +36,7 @@ FIRST_PARTY = frozenset({"shared", "services", "gateway", "workers", "infermesh"
 #: torch backend of the inference service needs the explainer image's torch.
 OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "services.inference.backends.pytorch": ("INFERMESH_INFERENCE_BACKEND", "torch"),
+    "services.inference.backends.tensorrt": ("INFERMESH_INFERENCE_BACKEND", "tensorrt"),
 }
 
 #: Where docker/Dockerfile puts the model repository in both images.

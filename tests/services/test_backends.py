@@ -3,18 +3,24 @@ stated tolerance on the logits; a backend that cannot run says why."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import pytest
 from tokenizers import Tokenizer
+from typer.testing import CliRunner
 
+from infermesh.cli import app
 from services.inference.backends.base import BackendUnavailable
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.backends.pytorch import TorchBackend, cuda_available, padded_rows
+from services.inference.backends.tensorrt import EngineSpec, cached_engine, length_profiles
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
+from shared.errors import ModelLoadFailed
 from shared.grpc_client import channel
 from shared.oip import decode_raw
 from shared.padding import pad_right
@@ -85,3 +91,57 @@ def test_torch_on_cuda_without_a_gpu_says_so(built_model: Path) -> None:
 
 def test_cuda_graph_row_counts_are_powers_of_two() -> None:
     assert [padded_rows(n) for n in (1, 2, 3, 5, 8, 9, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 128]
+
+
+# --- TensorRT: what can be checked without TensorRT or a GPU ---------------------------------
+
+
+def test_tensorrt_profiles_cover_every_bucket_up_to_the_models_length() -> None:
+    profiles = length_profiles((16, 32, 64, 256), max_batch=64, max_length=128)
+    assert [p.length for p in profiles] == [16, 32, 64, 128]
+    assert profiles[0].shapes() == ((1, 16), (32, 16), (64, 16))
+
+
+def test_an_engine_is_cached_under_everything_that_makes_it_valid() -> None:
+    spec = EngineSpec(
+        onnx_sha256="ab" * 32,
+        tensorrt_version="10.9.0",
+        gpu="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        profiles=tuple(length_profiles((16, 32), 64, 128)),
+        fp16=True,
+        workspace_bytes=2 << 30,
+    )
+    assert spec.cache_key() == replace(spec).cache_key()
+    for change in (
+        {"onnx_sha256": "cd" * 32},
+        {"tensorrt_version": "10.10.0"},
+        {"gpu": "NVIDIA A100"},
+        {"compute_capability": "8.0"},
+        {"profiles": tuple(length_profiles((16,), 64, 128))},
+        {"fp16": False},
+        {"workspace_bytes": 1 << 30},
+    ):
+        assert replace(spec, **change).cache_key() != spec.cache_key(), change
+
+
+def test_a_cached_engine_is_read_not_rebuilt(tmp_path: Path) -> None:
+    spec = EngineSpec("ab" * 32, "10.9.0", "gpu", "9.0", tuple(length_profiles((16,), 8, 128)), True, 1 << 30)
+    (tmp_path / spec.file_name()).write_bytes(b"serialized engine")
+    engine, path, built = cached_engine(tmp_path / "model.fp32.onnx", spec, tmp_path)
+    assert (engine, path, built) == (b"serialized engine", tmp_path / spec.file_name(), False)
+
+
+@pytest.mark.skipif(find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+async def test_without_tensorrt_the_backend_says_why_and_what_to_install(model_repository: Path) -> None:
+    with pytest.raises(BackendUnavailable, match=r"pip install 'infermesh\[tensorrt\]'"):
+        cached_engine(model_repository / MODEL / "1" / "model.fp32.onnx", replace_spec(), model_repository / "e")
+    settings = InferenceSettings(grpc_port=0, model_repository=model_repository, backend="tensorrt")
+    with pytest.raises(ModelLoadFailed, match="needs TensorRT 10"):
+        await start_inference(settings)
+    result = CliRunner().invoke(app, ["build-engine", "--repository", str(model_repository)])
+    assert result.exit_code == 2 and "needs TensorRT 10" in result.output
+
+
+def replace_spec() -> EngineSpec:
+    return EngineSpec("00" * 32, "none", "none", "0.0", tuple(length_profiles((16,), 8, 128)), True, 1 << 30)
