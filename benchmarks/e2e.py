@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import socket
 import statistics
 import threading
@@ -47,6 +48,7 @@ from shared.kafka import KafkaSettings, ensure_topics
 from shared.model_repository import ModelRepository
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
+from shared.pb import grpc_predict_v2_pb2 as infer_pb
 from shared.pipeline import PipelineClient, PipelineTargets
 from workers.sentiment_monitor.messages import NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from workers.sentiment_monitor.settings import MonitorSettings
@@ -78,6 +80,11 @@ class Row:
     p50_ms: float | None
     p99_ms: float | None
     note: str = ""
+    tokens: int = 32
+    """Tokens per headline of the workload; ratios compare rows of the same length."""
+    memory_mb: float | None = None
+    """Resident memory of what served the row: the peak of its own process for in-process
+    rows, the tokenizer + inference + post-processor processes after the row for the mesh."""
 
 
 def make_headlines(tokenizer_path: Path, count: int, target_tokens: int = 32, seed: int = 7) -> list[str]:
@@ -142,13 +149,28 @@ def bert_gflop(tokens: int, layers: int = 6, hidden: int = 384, intermediate: in
     return layers * per_layer / 1e9
 
 
-def bench_transformers(hf_dir: Path, headlines: list[str], batched: list[list[str]]) -> list[Row]:
+def in_own_process(run: Callable[..., list[Row]], *args: object) -> list[Row]:
+    """Runs an in-process benchmark in a fresh process, so each row's memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        rows, peak_kb = pool.apply(_measured, (run, *args))
+    for row in rows:
+        row.memory_mb = peak_kb / 1024
+    return rows
+
+
+def _measured(run: Callable[..., list[Row]], *args: object) -> tuple[list[Row], int]:
+    rows = run(*args)
+    return rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def bench_transformers(hf_dir: Path, headlines: list[str], batched: list[list[str]], tokens: int) -> list[Row]:
     import torch
     from transformers import pipeline
 
     torch.set_num_threads(os.cpu_count() or 1)
     classifier = pipeline("text-classification", model=str(hf_dir), tokenizer=str(hf_dir), device=-1)
-    return [
+    rows = [
         time_loop("transformers pipeline, batch 1 loop", list(headlines), lambda h: classifier(h), "torch fp32"),
         time_batched(
             "transformers pipeline, batch 32",
@@ -158,14 +180,19 @@ def bench_transformers(hf_dir: Path, headlines: list[str], batched: list[list[st
             "torch fp32",
         ),
     ]
+    for row in rows:
+        row.tokens = tokens
+    return rows
 
 
 def _run(backend: OnnxRuntimeBackend, inputs: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]) -> object:
     return backend.run(*inputs)
 
 
-def bench_onnxruntime(folder: Path, files: dict[str, str], headlines: list[str], batched: list[list[str]]) -> list[Row]:
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+def bench_onnxruntime(
+    model_file: Path, tokenizer_file: Path, variant: str, headlines: list[str], batched: list[list[str]], tokens: int
+) -> list[Row]:
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     tokenizer.no_truncation()
 
     def encode(texts: list[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -178,16 +205,63 @@ def bench_onnxruntime(folder: Path, files: dict[str, str], headlines: list[str],
 
     singles = [encode([h]) for h in headlines]
     batches = [encode(b) for b in batched]
-    rows = []
-    for variant in ("fp32", "int8"):
-        backend = OnnxRuntimeBackend(folder / files[variant])
-        rows.append(time_loop(f"ONNX Runtime {variant}, batch 1 loop", singles, partial(_run, backend), "model only"))
-        rows.append(
-            time_batched(
-                f"ONNX Runtime {variant}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"
-            )
-        )
+    backend = OnnxRuntimeBackend(model_file)
+    rows = [
+        time_loop(f"ONNX Runtime {variant}, batch 1 loop", singles, partial(_run, backend), "model only"),
+        time_batched(
+            f"ONNX Runtime {variant}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"
+        ),
+    ]
+    for row in rows:
+        row.tokens = tokens
     return rows
+
+
+def encode_requests(tokenizer_file: Path, headlines: list[str], per_request: int, model: str) -> list[bytes]:
+    """Serialized OIP ModelInfer requests of `per_request` pre-tokenized headlines each."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.no_truncation()
+    tokenizer.enable_padding()
+    requests = []
+    for start in range(0, len(headlines), per_request):
+        encodings = tokenizer.encode_batch(headlines[start : start + per_request])
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        request = infer_pb.ModelInferRequest(model_name=model, raw_input_contents=[ids.tobytes(), mask.tobytes()])
+        for name in ("input_ids", "attention_mask"):
+            request.inputs.add(name=name, datatype="INT64", shape=list(ids.shape))
+        request.outputs.add(name="label")
+        requests.append(request.SerializeToString())
+    return requests
+
+
+async def bench_inference_service(target: str, requests: list[bytes], per_request: int, concurrency: int) -> Row:
+    """The inference service alone over OIP gRPC: pre-tokenized batches, no other hop."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+        await infer(requests[0])
+        latencies: list[float] = []
+        queue = list(requests)
+
+        async def worker() -> None:
+            while queue:
+                request = queue.pop()
+                t0 = time.perf_counter()
+                await infer(request)
+                latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return Row(
+        f"inference service alone (OIP gRPC), {concurrency} clients x {per_request} pre-tokenized",
+        len(requests) * per_request / elapsed,
+        percentile(latencies, 50),
+        percentile(latencies, 99),
+        "ModelInfer only",
+    )
 
 
 async def bench_mesh(client: PipelineClient, headlines: list[str], concurrency: int, per_request: int) -> Row:
@@ -434,8 +508,12 @@ def bench_tracing_cost(
         untraced.stop()
 
 
+def mesh_rss_mb(mesh: LocalMesh) -> float:
+    return sum(rss_mb(mesh.processes[name].pid) for name in ("tokenizer", "inference", "postprocessor"))
+
+
 def run_mesh_benchmarks(
-    repository: Path, headlines: list[str]
+    repository: Path, model: str, tokenizer_file: Path, headlines: list[str], long_headlines: list[str]
 ) -> tuple[list[Row], float, list[int], list[TracingCost]]:
     receiver = TraceReceiver()
     mesh = LocalMesh(
@@ -450,12 +528,22 @@ def run_mesh_benchmarks(
         targets = PipelineTargets(addresses["tokenizer"], addresses["inference"], addresses["postprocessor"])
 
         async def go() -> list[Row]:
+            rows = []
+            for texts, tokens in ((headlines, 32), (long_headlines, 128)):
+                requests = encode_requests(tokenizer_file, texts, 32, model)
+                rows.append(await bench_inference_service(addresses["inference"], requests, 32, concurrency=4))
+                rows[-1].tokens = tokens
+                rows[-1].memory_mb = rss_mb(mesh.processes["inference"].pid)
             async with PipelineClient(targets) as client:
-                return [
-                    await bench_mesh(client, headlines[:300], concurrency=1, per_request=1),
-                    await bench_mesh(client, headlines, concurrency=16, per_request=1),
-                    await bench_mesh(client, headlines, concurrency=4, per_request=32),
-                ]
+                for texts, tokens, workloads in (
+                    (headlines, 32, ((1, 1, 300), (16, 1, len(headlines)), (4, 32, len(headlines)))),
+                    (long_headlines, 128, ((1, 1, 100), (4, 32, len(long_headlines)))),
+                ):
+                    for concurrency, per_request, count in workloads:
+                        row = await bench_mesh(client, texts[:count], concurrency, per_request)
+                        row.tokens, row.memory_mb = tokens, mesh_rss_mb(mesh)
+                        rows.append(row)
+            return rows
 
         rows = asyncio.run(go())
         gateway = mesh.start_gateway("", _free_port())
@@ -472,7 +560,10 @@ def run_mesh_benchmarks(
             )
         )
         rows.append(asyncio.run(bench_explain(explainer, headlines[:20], explainer_pb.METHOD_OCCLUSION, "occlusion")))
+        explainer_pid = mesh.processes["explainer"].pid
+        rows[-1].memory_mb = rows[-2].memory_mb = rss_mb(explainer_pid)
         kafka_row, lags = bench_kafka(mesh, headlines)
+        kafka_row.memory_mb = mesh_rss_mb(mesh)
         rows.append(kafka_row)
         memory = rss_mb(mesh.processes["inference"].pid)
         tracing = bench_tracing_cost(mesh, receiver, repository, headlines)
@@ -502,39 +593,61 @@ def main() -> None:
     print(
         f"benchmarking {args.model} v{config.version}: {len(headlines)} headlines, {mean_tokens:.1f} tokens on average"
     )
-    mesh_rows, inference_rss, lags, tracing = run_mesh_benchmarks(args.repository, headlines)
-    ort_rows = bench_onnxruntime(folder, config.variants, headlines[:300], batched)
-    hf_rows = bench_transformers(folder / "hf", headlines[:200], batched[:12])
-    rows = hf_rows + ort_rows + mesh_rows
+    tokenizer_file = folder / config.tokenizer
+    long_headlines = make_headlines(tokenizer_file, 512, target_tokens=128)
+    long_batched = [long_headlines[i : i + 32] for i in range(0, len(long_headlines), 32)]
+    mesh_rows, inference_rss, lags, tracing = run_mesh_benchmarks(
+        args.repository, args.model, tokenizer_file, headlines, long_headlines
+    )
+    local_rows: list[Row] = []
+    for texts, batches, tokens in ((headlines, batched, 32), (long_headlines, long_batched, 128)):
+        count = 200 if tokens == 32 else 60
+        local_rows += in_own_process(bench_transformers, folder / "hf", texts[:count], batches[:12], tokens)
+        for variant in ("fp32", "int8"):
+            model_file = folder / config.variants[variant]
+            local_rows += in_own_process(
+                bench_onnxruntime, model_file, tokenizer_file, variant, texts[:300], batches, tokens
+            )
+    rows = local_rows + mesh_rows
     gflops = gemm_gflops()
     per_headline = bert_gflop(round(mean_tokens))
 
-    by_name = {row.name: row for row in rows}
-    hf_loop = by_name["transformers pipeline, batch 1 loop"].headlines_per_second
-    ort_int8 = by_name["ONNX Runtime int8, batch 32"].headlines_per_second
+    by_name = {(row.name, row.tokens): row for row in rows}
+    hf_loop = {t: by_name["transformers pipeline, batch 1 loop", t].headlines_per_second for t in (32, 128)}
+    ort_int8 = {t: by_name["ONNX Runtime int8, batch 32", t].headlines_per_second for t in (32, 128)}
     print()
-    print(f"{'path':<62} {'headlines/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'x HF loop':>10} {'x ORT int8 b32':>15}")
-    for row in rows:
+    print("ratios compare rows of the same length; memory: see docs/benchmarks.md")
+    header = f"{'path':<66} {'tok':>4} {'headlines/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'MB':>6}"
+    print(f"{header} {'x HF loop':>10} {'x ORT int8 b32':>15}")
+    for row in sorted(rows, key=lambda r: r.tokens):
         p50 = f"{row.p50_ms:.2f}" if row.p50_ms is not None else "-"
         p99 = f"{row.p99_ms:.2f}" if row.p99_ms is not None else "-"
+        memory = f"{row.memory_mb:.0f}" if row.memory_mb is not None else "-"
         print(
-            f"{row.name:<62} {row.headlines_per_second:>12.1f} {p50:>8} {p99:>8} "
-            f"{row.headlines_per_second / hf_loop:>10.2f} {row.headlines_per_second / ort_int8:>15.2f}"
+            f"{row.name:<66} {row.tokens:>4} {row.headlines_per_second:>12.1f} {p50:>8} {p99:>8} {memory:>6} "
+            f"{row.headlines_per_second / hf_loop[row.tokens]:>10.2f} "
+            f"{row.headlines_per_second / ort_int8[row.tokens]:>15.2f}"
         )
     print()
-    print(f"machine fp32 GEMM (numpy, 2048^3): {gflops:.0f} GFLOP/s; model: {per_headline:.2f} GFLOP per headline")
-    print(f"  => fp32 compute bound: {gflops / per_headline:.0f} headlines/s")
+    print(f"machine fp32 GEMM (numpy, 2048^3): {gflops:.0f} GFLOP/s")
+    for tokens in (32, 128):
+        gflop = bert_gflop(tokens)
+        reached = ort_int8[tokens] * gflop
+        print(
+            f"  {tokens:>3} tokens: {gflop:.2f} GFLOP per headline; the default (ONNX Runtime int8, batch 32) does "
+            f"{reached:.0f} GFLOP/s = {reached / gflops:.2f}x the fp32 GEMM rate (fp32 bound: {gflops / gflop:.0f}/s)"
+        )
     print(f"inference service resident memory after the run: {inference_rss:.0f} MB")
     if lags:
         print(
             f"Kafka consumer lag during the run (records): max {max(lags)}, "
             f"mean {statistics.fmean(lags):.0f}, final {lags[-1]}"
         )
-    kafka_rate = by_name["infermesh via Kafka e2e (produce N, until all scored)"].headlines_per_second
-    best_grpc = max(r.headlines_per_second for r in mesh_rows if r.name.startswith("infermesh gRPC"))
+    kafka_rate = by_name["infermesh via Kafka e2e (produce N, until all scored)", 32].headlines_per_second
+    best_grpc = max(r.headlines_per_second for r in mesh_rows if r.name.startswith("infermesh gRPC") and r.tokens == 32)
     rest, grpc_single = (
-        by_name["gateway REST /v1/sentiment, 1 client x 1 headline/request"],
-        by_name["infermesh gRPC e2e, 1 client x 1 headline/request"],
+        by_name["gateway REST /v1/sentiment, 1 client x 1 headline/request", 32],
+        by_name["infermesh gRPC e2e, 1 client x 1 headline/request", 32],
     )
     if rest.p50_ms is not None and grpc_single.p50_ms is not None and rest.p99_ms and grpc_single.p99_ms:
         print(
