@@ -154,6 +154,8 @@ def in_own_process(run: Callable[..., list[Row]], *args: object) -> list[Row]:
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
         rows, peak_kb = pool.apply(_measured, (run, *args))
+        pool.close()
+        pool.join()
     for row in rows:
         row.memory_mb = peak_kb / 1024
     return rows

@@ -39,7 +39,9 @@ def resolve_backend(settings: InferenceSettings) -> tuple[str, str]:
 
     backend = settings.backend
     if backend == "auto":
-        backend = "tensorrt" if cuda_available() and find_spec("tensorrt") is not None else "onnxruntime"
+        # TensorRT's presence first: probing CUDA imports torch (about 200 MB), which the
+        # default ONNX Runtime service must not carry.
+        backend = "tensorrt" if find_spec("tensorrt") is not None and cuda_available() else "onnxruntime"
     if settings.device != "auto":
         return backend, settings.device
     if backend in ("torch", "tensorrt"):

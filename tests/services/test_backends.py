@@ -3,6 +3,8 @@ stated tolerance on the logits; a backend that cannot run says why."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
@@ -145,3 +147,16 @@ async def test_without_tensorrt_the_backend_says_why_and_what_to_install(model_r
 
 def replace_spec() -> EngineSpec:
     return EngineSpec("00" * 32, "none", "none", "0.0", tuple(length_profiles((16,), 8, 128)), True, 1 << 30)
+
+
+def test_the_default_service_does_not_load_torch(model_repository: Path) -> None:
+    """Choosing the backend must not import torch (about 200 MB) into an ONNX Runtime service."""
+    probe = (
+        "import sys\n"
+        "from services.inference.server import build_core\n"
+        "from services.inference.settings import InferenceSettings\n"
+        f"build_core(InferenceSettings(model_repository={str(model_repository)!r}))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert completed.stdout.strip() == "False"
