@@ -95,9 +95,9 @@ def make_headlines(tokenizer_path: Path, count: int, target_tokens: int = 32, se
     rng = random.Random(seed)
     headlines: list[str] = []
     while len(headlines) < count:
-        words = (
-            f"{rng.choice(OPENINGS).format(t='$' + rng.choice(TICKERS))} {rng.choice(TAILS)} {rng.choice(TAILS)}"
-        ).split()
+        words = f"{rng.choice(OPENINGS).format(t='$' + rng.choice(TICKERS))} {rng.choice(TAILS)}".split()
+        while len(tokenizer.encode(" ".join(words)).ids) <= target_tokens:  # long enough to cut
+            words += rng.choice(TAILS).split()
         while len(tokenizer.encode(" ".join(words)).ids) > target_tokens:
             words.pop()
         headlines.append(" ".join(words))
