@@ -60,20 +60,24 @@ def built_model() -> Path:
     return folder.resolve()
 
 
+def link_version(root: Path, built_model: Path, version: str, **config_changes: object) -> Path:
+    """`root/MODEL/version`: links to the built model's files, and its own config.json
+    (with `config_changes`), so versions cost no disk and differ where a test needs."""
+    folder = root / MODEL / version
+    folder.mkdir(parents=True)
+    for item in built_model.iterdir():
+        if item.name != "config.json":
+            (folder / item.name).symlink_to(item)
+    config = json.loads((built_model / "config.json").read_text()) | {"version": version} | config_changes
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def model_repository(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    for version, temperature in (("1", None), ("2", VERSION_2_TEMPERATURE)):
-        folder = root / MODEL / version
-        folder.mkdir(parents=True)
-        for item in built_model.iterdir():
-            if item.name != "config.json":
-                (folder / item.name).symlink_to(item)
-        config = json.loads((built_model / "config.json").read_text())
-        config["version"] = version
-        if temperature is not None:
-            config["temperature"] = temperature
-        (folder / "config.json").write_text(json.dumps(config))
+    link_version(root, built_model, "1")
+    link_version(root, built_model, "2", temperature=VERSION_2_TEMPERATURE)
     return root
 
 

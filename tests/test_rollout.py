@@ -4,7 +4,6 @@ promotion that refuses a worse candidate, and rollback, through the CLI a user r
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from shared.grpc_client import channel
 from shared.model_repository import ModelRepository, RolloutRule
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
-from tests.conftest import MODEL
+from tests.conftest import MODEL, link_version
 from tests.test_pipeline import CLEAR_HEADLINES
 
 runner = CliRunner()
@@ -31,24 +30,11 @@ runner = CliRunner()
 SWAPPED_LABELS = ["positive", "neutral", "negative"]
 
 
-def add_version(repository: Path, built_model: Path, version: str, labels: list[str] | None = None) -> None:
-    folder = repository / MODEL / version
-    folder.mkdir(parents=True)
-    for item in built_model.iterdir():
-        if item.name != "config.json":
-            (folder / item.name).symlink_to(item)
-    config = json.loads((built_model / "config.json").read_text())
-    config["version"] = version
-    if labels is not None:
-        config["labels"] = labels
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 @pytest.fixture
 def repository(built_model: Path, tmp_path: Path) -> Path:
-    add_version(tmp_path, built_model, "1")
-    add_version(tmp_path, built_model, "2", SWAPPED_LABELS)
-    add_version(tmp_path, built_model, "3")
+    link_version(tmp_path, built_model, "1")
+    link_version(tmp_path, built_model, "2", labels=SWAPPED_LABELS)
+    link_version(tmp_path, built_model, "3")
     ModelRepository(tmp_path).write_rollout(MODEL, RolloutRule(serving="1"))
     return tmp_path
 

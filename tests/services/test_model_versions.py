@@ -20,26 +20,19 @@ from services.inference.settings import InferenceSettings
 from shared.grpc_client import channel
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
-from tests.conftest import MODEL
+from tests.conftest import MODEL, link_version
 
 IDS = np.array([[101, 7592, 2015, 17406, 2044, 5618, 5432, 102]], dtype=np.int64)
 
 
 def add_version(repository: Path, built_model: Path, version: str, broken: bool = False) -> None:
-    """A version folder linking the built model's files (its own config), or with a
-    model file that is not ONNX at all."""
-    folder = repository / MODEL / version
-    folder.mkdir(parents=True)
-    config = json.loads((built_model / "config.json").read_text())
-    config["version"] = version
-    for item in built_model.iterdir():
-        if item.name == "config.json":
-            continue
-        if broken and item.name == config["variants"][config["default_variant"]]:
-            (folder / item.name).write_bytes(b"not an onnx graph")
-        else:
-            (folder / item.name).symlink_to(item)
-    (folder / "config.json").write_text(json.dumps(config))
+    """A version linking the built model, or one whose model file is not ONNX at all."""
+    folder = link_version(repository, built_model, version)
+    if broken:
+        config = json.loads((folder / "config.json").read_text())
+        model_file = folder / config["variants"][config["default_variant"]]
+        model_file.unlink()
+        model_file.write_bytes(b"not an onnx graph")
 
 
 @pytest.fixture
