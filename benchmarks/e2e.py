@@ -43,9 +43,11 @@ from tokenizers import Tokenizer
 from gateway.traces import TraceStore, start_receiver
 from infermesh.broker import EmbeddedBroker
 from infermesh.mesh import SERVICES, LocalMesh
+from services.inference.backends.base import Backend
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from shared.kafka import KafkaSettings, ensure_topics
 from shared.model_repository import ModelRepository
+from shared.padding import pad_right
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pb import grpc_predict_v2_pb2 as infer_pb
@@ -187,7 +189,7 @@ def bench_transformers(hf_dir: Path, headlines: list[str], batched: list[list[st
     return rows
 
 
-def _run(backend: OnnxRuntimeBackend, inputs: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]) -> object:
+def _run(backend: Backend, inputs: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]) -> object:
     return backend.run(*inputs)
 
 
@@ -212,6 +214,29 @@ def bench_onnxruntime(
         time_loop(f"ONNX Runtime {variant}, batch 1 loop", singles, partial(_run, backend), "model only"),
         time_batched(
             f"ONNX Runtime {variant}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"
+        ),
+    ]
+    for row in rows:
+        row.tokens = tokens
+    return rows
+
+
+def bench_torch(
+    hf_dir: Path, tokenizer_file: Path, dtype: str, headlines: list[str], batched: list[list[str]], tokens: int
+) -> list[Row]:
+    """The torch backend of the inference service, model only (bf16 uses AMX where present)."""
+    from services.inference.backends.pytorch import TorchBackend
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    singles = [pad_right([tokenizer.encode(h).ids]) for h in headlines]
+    batches = [pad_right([e.ids for e in tokenizer.encode_batch(b)]) for b in batched]
+    backend = TorchBackend(hf_dir, device="cpu", dtype=dtype)
+    rows = [
+        time_loop(f"torch backend {dtype}, batch 1 loop", singles, partial(_run, backend), "model only"),
+        time_batched(
+            f"torch backend {dtype}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"
         ),
     ]
     for row in rows:
@@ -610,6 +635,7 @@ def main() -> None:
             local_rows += in_own_process(
                 bench_onnxruntime, model_file, tokenizer_file, variant, texts[:300], batches, tokens
             )
+        local_rows += in_own_process(bench_torch, folder / "hf", tokenizer_file, "bf16", texts[:300], batches, tokens)
     rows = local_rows + mesh_rows
     gflops = gemm_gflops()
     per_headline = bert_gflop(round(mean_tokens))

@@ -75,10 +75,14 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
             logger.info("TensorRT engine %s (%s)", file.name, "built now" if built else "from the cache")
             return TensorRTBackend(engine, profiles, len(config.labels))
         if backend == "torch":
-            from services.inference.backends.pytorch import TorchBackend
+            from services.inference.backends.pytorch import TorchBackend, auto_dtype
 
             return TorchBackend(
-                path / "hf", device=device, cuda_graphs=settings.cuda_graphs, threads=settings.intra_op_threads
+                path / "hf",
+                device=device,
+                dtype=auto_dtype(device) if settings.torch_dtype == "auto" else settings.torch_dtype,
+                cuda_graphs=settings.cuda_graphs,
+                threads=settings.intra_op_threads,
             )
         from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 

@@ -43,6 +43,9 @@ class InferenceSettings(BaseServiceSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backend runs; auto picks CUDA when the backend can use it here."""
 
+    torch_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """torch backend precision. auto: fp16 on CUDA, bf16 on CPUs with AMX, else fp32."""
+
     cuda_graphs: bool = True
     """torch on CUDA: capture one CUDA graph per (batch, length bucket) shape."""
 

@@ -55,13 +55,28 @@ def test_torch_and_onnxruntime_agree_with_onnxruntime_fp32(built_model: Path) ->
     assert (torch_cpu.argmax(axis=1) == reference.argmax(axis=1)).all()
 
 
+#: bf16 keeps 8 bits of mantissa: logits move by a few hundredths (0.05 at most measured).
+BF16_TOLERANCE = 0.25
+
+
+def test_torch_bf16_keeps_the_fp32_labels_within_its_tolerance(built_model: Path) -> None:
+    ids, mask = encoded(built_model)
+    reference = OnnxRuntimeBackend(built_model / "model.fp32.onnx").run(ids, mask)
+    bf16 = TorchBackend(built_model / "hf", device="cpu", dtype="bf16").run(ids, mask)
+    assert bf16.dtype == np.float32
+    assert np.abs(bf16 - reference).max() < BF16_TOLERANCE
+    assert (bf16.argmax(axis=1) == reference.argmax(axis=1)).all()
+
+
 async def test_the_inference_service_serves_the_same_labels_with_the_torch_backend(
     model_repository: Path, built_model: Path
 ) -> None:
     ids, mask = encoded(built_model)
     labels = {}
     for backend in ("onnxruntime", "torch"):
-        settings = InferenceSettings(grpc_port=0, model_repository=model_repository, backend=backend, variant="fp32")
+        settings = InferenceSettings(
+            grpc_port=0, model_repository=model_repository, backend=backend, variant="fp32", torch_dtype="fp32"
+        )
         running, core = await start_inference(settings)
         request = pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[ids.tobytes(), mask.tobytes()])
         for name in ("input_ids", "attention_mask"):
