@@ -193,51 +193,32 @@ def _run(backend: Backend, inputs: tuple[npt.NDArray[np.int64], npt.NDArray[np.i
     return backend.run(*inputs)
 
 
-def bench_onnxruntime(
-    model_file: Path, tokenizer_file: Path, variant: str, headlines: list[str], batched: list[list[str]], tokens: int
+def bench_backend(
+    kind: str,
+    model_path: Path,
+    tokenizer_file: Path,
+    precision: str,
+    headlines: list[str],
+    batched: list[list[str]],
+    tokens: int,
 ) -> list[Row]:
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    tokenizer.no_truncation()
+    """One inference backend on the model alone: `onnxruntime` on an ONNX file, or `torch`
+    on the `hf/` weights (bf16 uses AMX where the CPU has it)."""
+    backend: Backend
+    if kind == "torch":
+        from services.inference.backends.pytorch import TorchBackend
 
-    def encode(texts: list[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        tokenizer.enable_padding()
-        encodings = tokenizer.encode_batch(texts)
-        return (
-            np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        )
-
-    singles = [encode([h]) for h in headlines]
-    batches = [encode(b) for b in batched]
-    backend = OnnxRuntimeBackend(model_file)
-    rows = [
-        time_loop(f"ONNX Runtime {variant}, batch 1 loop", singles, partial(_run, backend), "model only"),
-        time_batched(
-            f"ONNX Runtime {variant}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"
-        ),
-    ]
-    for row in rows:
-        row.tokens = tokens
-    return rows
-
-
-def bench_torch(
-    hf_dir: Path, tokenizer_file: Path, dtype: str, headlines: list[str], batched: list[list[str]], tokens: int
-) -> list[Row]:
-    """The torch backend of the inference service, model only (bf16 uses AMX where present)."""
-    from services.inference.backends.pytorch import TorchBackend
-
+        backend, title = TorchBackend(model_path, device="cpu", dtype=precision), f"torch backend {precision}"
+    else:
+        backend, title = OnnxRuntimeBackend(model_path), f"ONNX Runtime {precision}"
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     tokenizer.no_truncation()
     tokenizer.no_padding()
     singles = [pad_right([tokenizer.encode(h).ids]) for h in headlines]
     batches = [pad_right([e.ids for e in tokenizer.encode_batch(b)]) for b in batched]
-    backend = TorchBackend(hf_dir, device="cpu", dtype=dtype)
     rows = [
-        time_loop(f"torch backend {dtype}, batch 1 loop", singles, partial(_run, backend), "model only"),
-        time_batched(
-            f"torch backend {dtype}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"
-        ),
+        time_loop(f"{title}, batch 1 loop", singles, partial(_run, backend), "model only"),
+        time_batched(f"{title}, batch 32", batches, lambda b: len(b[0]), partial(_run, backend), "model only"),
     ]
     for row in rows:
         row.tokens = tokens
@@ -630,12 +611,14 @@ def main() -> None:
     for texts, batches, tokens in ((headlines, batched, 32), (long_headlines, long_batched, 128)):
         count = 200 if tokens == 32 else 60
         local_rows += in_own_process(bench_transformers, folder / "hf", texts[:count], batches[:12], tokens)
-        for variant in ("fp32", "int8"):
-            model_file = folder / config.variants[variant]
+        for kind, model_path, precision in (
+            ("onnxruntime", folder / config.variants["fp32"], "fp32"),
+            ("onnxruntime", folder / config.variants["int8"], "int8"),
+            ("torch", folder / "hf", "bf16"),
+        ):
             local_rows += in_own_process(
-                bench_onnxruntime, model_file, tokenizer_file, variant, texts[:300], batches, tokens
+                bench_backend, kind, model_path, tokenizer_file, precision, texts[:300], batches, tokens
             )
-        local_rows += in_own_process(bench_torch, folder / "hf", tokenizer_file, "bf16", texts[:300], batches, tokens)
     rows = local_rows + mesh_rows
     gflops = gemm_gflops()
     per_headline = bert_gflop(round(mean_tokens))

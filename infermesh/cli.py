@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
@@ -218,6 +220,17 @@ def train(
     typer.echo(json.dumps(summary["validation_torch"], indent=2))
 
 
+@contextmanager
+def refusals(exit_code: int) -> Iterator[None]:
+    """Turns what a user can fix (bad files, refused rollout steps, missing versions or
+    backends) into one `error:` line and an exit status, never a traceback."""
+    try:
+        yield
+    except (InfermeshError, ValueError, FileExistsError) as error:
+        typer.echo(f"error: {error.detail if isinstance(error, InfermeshError) else error}", err=True)
+        raise typer.Exit(exit_code) from None
+
+
 @app.command()
 def finetune(
     train_file: Annotated[Path, typer.Option("--train", help="Training data: .csv with a header, or .jsonl.")],
@@ -242,13 +255,13 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Same seed, data and machine give the same weights.")] = 13,
 ) -> None:
     """Fine-tune LoRA adapters and a head on your labelled data into a new model version."""
-    from infermesh.model.data import DatasetError, parse_label_map
+    from infermesh.model.data import parse_label_map
     from infermesh.model.finetune import DataSpec
     from infermesh.model.finetune import finetune as run_finetune
     from infermesh.model.train import TrainConfig
 
     logging.basicConfig(level=logging.WARNING)
-    try:
+    with refusals(2):
         spec = DataSpec(
             train_file,
             valid_file,
@@ -268,9 +281,6 @@ def finetune(
             max_length=max_length,
         )
         target = run_finetune(spec, repository, model, version, config)
-    except (DatasetError, ValueError, FileExistsError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     metrics = json.loads((target / "metrics.json").read_text())
     default = metrics["variants"][metrics["default_variant"]]
     typer.echo(
@@ -332,7 +342,7 @@ def rollout(
     from shared.model_repository import ModelRepository
 
     repo = ModelRepository(repository)
-    try:
+    with refusals(1):
         if serving:
             repo.write_rollout(model, RolloutRule(serving=serving))
             rule = RolloutRule(serving=serving)
@@ -342,9 +352,6 @@ def rollout(
             rule = start_candidate(repo, model, candidate, "shadow" if shadow else "canary", canary)
         else:
             raise RolloutRefused("give --candidate (with --canary or --shadow), --stop or --serving")
-    except (RolloutRefused, ValueError, InfermeshError) as error:
-        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
-        raise typer.Exit(1) from None
     _apply_rule(inference, model, rule)
 
 
@@ -366,13 +373,13 @@ def promote(
     inference: InferenceOption = "127.0.0.1:8001",
 ) -> None:
     """Make a candidate the serving version, if it is not worse than what serves."""
-    from infermesh.model.data import DatasetError, parse_label_map
+    from infermesh.model.data import parse_label_map
     from infermesh.model.rollout import LabelledFile, RolloutRefused, compare, current_rule
     from infermesh.model.rollout import promote as run_promote
     from shared.model_repository import ModelRepository
 
     repo = ModelRepository(repository)
-    try:
+    with refusals(1):
         version = candidate or current_rule(repo, model).candidate or ""
         if not version:
             raise RolloutRefused("no candidate: give --candidate or start one with `infermesh rollout`")
@@ -382,9 +389,6 @@ def promote(
             comparison = compare(repo, model, version, labelled)
             typer.echo(json.dumps(comparison.as_dict(), indent=2))
         rule = run_promote(repo, model, version, comparison, tolerance, force)
-    except (RolloutRefused, DatasetError, ValueError, InfermeshError) as error:
-        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
-        raise typer.Exit(1) from None
     _apply_rule(inference, model, rule)
 
 
@@ -395,15 +399,11 @@ def rollback(
     inference: InferenceOption = "127.0.0.1:8001",
 ) -> None:
     """Return to the version that served before the last promotion."""
-    from infermesh.model.rollout import RolloutRefused
     from infermesh.model.rollout import rollback as run_rollback
     from shared.model_repository import ModelRepository
 
-    try:
+    with refusals(1):
         rule = run_rollback(ModelRepository(repository), model)
-    except (RolloutRefused, ValueError, InfermeshError) as error:
-        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
-        raise typer.Exit(1) from None
     _apply_rule(inference, model, rule)
 
 
@@ -438,7 +438,7 @@ def build_engine(
         if done >= total:
             bars.pop(phase).close()
 
-    try:
+    with refusals(2):
         config = repo.config(model, version or None)
         fp32 = config.variants.get("fp32")
         if fp32 is None:
@@ -448,9 +448,6 @@ def build_engine(
         spec = engine_spec(config.sha256.get(fp32, ""), profiles, fp16, workspace_mb << 20)
         folder = repo.path(model, config.version)
         _, path, built = cached_engine(folder / fp32, spec, cache_dir or folder / "engines", progress)
-    except (InfermeshError, ValueError) as error:
-        typer.echo(f"error: {getattr(error, 'detail', error)}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(json.dumps({"engine": str(path), "built": built, "spec": spec.cache_key()}, indent=2))
 
 

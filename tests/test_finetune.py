@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from infermesh.cli import app
-from infermesh.model.data import DatasetError
+from infermesh.model.data import DatasetError, Example
 from infermesh.model.finetune import DataSpec, load_dataset, next_version
+from infermesh.model.train import TrainConfig, fit, predict_logits
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
 from shared.grpc_client import channel
@@ -195,3 +197,17 @@ def test_versions_are_numbered_after_every_existing_folder(tmp_path: Path) -> No
     for name in ("1", "3", ".4.building", "notes"):
         (tmp_path / "mine" / name).mkdir(parents=True)
     assert next_version(tmp_path, "mine") == "4"
+
+
+def test_the_same_seed_and_data_give_the_same_weights() -> None:
+    rows = headlines(32, seed=5)
+    examples = [Example(r["headline"], int(r["tone"] == "bullish")) for r in rows]
+    config = TrainConfig(epochs=2, batch_size=8, max_length=32, labels=("bearish", "bullish"))
+
+    def trained_logits(seed: int) -> np.ndarray:
+        fitted = fit(examples, examples[:8], replace(config, seed=seed))
+        return predict_logits(fitted.model, fitted.tokenizer, examples, config.max_length)
+
+    first = trained_logits(13)
+    np.testing.assert_array_equal(trained_logits(13), first)
+    assert not np.array_equal(trained_logits(14), first), "the seed decides the initialisation and order"

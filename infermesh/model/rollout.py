@@ -16,7 +16,7 @@ from infermesh.model.data import read_labelled, to_examples
 from shared.model_repository import ModelRepository, RolloutRule
 
 
-class RolloutRefused(Exception):
+class RolloutRefused(ValueError):
     """A rollout step that would make things worse or does not make sense; says why."""
 
 

@@ -21,13 +21,18 @@ def _by_trace(trace_id: int) -> list[ReadableSpan]:
     return [s for s in SPANS.get_finished_spans() if s.context is not None and s.context.trace_id == trace_id]
 
 
-async def test_one_rest_call_is_one_trace_across_every_hop(client: httpx.AsyncClient) -> None:
+async def _traced_sentiment_call(client: httpx.AsyncClient) -> ReadableSpan:
+    """POSTs one headline with a fresh span store; returns the gateway's HTTP server span."""
     SPANS.clear()
     reply = await client.post("/v1/sentiment", json={"texts": ["Acme shares plunge after profit warning"]})
     assert reply.status_code == 200
-    http = next(
+    return next(
         s for s in SPANS.get_finished_spans() if s.kind == SpanKind.SERVER and s.name.startswith("POST /v1/sentiment")
     )
+
+
+async def test_one_rest_call_is_one_trace_across_every_hop(client: httpx.AsyncClient) -> None:
+    http = await _traced_sentiment_call(client)
     assert http.context is not None
     trace_id = http.context.trace_id
     for _ in range(50):  # server spans end just after their response is sent
@@ -64,12 +69,7 @@ def _child(spans: list[ReadableSpan], parent: ReadableSpan, name: str) -> Readab
 
 
 async def test_the_trace_shows_where_the_time_went_inside_each_service(client: httpx.AsyncClient) -> None:
-    SPANS.clear()
-    reply = await client.post("/v1/sentiment", json={"texts": ["Acme shares plunge after profit warning"]})
-    assert reply.status_code == 200
-    http = next(
-        s for s in SPANS.get_finished_spans() if s.kind == SpanKind.SERVER and s.name.startswith("POST /v1/sentiment")
-    )
+    http = await _traced_sentiment_call(client)
     assert http.context is not None
     tokenize_name = "/infermesh.tokenizer.v1.TokenizerService/Tokenize"
     postprocess_name = "/infermesh.postprocess.v1.PostprocessService/Postprocess"
