@@ -7,12 +7,14 @@ the post-processor the labels and temperature, so all follow one version's artif
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.batching import BatchPolicy
 from shared.errors import ModelNotFound
 
 CONFIG_FILE = "config.json"
@@ -25,6 +27,32 @@ class TensorSpec(BaseModel):
     name: str
     datatype: str
     shape: list[int]
+
+
+class BatchingConfig(BaseModel):
+    """`dynamic_batching` in a version's config.json: this model's batching, where it
+    differs from the inference service's settings (a large model wants smaller batches
+    than a small one sharing the service). Unset fields keep the service's values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, gt=0)
+    max_batch_tokens: int | None = Field(default=None, gt=0)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0)
+    length_buckets: list[int] | None = None
+
+    def apply(self, policy: BatchPolicy) -> BatchPolicy:
+        """The service's policy with this model's overrides."""
+        changes: dict[str, object] = {}
+        if self.max_batch_size is not None:
+            changes["max_batch_size"] = self.max_batch_size
+        if self.max_batch_tokens is not None:
+            changes["max_batch_tokens"] = self.max_batch_tokens
+        if self.max_queue_delay_ms is not None:
+            changes["max_queue_delay_seconds"] = self.max_queue_delay_ms / 1000
+        if self.length_buckets is not None:
+            changes["length_buckets"] = tuple(self.length_buckets)
+        return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]
 
 
 class ModelConfig(BaseModel):
@@ -46,6 +74,7 @@ class ModelConfig(BaseModel):
     tokenizer: str = "tokenizer.json"
     base_model: str = ""
     sha256: dict[str, str] = Field(default_factory=dict)
+    dynamic_batching: BatchingConfig = Field(default_factory=BatchingConfig)
 
 
 class RolloutRule(BaseModel):

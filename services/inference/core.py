@@ -301,10 +301,14 @@ class InferenceCore:
 
     async def _load_version(self, name: str, version: str) -> LoadedVersion:
         config = self.repository.config(name, version)
+        try:
+            policy = config.dynamic_batching.apply(self._policy)
+        except ValueError as error:
+            raise ModelLoadFailed(f"dynamic_batching in its config.json: {error}") from None
         path = self.repository.path(name, version)
         backend = await asyncio.to_thread(self._backend_factory, config, path)
         logger.info("loaded %s version %s with %s", name, version, backend.name)
-        return LoadedVersion(config, backend, self._policy, self._executor)
+        return LoadedVersion(config, backend, policy, self._executor)
 
     @staticmethod
     async def _retire(loaded: LoadedVersion) -> None:

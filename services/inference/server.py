@@ -55,6 +55,15 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
     buckets = tuple(settings.length_buckets) or (STATIC_SHAPE_BUCKETS if static_shapes else ())
     logger.info("backend %s on %s, length buckets %s", backend, device, list(buckets) or "none")
 
+    policy = BatchPolicy(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue_delay_seconds=settings.max_queue_delay_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        max_concurrent_batches=settings.max_concurrent_batches,
+        length_buckets=buckets,
+    )
+
     def make_backend(config: ModelConfig, path: Path) -> Backend:
         if backend == "tensorrt":
             from services.inference.backends.tensorrt import (
@@ -67,7 +76,11 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
             fp32 = config.variants.get("fp32")
             if fp32 is None:
                 raise ValueError(f"model {config.name} has no fp32 ONNX variant to build a TensorRT engine from")
-            profiles = length_profiles(buckets, settings.max_batch_size, config.max_sequence_length)
+            # The profiles must cover the shapes this model's batches will have.
+            model_policy = config.dynamic_batching.apply(policy)
+            profiles = length_profiles(
+                model_policy.length_buckets, model_policy.max_batch_size, config.max_sequence_length
+            )
             spec = engine_spec(
                 config.sha256.get(fp32, ""), profiles, settings.tensorrt_fp16, settings.tensorrt_workspace_mb << 20
             )
@@ -96,14 +109,6 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
             device=device,
         )
 
-    policy = BatchPolicy(
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_queue_delay_seconds=settings.max_queue_delay_ms / 1000,
-        max_queue_size=settings.max_queue_size,
-        max_concurrent_batches=settings.max_concurrent_batches,
-        length_buckets=buckets,
-    )
     return InferenceCore(
         ModelRepository(settings.model_repository),
         make_backend,
