@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 # protoc finds its mypy plugins on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install proto lint fmt test run bench bench-train model train _browser _kustomize
+.PHONY: install proto lint fmt test reliability run bench bench-train model train _browser _kustomize
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -55,7 +55,11 @@ fmt: install
 	$(VENV)/bin/ruff format .
 
 test: model _browser _kustomize
-	$(VENV)/bin/pytest -q
+	INFERMESH_RELIABILITY_REPORT=build/reliability.md $(VENV)/bin/pytest -q
+
+# Runs the fault, hostile-input and security tests and writes their table to docs/.
+reliability: model
+	INFERMESH_RELIABILITY_REPORT=docs/reliability.md $(VENV)/bin/pytest -q -m reliability
 
 # The dashboard test looks at the page in Debian's chromium (no browser download).
 _browser:
@@ -77,8 +81,9 @@ $(KUSTOMIZE): k8s/tools/package.json k8s/tools/package-lock.json
 run: model
 	$(VENV)/bin/infermesh run --repository $(MODEL_REPOSITORY)
 
+# ARGS=--gpu: the GPU table instead (torch, ONNX Runtime CUDA, TensorRT on an NVIDIA GPU).
 bench: model
-	$(PY) -m benchmarks.e2e --repository $(MODEL_REPOSITORY) --model $(MODEL_NAME)
+	$(PY) -m benchmarks.e2e --repository $(MODEL_REPOSITORY) --model $(MODEL_NAME) $(ARGS)
 
 # Fine-tuning cost and figures on $(DATA) (TFNS coding), into a scratch repository.
 bench-train: model

@@ -57,6 +57,7 @@ from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 TICKERS = ["AAPL", "TSLA", "MSFT", "AMZN", "NVDA", "JPM", "XOM", "BA", "NFLX", "KO", "PFE", "GS"]
 OPENINGS = [
@@ -151,13 +152,19 @@ def bert_gflop(tokens: int, layers: int = 6, hidden: int = 384, intermediate: in
     return layers * per_layer / 1e9
 
 
-def in_own_process(run: Callable[..., list[Row]], *args: object) -> list[Row]:
-    """Runs an in-process benchmark in a fresh process, so each row's memory is its own."""
+def in_own_process_call(run: Callable[..., R], *args: object) -> R:
+    """`run(*args)` in a fresh process (spawned: no state, no CUDA context inherited)."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        rows, peak_kb = pool.apply(_measured, (run, *args))
+        result: R = pool.apply(run, args)
         pool.close()
         pool.join()
+    return result
+
+
+def in_own_process(run: Callable[..., list[Row]], *args: object) -> list[Row]:
+    """Runs an in-process benchmark in a fresh process, so each row's memory is its own."""
+    rows, peak_kb = in_own_process_call(_measured, run, *args)
     for row in rows:
         row.memory_mb = peak_kb / 1024
     return rows
@@ -587,7 +594,15 @@ def main() -> None:
     parser.add_argument("--model", default="finance-sentiment")
     parser.add_argument("--headlines", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("bench-results/e2e.json"))
+    parser.add_argument(
+        "--gpu", action="store_true", help="only the GPU table: every backend on the model alone, on CUDA"
+    )
     args = parser.parse_args()
+    if args.gpu:
+        from benchmarks.gpu import run as run_gpu_table
+
+        print(run_gpu_table(args.repository, args.model, "cuda"))
+        return
 
     repository = ModelRepository(args.repository)
     config = repository.config(args.model)

@@ -13,6 +13,7 @@ from opentelemetry import trace
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.headers import SECURITY_HEADERS
 from shared.errors import InfermeshError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,14 @@ TITLES = {
     413: "Content too large",
     422: "Unprocessable content",
 }
+
+
+class GatewayError(InfermeshError):
+    """An error only the gateway raises, with the HTTP headers its response needs."""
+
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.headers = headers or {}
 
 
 class Problem(BaseModel):
@@ -54,7 +63,9 @@ def problem(
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(InfermeshError)
     async def infermesh_error(request: Request, error: InfermeshError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if error.http_status in (429, 503) else None
+        headers = dict(error.headers) if isinstance(error, GatewayError) else {}
+        if error.http_status in (429, 503):
+            headers.setdefault("Retry-After", "1")
         return problem(request, error.http_status, error.title, error.detail, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -73,4 +84,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        return problem(request, 500, "Internal server error", "Internal server error")
+        # Starlette answers this one outside every middleware, SecurityHeaders included.
+        return problem(request, 500, "Internal server error", "Internal server error", dict(SECURITY_HEADERS))

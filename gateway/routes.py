@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import grpc
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse
 
+from gateway.admission import admit_caller
 from gateway.problems import Problem
 from gateway.schemas import (
     ChunkExplanation,
@@ -23,7 +23,7 @@ from gateway.schemas import (
     WordAttribution,
 )
 from gateway.settings import GatewaySettings
-from shared.errors import InfermeshError, InputTooLarge, from_grpc_error
+from shared.errors import InputTooLarge, from_grpc_error
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pipeline import PipelineClient
@@ -38,36 +38,14 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         404: "Unknown model or version",
         413: "Too many texts, or a text or body too large",
         422: "Request does not match the schema",
-        429: "Overloaded; retry after the Retry-After delay",
+        429: "Overloaded, or the caller is over its rate limit; retry after the Retry-After delay",
         503: "A service is unavailable",
         504: "The request's deadline ran out",
     }.items()
 }
 
 
-class Unauthorized(InfermeshError):
-    http_status = 401
-    title = "Unauthorized"
-
-
-def require_api_key(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> None:
-    settings: GatewaySettings = request.app.state.settings
-    if not settings.api_keys:
-        return
-    offered = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else None)
-    if offered is None:
-        raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` or `X-API-Key`")
-    # Compare against every key in constant time, so timing reveals neither key nor match.
-    matches = [hmac.compare_digest(offered.encode(), key.get_secret_value().encode()) for key in settings.api_keys]
-    if not any(matches):
-        raise Unauthorized("the API key is not valid")
-
-
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=PROBLEMS)
+router = APIRouter(prefix="/v1", dependencies=[Depends(admit_caller)], responses=PROBLEMS)
 
 
 @router.post("/sentiment", response_model=SentimentResponse, summary="Classify finance texts")

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
-from pydantic import SecretStr
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.apikeys import check_key_name, digest_of
 
 
 class GatewaySettings(BaseSettings):
     """Settings of the REST gateway (env prefix INFERMESH_GATEWAY_)."""
 
-    model_config = SettingsConfigDict(env_prefix="INFERMESH_GATEWAY_", extra="ignore")
+    # hide_input_in_errors: a refused api_keys value may be a plaintext key pasted by
+    # mistake, and pydantic would otherwise repeat it in the startup error.
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_GATEWAY_", extra="ignore", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     """Interface to bind; 0.0.0.0 in containers."""
@@ -45,8 +52,35 @@ class GatewaySettings(BaseSettings):
     explain_timeout_seconds: float = 30.0
     """Deadline for one explanation (504 beyond)."""
 
-    api_keys: list[SecretStr] = []
-    """Keys accepted in `Authorization: Bearer <key>` or `X-API-Key`; empty: no auth (warned at start)."""
+    api_keys: dict[str, str] = {}
+    """Accepted API keys by name, each as the SHA-256 hash of the key, never the key:
+    `{"ci": "sha256:<64 hex>"}` (as JSON in INFERMESH_GATEWAY_API_KEYS; `infermesh hash-key`
+    makes a key and its entry). Callers send the key in `Authorization: Bearer <key>` or
+    `X-API-Key` on /v1 and the v2 infer routes; logs, spans and rate limits use the name.
+    Plaintext or malformed entries stop the gateway at start. Empty: no auth (warned at start)."""
+
+    key_rate_per_second: PositiveFloat | None = None
+    """Requests per second each API key may make (token bucket, 429 with Retry-After beyond);
+    unset: no per-key limit."""
+
+    key_rate_burst: PositiveInt | None = None
+    """Requests a key may make at once before `key_rate_per_second` paces it; unset: the rate
+    rounded up."""
+
+    ip_rate_per_second: PositiveFloat | None = None
+    """Requests per second per client address, applied only when no API keys are configured;
+    unset: no limit. The address is the TCP peer's, so behind a proxy all clients share one."""
+
+    ip_rate_burst: PositiveInt | None = None
+    """Burst of the per-address limit; unset: the rate rounded up."""
+
+    ip_rate_max_clients: PositiveInt = 10_000
+    """Client addresses the per-address limit tracks at once (least recently seen dropped
+    first), so memory stays bounded."""
+
+    cors_allow_origins: list[str] = []
+    """Origins (`https://app.example.com`, no path) whose pages may call the API from a
+    browser; empty: no CORS headers at all, so browsers keep other sites' pages out."""
 
     dashboard: bool = True
     """Serve /dashboard, fed from the monitor's Kafka topics."""
@@ -63,3 +97,41 @@ class GatewaySettings(BaseSettings):
 
     log_level: str = "INFO"
     """Root log level."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_are_named_hashes(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            raise ValueError(
+                'api_keys is a JSON object of key name to key hash, e.g. {"ci": "sha256:..."}:'
+                " run `infermesh hash-key` for each key"
+            )
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_hashes_are_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        names_by_digest: dict[bytes, str] = {}
+        for name, entry in value.items():
+            check_key_name(name)
+            digest = digest_of(name, entry)
+            if digest in names_by_digest:
+                raise ValueError(f"API keys {names_by_digest[digest]!r} and {name!r} are the same key")
+            names_by_digest[digest] = name
+        return value
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            # Browsers send `scheme://host[:port]`; anything more would silently never match.
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.netloc
+                or origin != f"{parts.scheme}://{parts.netloc}"
+            ):
+                raise ValueError(f"CORS origin {origin!r} is not an origin: write scheme://host[:port], no path or '/'")
+        return value

@@ -10,7 +10,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from gateway.routes import PROBLEMS, require_api_key
+from gateway.admission import admit_caller
+from gateway.routes import PROBLEMS
 from shared import oip
 from shared.errors import InvalidInput, from_grpc_error
 from shared.pb import grpc_predict_v2_pb2 as pb
@@ -156,9 +157,9 @@ async def model_ready(name: str, request: Request, version: str = "") -> dict[st
     return {"name": name, "ready": reply.ready}
 
 
-@router.post("/models/{name}/infer", response_model=InferenceResponse, dependencies=[Depends(require_api_key)])
+@router.post("/models/{name}/infer", response_model=InferenceResponse, dependencies=[Depends(admit_caller)])
 @router.post(
-    "/models/{name}/versions/{version}/infer", response_model=InferenceResponse, dependencies=[Depends(require_api_key)]
+    "/models/{name}/versions/{version}/infer", response_model=InferenceResponse, dependencies=[Depends(admit_caller)]
 )
 async def infer(name: str, body: InferenceRequest, request: Request, version: str = "") -> InferenceResponse:
     message = pb.ModelInferRequest(

@@ -586,3 +586,34 @@ def schema() -> None:
     from workers.sentiment_monitor.messages import news_json_schema
 
     typer.echo(json.dumps(news_json_schema(), indent=2))
+
+
+@app.command("hash-key")
+def hash_key(
+    name: Annotated[str, typer.Option(help="Name of the key in the gateway's api_keys (logs and limits use it).")],
+    stdin: Annotated[bool, typer.Option("--stdin", help="Hash the key read from stdin instead of making one.")] = False,
+) -> None:
+    """Make a new random API key (or hash yours from stdin) and print the gateway's entry for it.
+
+    The gateway keeps only the `sha256:` hash (INFERMESH_GATEWAY_API_KEYS='{"<name>": "sha256:..."}');
+    a made key is printed this once, so hand it to its user now."""
+    from gateway.apikeys import MIN_KEY_CHARS, check_key_name, hash_api_key, new_api_key
+
+    with refusals(2):
+        check_key_name(name)
+        if stdin:
+            key = sys.stdin.read().strip()
+            # A fast hash protects only keys no one can guess, so short keys are refused.
+            if len(key) < MIN_KEY_CHARS:
+                raise ValueError(
+                    f"the key on stdin has {len(key)} characters; use a random one of {MIN_KEY_CHARS} or more"
+                    " (run without --stdin to make one)"
+                )
+        else:
+            key = new_api_key()
+    entry = hash_api_key(key)
+    printed: dict[str, object] = {"name": name, "hash": entry, "api_keys": {name: entry}}
+    if not stdin:
+        printed["key"] = key
+        typer.echo("the key is shown only this once; the gateway keeps only its hash", err=True)
+    typer.echo(json.dumps(printed, indent=2))

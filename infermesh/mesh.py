@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.grpc_client import blocking_channel
+
 
 @dataclass(frozen=True)
 class ServiceSpec:
@@ -56,7 +58,7 @@ def service(name: str) -> ServiceSpec:
 
 def wait_until_serving(target: str, deadline: float) -> bool:
     """Polls the gRPC health service until it says SERVING or the deadline passes."""
-    with grpc.insecure_channel(target) as channel:
+    with blocking_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

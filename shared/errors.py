@@ -7,10 +7,13 @@ with a generic message, its traceback going only to the log.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import cast
 
 import grpc
+
+logger = logging.getLogger(__name__)
 
 
 class InfermeshError(Exception):
@@ -110,6 +113,12 @@ def from_grpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> InfermeshErr
         cls = InputTooLarge
     if cls is None:
         return InfermeshError("downstream service failed")
+    if cls is Unavailable and not named:
+        # No service of ours said this: gRPC itself did ("failed to connect to all
+        # addresses; last error: ... ipv4:10.0.3.7:50051 ..."), and internal addresses
+        # are no business of the caller's. The detail goes to the log instead.
+        logger.warning("downstream unavailable: %s", detail)
+        return Unavailable("a service this request needs is unavailable; retry later")
     return cls(detail)
 
 

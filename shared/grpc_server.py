@@ -4,10 +4,11 @@ message limits, graceful shutdown. Services only register their servicers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -17,8 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from shared.errors import ERROR_TYPE_METADATA_KEY, InfermeshError
+from shared.grpc_client import channel
 from shared.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS, MetricsServer
 from shared.settings import BaseServiceSettings
+from shared.tls import TlsSettings
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +83,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
 @dataclass
 class RunningServer:
-    """A started server, the port it bound and its health servicer."""
+    """A started server, the port it bound, its health servicer and the TLS settings it
+    was started with (which its own health checks of downstreams use too)."""
 
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    tls: TlsSettings | None = None
     _watcher: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
@@ -97,10 +102,10 @@ class RunningServer:
         """SERVING only while every downstream (host:port) reports SERVING: a service
         that cannot answer without them should not receive traffic. Checks now, then
         every `interval_seconds` until `stop`."""
-        channels = [grpc.aio.insecure_channel(target) for target in downstreams]
+        channels = [channel(target, tls=self.tls, traced=False) for target in downstreams]
 
         async def check() -> None:
-            await self.set_serving(all(await asyncio.gather(*(_health_of(channel) for channel in channels))))
+            await self.set_serving(all(await asyncio.gather(*(_health_of(opened) for opened in channels))))
 
         async def watch() -> None:
             try:
@@ -108,8 +113,8 @@ class RunningServer:
                     await asyncio.sleep(interval_seconds)
                     await check()
             finally:
-                for channel in channels:
-                    await channel.close()
+                for opened in channels:
+                    await opened.close()
 
         await check()
         self._watcher = asyncio.create_task(watch(), name="downstream-health")
@@ -123,10 +128,10 @@ class RunningServer:
         await self.server.stop(grace)
 
 
-async def _health_of(channel: grpc.aio.Channel) -> bool:
-    """Whether the server behind `channel` reports SERVING."""
+async def _health_of(opened: grpc.aio.Channel) -> bool:
+    """Whether the server behind `opened` reports SERVING."""
     try:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        reply = await health_pb2_grpc.HealthStub(opened).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
     except grpc.aio.AioRpcError:
         return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -138,7 +143,9 @@ async def start_server(
     service_names: Sequence[str],
 ) -> RunningServer:
     """Starts a server on `settings.host:settings.grpc_port` (0 = any free port), health
-    NOT_SERVING until the caller says otherwise."""
+    NOT_SERVING until the caller says otherwise; with mutual TLS when `settings.tls`
+    configures it (TlsMisconfigured, before anything is bound, if it is unusable)."""
+    tls = settings.tls.load()
     server = grpc.aio.server(
         # Tracing outermost, so the status a caller sees is the status on the span.
         interceptors=[
@@ -159,13 +166,29 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    address = f"{settings.host}:{settings.grpc_port}"
+    port = (
+        server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls.server_credentials())
+    )
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.grpc_port}")
     await server.start()
-    running = RunningServer(server, port, health_servicer, tuple(service_names))
+    running = RunningServer(server, port, health_servicer, tuple(service_names), settings.tls)
     await running.set_serving(False)
     return running
+
+
+@contextlib.contextmanager
+def exit_on_startup_error(service: str, metrics: MetricsServer | None) -> Iterator[None]:
+    """A service that cannot start (a model or backend that cannot load, mutual TLS
+    misconfigured) logs why in one line and exits with status 1: no traceback."""
+    try:
+        yield
+    except InfermeshError as error:
+        logger.error("%s cannot serve: %s", service, error.detail)
+        if metrics is not None:
+            metrics.stop()
+        raise SystemExit(1) from None
 
 
 def start_metrics(settings: BaseServiceSettings) -> MetricsServer | None:

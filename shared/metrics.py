@@ -129,6 +129,9 @@ WORKER_BATCH_DURATION = Histogram(
     "infermesh_worker_batch_duration_seconds", "Poll-to-commit time per batch", ["stage"], buckets=LATENCY_BUCKETS
 )
 WORKER_RETRIES = Counter("infermesh_worker_retries", "Scoring retries after transient failures")
+WORKER_CLIENT_RESETS = Counter(
+    "infermesh_worker_kafka_client_resets", "Times a stage recreated its Kafka clients after they failed", ["stage"]
+)
 WORKER_WINDOWS_CLOSED = Counter("infermesh_worker_windows_closed", "Ticker windows closed and emitted")
 WORKER_ALERTS = Counter("infermesh_worker_alerts", "Negative-sentiment alerts raised")
 

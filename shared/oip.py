@@ -7,6 +7,7 @@ pipeline client and (later) the REST gateway.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 
@@ -48,12 +49,23 @@ CONTENTS_FIELDS: dict[str, str] = {
 }
 
 _LENGTH_PREFIX = struct.Struct("<I")
+#: numpy's own limit is 64; no OIP model takes more than a handful.
+MAX_DIMENSIONS = 32
+#: Elements numpy can address at 8 bytes each, counting zero-size dimensions as 1 (numpy
+#: refuses such shapes even when they hold no element).
+MAX_ELEMENTS = np.iinfo(np.intp).max // 8
 
 
 def element_count(name: str, shape: Sequence[int]) -> int:
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidInput(f"tensor {name!r} has {len(shape)} dimensions; max is {MAX_DIMENSIONS}")
     if any(dim < 0 for dim in shape):
         raise InvalidInput(f"tensor {name!r} has shape {list(shape)}; dimensions must not be negative")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python integers: numpy's int64 product wraps around, so a lying shape such as
+    # [2**32, 2**32] would count 0 elements and match an empty payload.
+    if math.prod(dim for dim in shape if dim) > MAX_ELEMENTS:
+        raise InvalidInput(f"tensor {name!r} has shape {list(shape)}; that is more elements than any tensor can hold")
+    return math.prod(shape)
 
 
 def numpy_dtype(name: str, datatype: str) -> np.dtype[np.generic]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.tls import TlsSettings
 
 
 class BaseServiceSettings(BaseSettings):
@@ -33,3 +36,7 @@ class BaseServiceSettings(BaseSettings):
 
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
+
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    """Mutual TLS of the gRPC server and of its clients; read from INFERMESH_TLS_*, which
+    every process shares (off when unset)."""

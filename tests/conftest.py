@@ -128,6 +128,17 @@ async def postprocessor_server(model_repository: Path) -> AsyncIterator[RunningS
     await running.stop(0)
 
 
+@pytest_asyncio.fixture
+async def servers(
+    tokenizer_server: RunningServer,
+    inference_server: RunningServer,
+    postprocessor_server: RunningServer,
+    explainer_server: RunningServer,
+) -> list[RunningServer]:
+    """Every service a gateway needs, in the order gateway settings take them."""
+    return [tokenizer_server, inference_server, postprocessor_server, explainer_server]
+
+
 def _target(server: RunningServer) -> str:
     return f"127.0.0.1:{server.port}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,7 +20,7 @@ from opentelemetry import trace
 
 from services.explainer.gradients import IntegratedGradients
 from services.tokenizer.core import Chunk, Tokenizer
-from shared.errors import InputTooLarge, InvalidInput
+from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput
 
 _tracer = trace.get_tracer(__name__)
 
@@ -129,9 +130,18 @@ class Explainer:
         self.seed = seed
 
     async def explain(
-        self, texts: Sequence[str], method: Method, target_label: str = "", steps: int = 0
+        self,
+        texts: Sequence[str],
+        method: Method,
+        target_label: str = "",
+        steps: int = 0,
+        timeout_seconds: float | None = None,
     ) -> list[Explanation]:
+        """`timeout_seconds`: the caller's remaining budget (its gRPC deadline); every
+        inference call gets what is left of it, capped by `limits.timeout_seconds`."""
         limits = self.limits
+        budget = limits.timeout_seconds if timeout_seconds is None else min(timeout_seconds, limits.timeout_seconds)
+        deadline = time.monotonic() + budget
         if not texts:
             raise InvalidInput("texts is empty; send at least one text")
         if len(texts) > limits.max_texts:
@@ -147,21 +157,21 @@ class Explainer:
             if len(result.chunks) > limits.max_chunks:
                 raise InputTooLarge(f"text {index} needs {len(result.chunks)} chunks; max is {limits.max_chunks}")
         return [
-            await self._explain_text(text, result.chunks, method, target_label, steps)
+            await self._explain_text(text, result.chunks, method, target_label, steps, deadline)
             for text, result in zip(texts, tokenized, strict=True)
         ]
 
     async def _explain_text(
-        self, text: str, chunks: list[Chunk], method: Method, target_label: str, steps: int
+        self, text: str, chunks: list[Chunk], method: Method, target_label: str, steps: int, deadline: float
     ) -> Explanation:
         with _tracer.start_as_current_span("score text", attributes={"infermesh.chunks": len(chunks)}):
-            full = await self.model.probabilities([c.input_ids for c in chunks], self.limits.timeout_seconds)
+            full = await self.model.probabilities([c.input_ids for c in chunks], _remaining(deadline))
         weights = np.array([len(c.input_ids) for c in chunks], dtype=np.float64)
         combined = (full * weights[:, None]).sum(axis=0) / weights.sum()
         label = self.labels[int(combined.argmax())]
         target = self.labels.index(target_label or label)
         explained = [
-            await self._explain_chunk(text, chunk, full[i, target], target, method, steps)
+            await self._explain_chunk(text, chunk, full[i, target], target, method, steps, deadline)
             for i, chunk in enumerate(chunks)
         ]
         return Explanation(
@@ -173,7 +183,14 @@ class Explainer:
         )
 
     async def _explain_chunk(
-        self, text: str, chunk: Chunk, probability: float, target: int, method: Method, steps: int
+        self,
+        text: str,
+        chunk: Chunk,
+        probability: float,
+        target: int,
+        method: Method,
+        steps: int,
+        deadline: float,
     ) -> ChunkExplanation:
         assert chunk.offsets is not None and chunk.word_ids is not None
         ids = chunk.input_ids
@@ -199,7 +216,7 @@ class Explainer:
         else:
             variants = [words.without(ids, {w}) for w in range(len(words.positions))]
             with _tracer.start_as_current_span("occlusion", attributes={"infermesh.variants": len(variants)}):
-                scored = await self.model.probabilities(variants, self.limits.timeout_seconds)
+                scored = await self.model.probabilities(variants, _remaining(deadline))
             token_scores = np.zeros(len(ids))
             for w, positions in enumerate(words.positions):
                 drop = probability - scored[w, target]
@@ -227,11 +244,11 @@ class Explainer:
             target_probability=float(probability),
             completeness_gap=gap,
         )
-        explanation.faithfulness = await self._faithfulness(ids, words, word_scores, probability, target)
+        explanation.faithfulness = await self._faithfulness(ids, words, word_scores, probability, target, deadline)
         return explanation
 
     async def _faithfulness(
-        self, ids: list[int], words: _Words, scores: list[float], probability: float, target: int
+        self, ids: list[int], words: _Words, scores: list[float], probability: float, target: int, deadline: float
     ) -> list[Faithfulness]:
         count = len(scores)
         if count == 0:
@@ -251,7 +268,7 @@ class Explainer:
                 sequences.append(words.without(ids, chosen))
                 sequences.append(words.only(ids, chosen))
         with _tracer.start_as_current_span("faithfulness", attributes={"infermesh.variants": len(sequences)}):
-            scored = (await self.model.probabilities(sequences, self.limits.timeout_seconds))[:, target]
+            scored = (await self.model.probabilities(sequences, _remaining(deadline)))[:, target]
         figures = []
         row = 0
         for share, _, randoms in plans:
@@ -267,3 +284,10 @@ class Explainer:
                 )
             )
         return figures
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the explanation's deadline ran out before its next inference call")
+    return remaining

@@ -9,7 +9,13 @@ import grpc
 from services.explainer.servicer import ExplainerServicer
 from services.explainer.settings import ExplainerSettings
 from services.explainer.versions import ExplainerVersions
-from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
+from shared.grpc_server import (
+    RunningServer,
+    exit_on_startup_error,
+    start_metrics,
+    start_server,
+    wait_for_termination_signal,
+)
 from shared.pb import explainer_pb2 as pb
 from shared.pb import explainer_pb2_grpc as pb_grpc
 
@@ -36,7 +42,8 @@ async def start(settings: ExplainerSettings) -> tuple[RunningServer, ExplainerVe
 
 async def serve(settings: ExplainerSettings) -> None:
     metrics = start_metrics(settings)
-    running, versions = await start(settings)
+    with exit_on_startup_error("explainer", metrics):
+        running, versions = await start(settings)
     await wait_for_termination_signal()
     await running.stop(settings.shutdown_grace_seconds)
     await versions.close()

@@ -64,7 +64,11 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
         method = _METHODS.get(request.method, Method.INTEGRATED_GRADIENTS)
         with EXPLAINER_DURATION.labels(method.value).time():
             explanations = await explainer.explain(
-                list(request.texts), method, target_label=request.target_label, steps=request.steps
+                list(request.texts),
+                method,
+                target_label=request.target_label,
+                steps=request.steps,
+                timeout_seconds=context.time_remaining(),  # the caller's deadline reaches every hop
             )
         EXPLAINER_EXPLANATIONS.labels(method.value).inc(len(explanations))
         return pb.ExplainResponse(

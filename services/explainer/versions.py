@@ -27,7 +27,7 @@ class ExplainerVersions:
     def __init__(self, settings: ExplainerSettings) -> None:
         self.settings = settings
         self.repository = ModelRepository(settings.model_repository)
-        self._channel = channel(settings.inference)
+        self._channel = channel(settings.inference, tls=settings.tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._loaded: OrderedDict[str, Explainer] = OrderedDict()
         self._lock = asyncio.Lock()

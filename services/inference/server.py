@@ -15,8 +15,13 @@ from services.inference.core import InferenceCore, Limits, VersionPolicy
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared.batching import BatchPolicy
-from shared.errors import InfermeshError
-from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
+from shared.grpc_server import (
+    RunningServer,
+    exit_on_startup_error,
+    start_metrics,
+    start_server,
+    wait_for_termination_signal,
+)
 from shared.model_repository import ModelConfig, ModelRepository
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -147,13 +152,8 @@ async def poll_repository(core: InferenceCore, every_seconds: float) -> None:
 
 async def serve(settings: InferenceSettings) -> None:
     metrics = start_metrics(settings)
-    try:
+    with exit_on_startup_error("inference", metrics):
         running, core = await start(settings)
-    except InfermeshError as error:  # a model or backend that cannot load: say why, no traceback
-        logger.error("inference cannot serve: %s", error.detail)
-        if metrics is not None:
-            metrics.stop()
-        raise SystemExit(1) from None
     poller = None
     if settings.repository_poll_seconds > 0:
         poller = asyncio.create_task(poll_repository(core, settings.repository_poll_seconds))

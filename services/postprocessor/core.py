@@ -95,7 +95,10 @@ class Postprocessor:
         documents = self._document_index(document_index, rows)
         weights = self._weights(row_weights, rows)
         limits = self._thresholds(thresholds or {}, labels)
-        probabilities = softmax(matrix, config.temperature)
+        # Shifted first: a temperature below 1 would otherwise scale a finite 1e308 to inf,
+        # and inf - inf is NaN. What overflows now is -inf, which is right: exp gives 0.
+        with np.errstate(over="ignore"):
+            probabilities = softmax(matrix - matrix.max(axis=1, keepdims=True), config.temperature)
 
         results: list[DocumentResult] = []
         for document in range(int(documents.max()) + 1):
@@ -104,7 +107,9 @@ class Postprocessor:
             if aggregation is Aggregation.MAX_CONFIDENCE:
                 combined = chunk_probabilities[int(chunk_probabilities.max(axis=1).argmax())]
             else:
-                chunk_weights = weights[rows_of_document]
+                # Relative to the document's largest: 1e300-sized weights would overflow
+                # the weighted sum, 1e-320-sized ones underflow it to 0.
+                chunk_weights = weights[rows_of_document] / weights[rows_of_document].max()
                 combined = (chunk_probabilities * chunk_weights[:, None]).sum(axis=0) / chunk_weights.sum()
             top = int(combined.argmax())
             abstained = combined[top] < limits.get(labels[top], 0.0)
@@ -132,7 +137,12 @@ class Postprocessor:
             return np.arange(rows, dtype=np.int64)
         if len(document_index) != rows:
             raise InvalidInput(f"document_index has {len(document_index)} entries; logits have {rows} rows")
-        documents = np.asarray(document_index, dtype=np.int64)
+        try:
+            documents = np.asarray(document_index, dtype=np.int64)
+        except OverflowError:
+            raise InvalidInput(f"document_index holds a number beyond {rows - 1}") from None
+        if int(documents.min()) < 0:
+            raise InvalidInput(f"document_index holds {int(documents.min())}; document numbers start at 0")
         if int(documents.max()) >= rows:
             raise InvalidInput(f"document_index holds {int(documents.max())}; with {rows} rows it must be below {rows}")
         count = int(documents.max()) + 1

@@ -9,7 +9,13 @@ import grpc
 from services.postprocessor.core import Postprocessor
 from services.postprocessor.servicer import PostprocessorServicer
 from services.postprocessor.settings import PostprocessorSettings
-from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
+from shared.grpc_server import (
+    RunningServer,
+    exit_on_startup_error,
+    start_metrics,
+    start_server,
+    wait_for_termination_signal,
+)
 from shared.model_repository import ModelRepository
 from shared.pb import postprocess_pb2 as pb
 from shared.pb import postprocess_pb2_grpc as pb_grpc
@@ -33,7 +39,8 @@ async def start(settings: PostprocessorSettings) -> RunningServer:
 
 async def serve(settings: PostprocessorSettings) -> None:
     metrics = start_metrics(settings)
-    running = await start(settings)
+    with exit_on_startup_error("post-processor", metrics):
+        running = await start(settings)
     await wait_for_termination_signal()
     await running.stop(settings.shutdown_grace_seconds)
     if metrics is not None:

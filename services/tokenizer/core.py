@@ -2,6 +2,9 @@
 
 Long texts are never cut silently: by default they become overlapping chunks that
 together cover every token, and the caller aggregates the chunks' predictions.
+
+With a `PiiMasker`, personal data is swapped for placeholders ("[EMAIL]") before the
+text is tokenized; offsets still index the caller's text (see `Chunk.offsets`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from tokenizers import Encoding
 from tokenizers import Tokenizer as RustTokenizer
 
+from services.tokenizer.pii import MaskedText, PiiMasker
 from shared.errors import InputTooLarge, InvalidInput
 
 #: [CLS] and [SEP] around every chunk.
@@ -37,9 +41,10 @@ class Chunk:
     input_ids: list[int]
     attention_mask: list[int]
     offsets: list[tuple[int, int]] | None
-    """Character span of each token in the original text; (0, 0) for special tokens."""
+    """Character span of each token in the original text; (0, 0) for special tokens. The
+    tokens of a PII placeholder each span all of the original text it replaced."""
     word_ids: list[int] | None
-    """Word index of each token; -1 for special tokens."""
+    """Word index of each token; -1 for special tokens. A placeholder's tokens are one word."""
     char_start: int
     char_end: int
 
@@ -50,6 +55,8 @@ class TokenizedText:
     num_tokens: int
     """Tokens in the whole text, special tokens not counted."""
     truncated: bool
+    masked: int = 0
+    """PII spans replaced by placeholders before tokenizing."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,12 @@ class TokenizerLimits:
 class Tokenizer:
     """The tokenizer service's core: validation, truncation and chunking, no transport."""
 
-    def __init__(self, tokenizer_json: Path, model_name: str, limits: TokenizerLimits) -> None:
+    def __init__(
+        self, tokenizer_json: Path, model_name: str, limits: TokenizerLimits, masker: PiiMasker | None = None
+    ) -> None:
         self.model_name = model_name
         self.limits = limits
+        self.masker = masker
         self._definition = tokenizer_json.read_text(encoding="utf-8")
         base = RustTokenizer.from_str(self._definition)
         self.vocab_size = base.get_vocab_size()
@@ -87,6 +97,9 @@ class Tokenizer:
             if tokenizer is None:
                 tokenizer = RustTokenizer.from_str(self._definition)
                 tokenizer.no_padding()
+                # "[SEP]" or "[PAD]" typed in a text is text, not a control token the
+                # caller could slip into the model's input.
+                tokenizer.encode_special_tokens = True
                 tokenizer.enable_truncation(max_length, stride=stride, strategy="longest_first")
                 self._by_window[key] = tokenizer
                 if len(self._by_window) > WINDOW_CACHE_SIZE:
@@ -102,12 +115,18 @@ class Tokenizer:
             raise InputTooLarge(f"request has {len(texts)} texts; max is {limits.max_texts}")
         if not SPECIAL_TOKENS_PER_CHUNK < max_length <= limits.max_length:
             raise InvalidInput(f"max_length is {max_length}; it must be in 3..{limits.max_length}")
-        if stride >= max_length - SPECIAL_TOKENS_PER_CHUNK:
+        if not 0 <= stride < max_length - SPECIAL_TOKENS_PER_CHUNK:
             raise InvalidInput(
-                f"stride is {stride}; it must be below max_length - {SPECIAL_TOKENS_PER_CHUNK} ({max_length - 2})"
+                f"stride is {stride}; it must be in 0..max_length - {SPECIAL_TOKENS_PER_CHUNK} - 1 ({max_length - 3})"
             )
         for index, text in enumerate(texts):
-            size = len(text.encode("utf-8", errors="surrogatepass"))
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError as error:
+                # Only a Python caller can send one (protobuf strings are valid UTF-8).
+                raise InvalidInput(
+                    f"text {index} is not valid Unicode: a lone surrogate at character {error.start}"
+                ) from None
             if size > limits.max_text_bytes:
                 raise InputTooLarge(f"text {index} has {size} bytes; max is {limits.max_text_bytes}")
             if not text.strip():
@@ -127,12 +146,16 @@ class Tokenizer:
             # A request for short chunks must not fail on the default overlap.
             stride = min(self.limits.default_stride, (max_length - SPECIAL_TOKENS_PER_CHUNK) // 2)
         self.validate(texts, max_length, stride)
+        masked = [self.masker.mask(text) for text in texts] if self.masker is not None else None
         tokenizer = self._for_window(max_length, stride)
-        encodings = tokenizer.encode_batch(list(texts))
+        encodings = tokenizer.encode_batch([m.text for m in masked] if masked is not None else list(texts))
         for index, encoding in enumerate(encodings):
             if len(encoding.ids) <= SPECIAL_TOKENS_PER_CHUNK:
                 raise InvalidInput(f"text {index} has no tokens (only invisible or control characters)")
-        return [self._to_result(encoding, stride, overflow, return_offsets) for encoding in encodings]
+        return [
+            self._to_result(encoding, stride, overflow, return_offsets, masked[index] if masked is not None else None)
+            for index, encoding in enumerate(encodings)
+        ]
 
     async def tokenize_async(
         self,
@@ -148,22 +171,47 @@ class Tokenizer:
         return await asyncio.to_thread(self.tokenize, texts, max_length, stride, overflow, return_offsets)
 
     @staticmethod
-    def _to_result(encoding: Encoding, stride: int, overflow: Overflow, return_offsets: bool) -> TokenizedText:
+    def _to_result(
+        encoding: Encoding, stride: int, overflow: Overflow, return_offsets: bool, masked: MaskedText | None
+    ) -> TokenizedText:
         windows = [encoding, *encoding.overflowing]
         content = [len(w.ids) - SPECIAL_TOKENS_PER_CHUNK for w in windows]
         num_tokens = sum(content) - stride * (len(windows) - 1)
         if overflow is Overflow.TRUNCATE:
             windows = windows[:1]
+        words = _placeholder_words(windows, masked) if masked is not None and masked.replacements else {}
         return TokenizedText(
-            chunks=[_to_chunk(w, return_offsets) for w in windows],
+            chunks=[_to_chunk(w, return_offsets, masked, words) for w in windows],
             num_tokens=num_tokens,
             truncated=overflow is Overflow.TRUNCATE and len(encoding.overflowing) > 0,
+            masked=len(masked.replacements) if masked is not None else 0,
         )
 
 
-def _to_chunk(encoding: Encoding, return_offsets: bool) -> Chunk:
+def _placeholder_words(windows: list[Encoding], masked: MaskedText) -> dict[int, int]:
+    """Word id of each word inside a placeholder -> the placeholder's first word id, so
+    that "[", "email", "]" read as one word (across chunks too: windows share word ids)."""
+    first: dict[int, int] = {}
+    members: dict[int, int] = {}
+    for window in windows:
+        tokens = zip(window.offsets, window.word_ids, window.special_tokens_mask, strict=True)
+        for (start, _), word, is_special in tokens:
+            index = masked.placeholder_at(start)
+            if is_special or word is None or index is None:
+                continue
+            first[index] = min(first.get(index, word), word)
+            members[word] = index
+    return {word: first[index] for word, index in members.items()}
+
+
+def _to_chunk(encoding: Encoding, return_offsets: bool, masked: MaskedText | None, words: dict[int, int]) -> Chunk:
     offsets = encoding.offsets
     special = encoding.special_tokens_mask
+    if masked is not None and masked.replacements:
+        offsets = [
+            (0, 0) if is_special else masked.to_original(*span)
+            for span, is_special in zip(offsets, special, strict=True)
+        ]
     spans = [span for span, is_special in zip(offsets, special, strict=True) if not is_special]
     char_start = spans[0][0] if spans else 0
     char_end = spans[-1][1] if spans else 0
@@ -171,7 +219,7 @@ def _to_chunk(encoding: Encoding, return_offsets: bool) -> Chunk:
         input_ids=list(encoding.ids),
         attention_mask=list(encoding.attention_mask),
         offsets=[(int(s), int(e)) for s, e in offsets] if return_offsets else None,
-        word_ids=[-1 if w is None else w for w in encoding.word_ids] if return_offsets else None,
+        word_ids=[-1 if w is None else words.get(w, w) for w in encoding.word_ids] if return_offsets else None,
         char_start=char_start,
         char_end=char_end,
     )

@@ -7,9 +7,16 @@ import logging
 import grpc
 
 from services.tokenizer.core import Tokenizer, TokenizerLimits
+from services.tokenizer.pii import PiiMasker
 from services.tokenizer.servicer import TokenizerServicer
 from services.tokenizer.settings import TokenizerSettings
-from shared.grpc_server import RunningServer, start_metrics, start_server, wait_for_termination_signal
+from shared.grpc_server import (
+    RunningServer,
+    exit_on_startup_error,
+    start_metrics,
+    start_server,
+    wait_for_termination_signal,
+)
 from shared.model_repository import ModelRepository
 from shared.pb import tokenizer_pb2 as pb
 from shared.pb import tokenizer_pb2_grpc as pb_grpc
@@ -30,7 +37,8 @@ def build_tokenizer(settings: TokenizerSettings) -> Tokenizer:
         max_text_bytes=settings.max_text_bytes,
     )
     path = repository.path(settings.model_name, version) / config.tokenizer
-    return Tokenizer(path, model_name=settings.model_name, limits=limits)
+    masker = PiiMasker(settings.mask_pii_kinds) if settings.mask_pii else None
+    return Tokenizer(path, model_name=settings.model_name, limits=limits, masker=masker)
 
 
 async def start(settings: TokenizerSettings) -> RunningServer:
@@ -41,13 +49,15 @@ async def start(settings: TokenizerSettings) -> RunningServer:
 
     running = await start_server(settings, register, [SERVICE_NAME])
     await running.set_serving(True)
-    logger.info("tokenizer serving on %s:%d", settings.host, running.port)
+    masking = ", ".join(sorted(k.value for k in tokenizer.masker.kinds)) if tokenizer.masker else "off"
+    logger.info("tokenizer serving on %s:%d (PII masking: %s)", settings.host, running.port, masking)
     return running
 
 
 async def serve(settings: TokenizerSettings) -> None:
     metrics = start_metrics(settings)
-    running = await start(settings)
+    with exit_on_startup_error("tokenizer", metrics):
+        running = await start(settings)
     await wait_for_termination_signal()
     await running.stop(settings.shutdown_grace_seconds)
     if metrics is not None:

@@ -47,7 +47,12 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         chunks = sum(len(r.chunks) for r in results)
         # The server span is the tokenization span: no second span for the same time.
         trace.get_current_span().set_attributes(
-            {"infermesh.texts": len(results), "infermesh.tokens": tokens, "infermesh.chunks": chunks}
+            {
+                "infermesh.texts": len(results),
+                "infermesh.tokens": tokens,
+                "infermesh.chunks": chunks,
+                "infermesh.pii_masked": sum(r.masked for r in results),
+            }
         )
         TOKENIZER_TEXTS.inc(len(results))
         TOKENIZER_TOKENS.inc(tokens)

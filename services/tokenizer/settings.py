@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
+from services.tokenizer.pii import PiiKind
 from shared.settings import BaseServiceSettings
 
 
@@ -38,3 +39,10 @@ class TokenizerSettings(BaseServiceSettings):
 
     max_text_bytes: int = 256 * 1024
     """UTF-8 bytes per text."""
+
+    mask_pii: bool = False
+    """Replace emails, phone numbers, card numbers and IBANs in texts with placeholders
+    ("[EMAIL]", "[PHONE]", "[CARD]", "[ACCOUNT]") before tokenizing."""
+
+    mask_pii_kinds: list[PiiKind] = list(PiiKind)
+    """What `mask_pii` masks, as JSON: `["email", "phone", "card", "account"]`."""

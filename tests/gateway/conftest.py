@@ -13,9 +13,9 @@ import pytest_asyncio
 import uvicorn
 from fastapi import FastAPI
 from playwright.async_api import Browser, async_playwright
-from pydantic import SecretStr
 
-from gateway.app import create_app
+from gateway.apikeys import hash_api_key
+from gateway.app import create_app, server_config
 from gateway.settings import GatewaySettings
 from shared.grpc_server import RunningServer
 
@@ -34,7 +34,8 @@ CHROMIUM_ARGS = [
 async def serving(app: FastAPI) -> AsyncIterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    # The gateway's own uvicorn configuration (python -m gateway), so tests see its headers.
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.05)
@@ -55,29 +56,29 @@ async def chromium() -> AsyncIterator[Browser]:
             await browser.close()
 
 
+#: The keys `keyed_client` accepts, by name; its settings hold only their hashes.
+API_KEYS = {"ci": "ci-7f3a9c1e5b2d8f4a6c0e", "ops": "ops-2b8e4d6f0a1c3e5b7d9f"}
+
+
 def settings_for(servers: list[RunningServer], **overrides: object) -> GatewaySettings:
-    tokenizer, inference, postprocessor, explainer = (f"127.0.0.1:{s.port}" for s in servers)
-    return GatewaySettings(
-        tokenizer=tokenizer,
-        inference=inference,
-        postprocessor=postprocessor,
-        explainer=explainer,
-        dashboard=False,
-        grpc_port=0,
-        max_texts=8,
-        max_body_bytes=4096,
-        **overrides,  # type: ignore[arg-type]
-    )
+    """Gateway settings for test servers (the `servers` fixture's order)."""
+    return settings_for_targets([f"127.0.0.1:{s.port}" for s in servers], **overrides)
 
 
-@pytest_asyncio.fixture
-async def servers(
-    tokenizer_server: RunningServer,
-    inference_server: RunningServer,
-    postprocessor_server: RunningServer,
-    explainer_server: RunningServer,
-) -> list[RunningServer]:
-    return [tokenizer_server, inference_server, postprocessor_server, explainer_server]
+def settings_for_targets(targets: list[str], **overrides: object) -> GatewaySettings:
+    """Gateway settings for the tokenizer, inference, post-processor and explainer at `targets`."""
+    tokenizer, inference, postprocessor, explainer = targets
+    values: dict[str, object] = {
+        "tokenizer": tokenizer,
+        "inference": inference,
+        "postprocessor": postprocessor,
+        "explainer": explainer,
+        "dashboard": False,
+        "grpc_port": 0,
+        "max_texts": 8,
+        "max_body_bytes": 4096,
+    }
+    return GatewaySettings(**(values | overrides))  # type: ignore[arg-type]
 
 
 async def client_for(settings: GatewaySettings) -> AsyncIterator[httpx.AsyncClient]:
@@ -97,5 +98,6 @@ async def client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClien
 
 @pytest_asyncio.fixture
 async def keyed_client(servers: list[RunningServer]) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in client_for(settings_for(servers, api_keys=[SecretStr("k-123"), SecretStr("k-456")])):
+    hashes = {name: hash_api_key(key) for name, key in API_KEYS.items()}
+    async for c in client_for(settings_for(servers, api_keys=hashes)):
         yield c

@@ -9,9 +9,12 @@ import grpc
 import httpx
 import pytest
 
+from gateway.apikeys import hash_api_key
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import pipeline_pb2 as pipeline_pb
 from shared.pb import pipeline_pb2_grpc as pipeline_grpc
+from tests.gateway.conftest import API_KEYS
+from tests.reliability import Observed
 from tests.services.test_inference import encode
 
 
@@ -39,9 +42,22 @@ async def test_sentiment_classifies_texts(client: httpx.AsyncClient) -> None:
         (b'{"texts": ["fine"], "thresholds": {"bullish": 0.5}}', 400, "unknown label 'bullish'"),
         (b'{"texts": ["fine", "\\ud800"]}', 400, "text 1 is not valid Unicode"),
     ],
+    ids=[
+        "not JSON",
+        "texts not a list",
+        "no texts",
+        "texts not strings",
+        "9 texts",
+        "a 5000-byte body",
+        "a blank text",
+        "unknown model version",
+        "threshold for an unknown label",
+        "a lone surrogate",
+    ],
 )
+@pytest.mark.reliability("Limits", "POST /v1/sentiment", "4xx problem+json naming what is wrong; never 5xx")
 async def test_bad_requests_are_problem_json(
-    client: httpx.AsyncClient, content: bytes, status: int, detail: str
+    client: httpx.AsyncClient, content: bytes, status: int, detail: str, observed: Observed
 ) -> None:
     reply = await client.post("/v1/sentiment", content=content, headers={"content-type": "application/json"})
     assert reply.status_code == status
@@ -50,16 +66,33 @@ async def test_bad_requests_are_problem_json(
     assert problem["status"] == status and detail in problem["detail"]
     assert problem["instance"] == "/v1/sentiment" and len(problem["trace_id"]) == 32
     assert "Traceback" not in reply.text
+    observed.record(f"{status}: {problem['detail']}")
 
 
-async def test_api_keys_are_required_when_configured(keyed_client: httpx.AsyncClient) -> None:
+@pytest.mark.reliability(
+    "Security",
+    "request without an API key, or with a wrong one",
+    "401 problem+json with WWW-Authenticate; configured keys 200",
+)
+async def test_api_keys_are_required_when_configured(keyed_client: httpx.AsyncClient, observed: Observed) -> None:
     body = {"texts": ["Acme beats estimates"]}
     missing = await keyed_client.post("/v1/sentiment", json=body)
     assert missing.status_code == 401 and "API key is required" in missing.json()["detail"]
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert missing.headers["www-authenticate"].startswith("Bearer")
     wrong = await keyed_client.post("/v1/sentiment", json=body, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["detail"] == "the API key is not valid"
-    for headers in ({"Authorization": "Bearer k-456"}, {"X-API-Key": "k-123"}):
+    # The configuration holds hashes: offering a configured hash as the key gets nowhere.
+    as_hash = await keyed_client.post("/v1/sentiment", json=body, headers={"X-API-Key": hash_api_key(API_KEYS["ci"])})
+    assert as_hash.status_code == 401
+    v2_missing = await keyed_client.post("/v2/models/finance-sentiment/infer", json={"inputs": []})
+    assert v2_missing.status_code == 401
+    for headers in ({"Authorization": f"Bearer {API_KEYS['ops']}"}, {"X-API-Key": API_KEYS["ci"]}):
         assert (await keyed_client.post("/v1/sentiment", json=body, headers=headers)).status_code == 200
+    observed.record(
+        f"no key {missing.status_code}, wrong key {wrong.status_code}, the hash as key {as_hash.status_code},"
+        " v2 infer without key 401; both configured keys 200"
+    )
 
 
 async def test_openapi_declares_the_problem_responses(client: httpx.AsyncClient) -> None:
@@ -69,7 +102,10 @@ async def test_openapi_declares_the_problem_responses(client: httpx.AsyncClient)
     assert "application/problem+json" in responses["413"]["content"]
 
 
-async def test_a_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
+@pytest.mark.reliability(
+    "Limits", "a chunked 10 kB body with no Content-Length (limit 4096 bytes)", "413 problem+json, body not buffered"
+)
+async def test_a_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient, observed: Observed) -> None:
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"texts": ["'
         for _ in range(10):
@@ -79,6 +115,7 @@ async def test_a_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -
     reply = await client.post("/v1/sentiment", content=chunks(), headers={"content-type": "application/json"})
     assert reply.status_code == 413
     assert reply.headers["content-type"] == "application/problem+json"
+    observed.record(f"{reply.status_code}: {reply.json()['detail']}")
     assert "max is 4096" in reply.json()["detail"]
 
 

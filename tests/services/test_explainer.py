@@ -19,6 +19,7 @@ from shared.pb import explainer_pb2 as pb
 from shared.pb import explainer_pb2_grpc as pb_grpc
 from shared.settings import BaseServiceSettings
 from tests.conftest import free_port
+from tests.reliability import Observed
 
 CLEAR = [
     "Acme shares plunge after the company slashes its profit forecast",
@@ -111,13 +112,20 @@ async def test_an_explanation_uses_the_version_its_prediction_came_from(
         (pb.ExplainRequest(texts=["word " * 3000]), grpc.StatusCode.INVALID_ARGUMENT, "chunks; max is 8"),
         (pb.ExplainRequest(texts=["a"], model_version="7"), grpc.StatusCode.NOT_FOUND, "version '7' is not in"),
     ],
+    ids=["no texts", "5 texts", "1000 steps", "unknown target label", "a text of 9+ chunks", "unknown version"],
 )
+@pytest.mark.reliability("Limits", "Explain request", "INVALID_ARGUMENT / NOT_FOUND naming the limit")
 async def test_bad_requests_are_rejected_with_the_limit(
-    explainer: pb_grpc.ExplainerServiceAsyncStub, request_: pb.ExplainRequest, code: grpc.StatusCode, detail: str
+    explainer: pb_grpc.ExplainerServiceAsyncStub,
+    request_: pb.ExplainRequest,
+    code: grpc.StatusCode,
+    detail: str,
+    observed: Observed,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await explainer.Explain(request_)
     assert caught.value.code() == code and detail in (caught.value.details() or "")
+    observed.record(f"{caught.value.code().name}: {caught.value.details()}")
 
 
 async def test_the_explainer_serves_only_while_its_inference_service_does(model_repository: Path) -> None:

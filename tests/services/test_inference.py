@@ -15,6 +15,7 @@ from services.inference.settings import InferenceSettings
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.conftest import MODEL
+from tests.reliability import Observed
 
 HEADLINES = ["Shares of Acme plunge after profit warning", "Acme beats estimates and raises guidance"]
 Input = pb.ModelInferRequest.InferInputTensor
@@ -228,6 +229,26 @@ def _missing_input(ids: np.ndarray, mask: np.ndarray) -> pb.ModelInferRequest:
         (_left_padded, grpc.StatusCode.INVALID_ARGUMENT, "right padding"),
         (_missing_input, grpc.StatusCode.INVALID_ARGUMENT, "'attention_mask' is missing"),
     ],
+    ids=[
+        "raw and typed contents mixed",
+        "raw bytes fewer than the shape says",
+        "INT32 ids",
+        "BYTES input",
+        "contents count lies about the shape",
+        "unknown model",
+        "unknown version",
+        "200 tokens in a row",
+        "129 sequences",
+        "token id outside the vocabulary",
+        "unknown output asked for",
+        "left padding",
+        "attention_mask missing",
+    ],
+)
+@pytest.mark.reliability(
+    "Hostile input",
+    "OIP ModelInfer request",
+    "the precise status (INVALID_ARGUMENT / NOT_FOUND) with what is wrong; no traceback; the server keeps serving",
 )
 async def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(
     inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub,
@@ -235,6 +256,7 @@ async def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(
     build: Callable[[np.ndarray, np.ndarray], pb.ModelInferRequest],
     code: grpc.StatusCode,
     detail: str,
+    observed: Observed,
 ) -> None:
     ids, mask = encode(built_model, HEADLINES)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -244,6 +266,7 @@ async def test_bad_requests_get_precise_errors_and_the_server_keeps_serving(
     assert "Traceback" not in (caught.value.details() or "")
     ok = await inference_stub.ModelInfer(raw_request(ids, mask))
     assert list(output(ok, "label")) == ["negative", "positive"]
+    observed.record(f"{caught.value.code().name}: {caught.value.details()}; the next request answered")
 
 
 async def test_model_ready_and_metadata_for_unknown_model_are_not_found(

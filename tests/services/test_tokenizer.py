@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.grpc_server import RunningServer
 from shared.pb import tokenizer_pb2 as pb
 from shared.pb import tokenizer_pb2_grpc as pb_grpc
+from tests.reliability import Observed
 
 LONG_TEXT = " ".join(
     f"Company {i} reported quarterly revenue of {i * 3} million dollars, above analyst estimates." for i in range(40)
@@ -101,9 +102,13 @@ async def test_info_and_health(
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.reliability(
+    "Limits", "a 20 MB gRPC message to the tokenizer (limit 16 MiB)", "RESOURCE_EXHAUSTED before it is parsed"
+)
 async def test_a_message_over_the_grpc_size_limit_is_resource_exhausted(
-    tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub,
+    tokenizer_stub: pb_grpc.TokenizerServiceAsyncStub, observed: Observed
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await tokenizer_stub.Tokenize(pb.TokenizeRequest(texts=["word " * 1_000_000] * 4))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    observed.record(f"{caught.value.code().name}: {caught.value.details()}")

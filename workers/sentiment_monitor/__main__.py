@@ -15,8 +15,10 @@ from shared.kafka import KafkaSettings, broker_reachable, ensure_topics
 from shared.metrics import MetricsServer
 from shared.pipeline import PipelineTargets
 from shared.telemetry import configure_logging, configure_tracing
+from shared.tls import TlsMisconfigured, environment_tls
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import NewsScorer
+from workers.sentiment_monitor.runner import StageRunner
 from workers.sentiment_monitor.scoring import BlockingPipeline
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
@@ -48,61 +50,75 @@ def main() -> None:
     client = KafkaSettings().client_config()
     configure_logging(settings.log_json, settings.log_level)
     configure_tracing("infermesh-worker")
-    ensure_topics(client, monitor_topics(settings.partitions))
-    producer = KafkaProducer(**client, acks="all", enable_idempotence=True, linger_ms=5)
-    stages: list[NewsScorer | WindowStage] = []
+    try:
+        environment_tls()  # fail now, in one line, rather than on the first scoring call
+    except TlsMisconfigured as error:
+        logger.error("worker cannot start: %s", error.detail)
+        sys.exit(1)
+    topics = monitor_topics(settings.partitions)
+    ensure_topics(client, topics)
+
+    def producer() -> KafkaProducer:
+        return KafkaProducer(**client, acks="all", enable_idempotence=True, linger_ms=5)
+
+    runners: list[StageRunner] = []
     pipeline = None
     if "score" in settings.stages:
         pipeline = BlockingPipeline(
             PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor), settings.model_name
         )
-        consumer = group_consumer(client, settings.scorer_group, settings.max_batch)
-        stages.append(
-            NewsScorer(consumer, producer, pipeline, TickerAttributor.from_csv(settings.companies_csv), settings)
-        )
+        scoring = pipeline
+        attributor = TickerAttributor.from_csv(settings.companies_csv)
+
+        def scorer() -> NewsScorer:
+            consumer = group_consumer(client, settings.scorer_group, settings.max_batch)
+            return NewsScorer(consumer, producer(), scoring, attributor, settings)
+
+        runners.append(StageRunner("score", scorer, client, topics))
     if "windows" in settings.stages:
-        consumer = group_consumer(client, settings.windows_group, settings.max_batch)
-        stages.append(WindowStage(consumer, producer, client, settings))
+
+        def windows() -> WindowStage:
+            consumer = group_consumer(client, settings.windows_group, settings.max_batch)
+            return WindowStage(consumer, producer(), client, settings)
+
+        runners.append(StageRunner("windows", windows, client, topics))
 
     def stop(signum: int, frame: FrameType | None) -> None:
         logger.info("signal %d: finishing the current batches", signum)
-        for stage in stages:
-            stage.stop()
+        for runner in runners:
+            runner.stop()
 
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, stop)
 
     def readiness() -> tuple[bool, str]:
-        idle = [type(stage).__name__ for stage in stages if stage.assigned_partitions == 0]
+        idle = [runner.name for runner in runners if runner.assigned_partitions == 0]
         if idle:
             return False, f"no partitions assigned yet to {', '.join(idle)}"
         if not broker_reachable(client["bootstrap_servers"]):
             return False, "no bootstrap broker accepts connections"
-        return True, "ready: " + ", ".join(f"{type(s).__name__} {s.assigned_partitions} partitions" for s in stages)
+        return True, "ready: " + ", ".join(f"{r.name} {r.assigned_partitions} partitions" for r in runners)
 
     metrics = MetricsServer(settings.host, settings.metrics_port, readiness) if settings.metrics_enabled else None
     failed: list[str] = []
 
-    def run_stage(stage: NewsScorer | WindowStage) -> None:
+    def run_stage(runner: StageRunner) -> None:
         try:
-            stage.run()
+            runner.run()
         except Exception:
             # A stage that cannot go on takes the process down: its records stay
             # uncommitted, and the group hands its partitions to a healthy member.
-            logger.exception("%s failed; stopping the worker", type(stage).__name__)
-            failed.append(type(stage).__name__)
-            for other in stages:
+            logger.exception("stage %s failed; stopping the worker", runner.name)
+            failed.append(runner.name)
+            for other in runners:
                 other.stop()
 
-    threads = [threading.Thread(target=run_stage, args=(stage,), name=type(stage).__name__) for stage in stages]
+    threads = [threading.Thread(target=run_stage, args=(runner,), name=runner.name) for runner in runners]
     for thread in threads:
         thread.start()
     logger.info("sentiment monitor running stages %s against %s", settings.stages, client["bootstrap_servers"])
     for thread in threads:
         thread.join()
-    for stage in stages:
-        stage.consumer.close(autocommit=False)  # leave the group at once; commits happen per batch
-    producer.close()
     if pipeline is not None:
         pipeline.close()
     if metrics is not None:

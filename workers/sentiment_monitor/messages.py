@@ -13,10 +13,10 @@ at-least-once delivery may produce.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 NEWS_TOPIC = "finance.news.v1"
 SENTIMENT_TOPIC = "finance.sentiment.v1"
@@ -25,6 +25,20 @@ ALERTS_TOPIC = "finance.alerts.v1"
 DLQ_TOPIC = f"{NEWS_TOPIC}.dlq"
 
 Ticker = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9.\-]{0,9}$")]
+
+EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+"""Windows align to the Unix epoch, and Kafka's own timestamps start there."""
+
+
+def _not_before_epoch(moment: datetime) -> datetime:
+    # Year 1 overflowed the window arithmetic and stopped the windowing stage, which
+    # then read the same record again on restart.
+    if moment < EARLIEST_EVENT_TIME:
+        raise ValueError(f"{moment.isoformat()} is before {EARLIEST_EVENT_TIME.isoformat()}")
+    return moment
+
+
+EventTime = Annotated[AwareDatetime, AfterValidator(_not_before_epoch)]
 
 
 class NewsItem(BaseModel):
@@ -35,8 +49,8 @@ class NewsItem(BaseModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     """Producer-chosen unique id; duplicates are scored once per worker batch and can be
     dropped downstream by it."""
-    published_at: AwareDatetime
-    """RFC 3339 timestamp with a zone; the event time windows use."""
+    published_at: EventTime
+    """RFC 3339 timestamp with a zone, not before 1970; the event time windows use."""
     source: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     headline: Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)]
     body: Annotated[str, StringConstraints(max_length=100_000)] | None = None
@@ -55,7 +69,7 @@ class ScoredItem(BaseModel):
     """`<item id>:<ticker>`, or the item id when no ticker was found."""
     item_id: str
     ticker: str | None
-    published_at: AwareDatetime
+    published_at: EventTime
     source: str
     headline: str
     label: str
@@ -112,7 +126,7 @@ class PoisonRecord(Exception):
 
 def decode_news(value: bytes | None, max_bytes: int) -> NewsItem:
     """Parses one `finance.news.v1` record value or raises PoisonRecord with the reason."""
-    if value is None:
+    if not value:  # a tombstone (None) or zero bytes
         raise PoisonRecord("empty", "record has no value")
     if len(value) > max_bytes:
         raise PoisonRecord("too-large", f"record has {len(value)} bytes; max is {max_bytes}")
@@ -124,6 +138,10 @@ def decode_news(value: bytes | None, max_bytes: int) -> NewsItem:
         document: Any = json.loads(text)
     except json.JSONDecodeError as error:
         raise PoisonRecord("not-json", f"{error.msg} at line {error.lineno} column {error.colno}") from None
+    except RecursionError:
+        # "[[[[..." a few thousand deep: uncaught, it stopped the scoring stage, which then
+        # read the same record again on restart.
+        raise PoisonRecord("not-json", "nested too deeply") from None
     try:
         return NewsItem.model_validate(document)
     except ValidationError as error:

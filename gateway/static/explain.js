@@ -1,0 +1,58 @@
+const form = document.getElementById("form");
+
+function colour(attribution, targetLabel, scale) {
+  // Attribution supports the target label; show the sentiment direction it pushes towards.
+  const towardsNegative = targetLabel === "negative" ? attribution : targetLabel === "positive" ? -attribution : 0;
+  const strength = Math.min(1, Math.abs(towardsNegative) / scale);
+  return towardsNegative > 0 ? `rgba(198, 40, 40, ${0.15 + 0.75 * strength})` : `rgba(46, 125, 50, ${0.15 + 0.75 * strength})`;
+}
+
+function render(input, body) {
+  const chunk = body.chunks[body.deciding_chunk];
+  document.getElementById("label").textContent = `${body.label} (explaining ${body.target_label})`;
+  document.getElementById("probabilities").textContent = Object.entries(body.probabilities)
+    .map(([name, p]) => `${name} ${(p * 100).toFixed(1)}%`).join(" · ");
+  const scale = Math.max(1e-6, ...chunk.words.map((w) => Math.abs(w.attribution)));
+  const out = document.getElementById("text");
+  out.replaceChildren();
+  let cursor = chunk.char_start;
+  for (const word of chunk.words) {
+    out.appendChild(document.createTextNode(input.slice(cursor, word.start)));
+    const span = document.createElement("span");
+    span.className = "word";
+    span.textContent = word.text;
+    span.dataset.attribution = word.attribution.toFixed(4);
+    span.title = `attribution ${word.attribution.toFixed(3)}`;
+    if (Math.abs(word.attribution) / scale > 0.05) span.style.background = colour(word.attribution, body.target_label, scale);
+    out.appendChild(span);
+    cursor = word.end;
+  }
+  out.appendChild(document.createTextNode(input.slice(cursor, chunk.char_end)));
+  const rows = document.getElementById("faithfulness");
+  rows.replaceChildren();
+  for (const f of chunk.faithfulness) {
+    const tr = document.createElement("tr");
+    for (const value of [`${Math.round(f.top_percent * 100)}%`, f.comprehensiveness, f.random_comprehensiveness, f.sufficiency, f.random_sufficiency]) {
+      const td = document.createElement("td");
+      td.textContent = typeof value === "number" ? value.toFixed(3) : value;
+      tr.appendChild(td);
+    }
+    rows.appendChild(tr);
+  }
+  document.getElementById("result").hidden = false;
+}
+
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = document.getElementById("input").value;
+  const error = document.getElementById("error");
+  error.hidden = true;
+  const reply = await fetch("/v1/explain", {
+    method: "POST",
+    headers: {"content-type": "application/json"},
+    body: JSON.stringify({text, method: document.getElementById("method").value}),
+  });
+  const body = await reply.json();
+  if (!reply.ok) { error.textContent = `${body.title}: ${body.detail}`; error.hidden = false; return; }
+  render(text, body);
+});
