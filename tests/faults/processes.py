@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,14 @@ class ServiceProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+    def readiness(self) -> str:
+        """The process's /readyz answer (worker: partitions assigned, broker reachable)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=2) as reply:
+                return f"{reply.status} {reply.read().decode()}"
+        except urllib.error.HTTPError as error:
+            return f"{error.code} {error.read().decode()}"
 
     def metric(self, name: str) -> float:
         """Sum of a Prometheus series' samples (every label set) from its /metrics."""

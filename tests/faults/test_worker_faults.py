@@ -239,5 +239,5 @@ async def test_broker_restart_the_worker_carries_on_for_new_data(
         f"{time.monotonic() - restarted:.1f} s after the broker came back; the worker kept running",
         lost=20 - scored_after,
     )
-    assert scored_after == 20, worker.log_tail()
+    assert scored_after == 20, worker.log_tail() + "\n" + worker.readiness()
     assert worker.alive
