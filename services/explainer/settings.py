@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
+from services.tokenizer.pii import PiiKind
 from shared.settings import BaseServiceSettings
 
 
@@ -51,3 +52,10 @@ class ExplainerSettings(BaseServiceSettings):
 
     torch_threads: int = 1
     """Threads for the gradient computation (the inference service needs the other cores)."""
+
+    mask_pii: bool = False
+    """Mask personal data before the model sees it, as the tokenizer's `mask_pii` does: set
+    both alike, so an explanation explains the text that was classified."""
+
+    mask_pii_kinds: list[PiiKind] = list(PiiKind)
+    """What `mask_pii` masks, as JSON: `["email", "phone", "card", "account"]`."""

@@ -13,6 +13,7 @@ from services.explainer.gradients import IntegratedGradients
 from services.explainer.scoring import OipProbabilities
 from services.explainer.settings import ExplainerSettings
 from services.tokenizer.core import Tokenizer, TokenizerLimits
+from services.tokenizer.pii import PiiMasker
 from shared.grpc_client import channel
 from shared.model_repository import ModelRepository
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -62,6 +63,7 @@ class ExplainerVersions:
             folder / config.tokenizer,
             settings.model_name,
             TokenizerLimits(config.max_sequence_length, 32, settings.max_texts, settings.max_text_bytes),
+            masker=PiiMasker(settings.mask_pii_kinds) if settings.mask_pii else None,
         )
         logger.info("explainer loaded %s version %s", settings.model_name, version)
         return Explainer(

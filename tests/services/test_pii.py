@@ -1,4 +1,5 @@
-"""PII masking in the tokenizer: what is masked, what is left alone, and where offsets point."""
+"""PII masking in the tokenizer (and the explainer, which tokenizes for itself): what is masked,
+what is left alone, and where offsets point."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.explainer.server import start as start_explainer
+from services.explainer.settings import ExplainerSettings
 from services.tokenizer.core import Tokenizer, TokenizerLimits
 from services.tokenizer.pii import MaskedText, PiiKind, PiiMasker, iban_valid, luhn_valid
 from services.tokenizer.server import start as start_tokenizer
 from services.tokenizer.settings import TokenizerSettings
 from shared.grpc_server import RunningServer
+from shared.pb import explainer_pb2 as explainer_pb
+from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pb import tokenizer_pb2 as pb
 from shared.pb import tokenizer_pb2_grpc as pb_grpc
 from tests.conftest import MODEL
@@ -296,3 +301,28 @@ async def test_masking_server_sends_no_piece_of_the_personal_data(
     assert not leaked
     assert spans >= set(secrets)
     assert not placeholders & spans
+
+
+async def test_a_masking_explainer_explains_the_masked_text(
+    inference_server: RunningServer, model_repository: Path
+) -> None:
+    email = "zebulon.quaxley@examplebank.org"
+    text = f"Acme whistleblower {email} says profits were inflated"
+    settings = ExplainerSettings(
+        grpc_port=0, model_repository=model_repository, inference=f"127.0.0.1:{inference_server.port}", mask_pii=True
+    )
+    running, versions = await start_explainer(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as opened:
+            reply = await explainer_grpc.ExplainerServiceStub(opened).Explain(
+                explainer_pb.ExplainRequest(texts=[text], method=explainer_pb.METHOD_OCCLUSION)
+            )
+    finally:
+        await running.stop(0)
+        await versions.close()
+    (chunk,) = reply.explanations[0].chunks
+    start = text.index(email)
+    span = (start, start + len(email))
+    touching = [(t.start, t.end) for t in chunk.tokens if t.start < span[1] and span[0] < t.end]
+    assert touching and set(touching) == {span}  # placeholder tokens, each covering the whole email
+    assert [w.text for w in chunk.words if (w.start, w.end) == span] == [email]
