@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
+import grpc
 from fastapi import Header, Request
 from opentelemetry import trace
 
@@ -22,6 +23,7 @@ KEY_NAME_ATTRIBUTE = "infermesh.api_key.name"
 
 class Unauthorized(GatewayError):
     http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
     title = "Unauthorized"
 
     def __init__(self, detail: str) -> None:
@@ -31,6 +33,7 @@ class Unauthorized(GatewayError):
 
 class RateLimited(GatewayError):
     http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     title = "Too many requests"
 
     def __init__(self, detail: str, wait_seconds: float) -> None:

@@ -87,7 +87,13 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
             )
             app.state.otlp_receiver_port = receiver_port
             logger.info("OTLP trace receiver on %s:%d; traces at /traces", settings.host, receiver_port)
-        servicer = PipelineServicer(app.state.pipeline, app.state.explainer, settings.explain_timeout_seconds)
+        servicer = PipelineServicer(
+            app.state.pipeline,
+            app.state.explainer,
+            app.state.admission,
+            settings.request_timeout_seconds,
+            settings.explain_timeout_seconds,
+        )
         grpc_server = await start_server(
             BaseServiceSettings(host=settings.host, grpc_port=settings.grpc_port),
             lambda server: pipeline_grpc.add_PipelineServicer_to_server(servicer, server),

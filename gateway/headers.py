@@ -66,7 +66,10 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        policy = DOCS_POLICY if scope.get("path", "") in self.docs_paths else PAGE_POLICY
+        path = scope.get("path", "")
+        policy = DOCS_POLICY if path in self.docs_paths else PAGE_POLICY
+        # Answers carry the caller's texts and their labels: no shared cache may keep them.
+        private = path.startswith(("/v1/", "/v2/"))
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -75,6 +78,8 @@ class SecurityHeaders:
                 for name, value in SECURITY_HEADERS.items():
                     if name not in headers:
                         headers[name] = policy if name == "Content-Security-Policy" else value
+                if private and "Cache-Control" not in headers:
+                    headers["Cache-Control"] = "no-store"
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -1,10 +1,12 @@
 """`infermesh.pipeline.v1.Pipeline`: the gateway's gRPC face for gRPC clients, a thin
-shell over the same PipelineClient and explainer the REST routes use."""
+shell over the same PipelineClient and explainer the REST routes use, behind the same
+API keys and rate limits (`authorization: Bearer <key>` or `x-api-key` metadata)."""
 
 from __future__ import annotations
 
 import grpc
 
+from gateway.admission import Admission
 from shared.errors import ModelNotFound, from_grpc_error
 from shared.grpc_server import ServicerContext
 from shared.pb import explainer_pb2 as explainer_pb
@@ -18,20 +20,36 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Pipeline"].full_name
 
 class PipelineServicer(pb_grpc.PipelineServicer):
     def __init__(
-        self, client: PipelineClient, explainer: explainer_grpc.ExplainerServiceAsyncStub, timeout_seconds: float
+        self,
+        client: PipelineClient,
+        explainer: explainer_grpc.ExplainerServiceAsyncStub,
+        admission: Admission,
+        classify_timeout_seconds: float,
+        explain_timeout_seconds: float,
     ) -> None:
         self._client = client
         self._explainer = explainer
-        self._timeout = timeout_seconds
+        self._admission = admission
+        self._classify_timeout = classify_timeout_seconds
+        self._explain_timeout = explain_timeout_seconds
+
+    def _admit(self, context: ServicerContext) -> None:
+        """The REST routes' check: UNAUTHENTICATED without a valid key, RESOURCE_EXHAUSTED
+        over the caller's rate."""
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        authorization = metadata.get("authorization", "")
+        bearer = authorization[7:] if authorization[:7].lower() == "bearer " else None
+        self._admission.admit(metadata.get("x-api-key") or bearer, _peer_host(context.peer()))
 
     async def Classify(self, request: pb.ClassifyRequest, context: ServicerContext) -> pb.ClassifyResponse:
+        self._admit(context)
         if request.model_name and request.model_name != self._client.model_name:
             raise ModelNotFound.named(request.model_name)
         result = await self._client.classify(
             list(request.texts),
             model_version=request.model_version,
             thresholds=dict(request.thresholds),
-            timeout_seconds=_deadline(context, self._timeout),
+            timeout_seconds=_deadline(context, self._classify_timeout),
         )
         return pb.ClassifyResponse(
             model_name=result.model_name,
@@ -51,8 +69,9 @@ class PipelineServicer(pb_grpc.PipelineServicer):
     async def Explain(
         self, request: explainer_pb.ExplainRequest, context: ServicerContext
     ) -> explainer_pb.ExplainResponse:
+        self._admit(context)
         try:
-            return await self._explainer.Explain(request, timeout=_deadline(context, self._timeout))
+            return await self._explainer.Explain(request, timeout=_deadline(context, self._explain_timeout))
         except grpc.aio.AioRpcError as error:
             raise from_grpc_error(error) from None
 
@@ -61,3 +80,9 @@ def _deadline(context: ServicerContext, default: float) -> float:
     """The caller's remaining deadline, passed on to every hop."""
     remaining = context.time_remaining()
     return min(default, remaining) if remaining is not None else default
+
+
+def _peer_host(peer: str) -> str:
+    """`ipv4:10.0.0.7:53412` or `ipv6:[::1]:53412` to the caller's host."""
+    address = peer.split(":", 1)[1] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return address.rsplit(":", 1)[0].strip("[]")

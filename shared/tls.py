@@ -55,6 +55,11 @@ class TlsSettings(BaseSettings):
         some files are set, or one is missing, unreadable, not PEM, or the key does not
         belong to the certificate (caught here rather than as failed handshakes later)."""
         if not self.enabled:
+            if self.server_name_override:  # someone meant TLS on: never serve plain text by surprise
+                raise TlsMisconfigured(
+                    f"{_env('server_name_override')} is set but no certificates are: set "
+                    f"{_env('ca_file')}, {_env('cert_file')} and {_env('key_file')}, or unset it"
+                )
             return None
         files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
         unset = [_env(name) for name, path in files.items() if path is None]

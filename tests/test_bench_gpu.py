@@ -6,6 +6,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import onnxruntime
+import torch
 
 from benchmarks.gpu import CPU_CONFIGS, GPU_CONFIGS, bench_config, render, unavailable
 from tests.conftest import MODEL
@@ -33,3 +34,12 @@ def test_a_gpu_backend_that_cannot_run_here_says_why() -> None:
     cuda_ep = next(config for config in GPU_CONFIGS if config.backend == "onnxruntime")
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "onnxruntime-gpu" in unavailable(cuda_ep, "cuda")
+
+
+def test_a_backend_that_fails_to_start_is_a_skipped_row_not_a_crash(built_model: Path) -> None:
+    if torch.cuda.is_available():
+        return  # only a machine without CUDA can show this
+    eager = next(config for config in GPU_CONFIGS if config.title == "torch eager fp32")
+    result = bench_config(eager, built_model.parent.parent, MODEL, "cuda", batches=(1,), lengths=(8,))
+    assert not result.rows and "BackendUnavailable" in result.skipped and "CUDA" in result.skipped
+    assert render([result], "none").splitlines()[-1].startswith("torch eager fp32             skipped: ")

@@ -204,12 +204,16 @@ class PiiMasker:
 
     def mask(self, text: str) -> MaskedText:
         found: list[tuple[int, int, PiiKind]] = []
+        # Which characters a finder has claimed: checking a span costs its own length, so
+        # a text full of matches stays linear (comparing with every earlier match did not).
+        claimed = bytearray(len(text))
         for kind, finder in _FINDERS:
             if kind not in self.kinds:
                 continue
             for start, end in finder(text):
                 # The first finder to claim characters keeps them.
-                if not any(start < taken_end and taken_start < end for taken_start, taken_end, _ in found):
+                if not any(claimed[start:end]):
+                    claimed[start:end] = b"\x01" * (end - start)
                     found.append((start, end, kind))
         if not found:
             return MaskedText(text, text, ())

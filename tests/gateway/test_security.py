@@ -264,6 +264,9 @@ async def test_every_response_carries_security_headers(observed: Observed) -> No
     assert docs.status_code == 200 and "https://cdn.jsdelivr.net" in docs.headers["content-security-policy"]
     for reply in (*pages, *assets, *others, docs):
         assert_security_headers(reply)
+    # API answers hold callers' texts and labels: never kept by a shared cache.
+    assert [reply.headers.get("cache-control") for reply in others[2:4]] == ["no-store", "no-store"]
+    assert "cache-control" not in pages[0].headers
     observed.record(f"{len(pages) + len(assets) + len(others) + 1} responses (pages, assets, errors, docs) checked")
 
 
@@ -346,3 +349,24 @@ async def test_errors_with_services_down_reveal_nothing_internal(observed: Obser
         for needle in [*forbidden, *(str(port) for port in ports)]:
             assert needle.lower() not in text.lower(), (needle, text)
     observed.record(f"{len(bodies)} answers (6 REST, /readyz, gRPC Classify): 503/UNAVAILABLE, nothing internal")
+
+
+@pytest.mark.reliability(
+    "Security",
+    "the gateway's gRPC Pipeline service without an API key, or with a wrong one",
+    "UNAUTHENTICATED; a configured key in `x-api-key` or `authorization: Bearer` metadata is served",
+)
+async def test_the_grpc_pipeline_service_needs_a_key_too(keyed_client: httpx.AsyncClient, observed: Observed) -> None:
+    request = pipeline_pb.ClassifyRequest(texts=["Acme beats estimates"])
+    codes: list[str] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{keyed_client.headers['x-test-grpc-port']}") as opened:
+        stub = pipeline_grpc.PipelineStub(opened)
+        for metadata in ((), (("x-api-key", "not-a-key"),), (("authorization", "Bearer not-a-key"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Classify(request, metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            codes.append(caught.value.code().name)
+        for metadata in ((("x-api-key", API_KEYS["ci"]),), (("authorization", f"Bearer {API_KEYS['ops']}"),)):
+            reply = await stub.Classify(request, metadata=metadata)
+            assert reply.results[0].label == "positive"
+    observed.record(f"no key, wrong key, wrong bearer: {', '.join(codes)}; both configured keys served")

@@ -286,6 +286,8 @@ def test_half_a_configuration_is_refused(pki: Pki) -> None:
     assert refused.value.detail == (
         "mutual TLS is half configured: INFERMESH_TLS_KEY_FILE not set (set all three or none)"
     )
+    with pytest.raises(TlsMisconfigured, match="SERVER_NAME_OVERRIDE is set but no certificates are"):
+        TlsSettings(ca_file=None, cert_file=None, key_file=None, server_name_override="infermesh.internal").load()
 
 
 def test_unusable_files_are_refused(pki: Pki, tmp_path: Path) -> None:

@@ -58,8 +58,14 @@ def main() -> None:
     topics = monitor_topics(settings.partitions)
     ensure_topics(client, topics)
 
-    def producer() -> KafkaProducer:
-        return KafkaProducer(**client, acks="all", enable_idempotence=True, linger_ms=5)
+    def clients(group: str) -> tuple[KafkaConsumer, KafkaProducer]:
+        """A stage's consumer and producer, or neither (no half-built pair left open)."""
+        consumer = group_consumer(client, group, settings.max_batch)
+        try:
+            return consumer, KafkaProducer(**client, acks="all", enable_idempotence=True, linger_ms=5)
+        except Exception:
+            consumer.close(autocommit=False)
+            raise
 
     runners: list[StageRunner] = []
     pipeline = None
@@ -71,15 +77,13 @@ def main() -> None:
         attributor = TickerAttributor.from_csv(settings.companies_csv)
 
         def scorer() -> NewsScorer:
-            consumer = group_consumer(client, settings.scorer_group, settings.max_batch)
-            return NewsScorer(consumer, producer(), scoring, attributor, settings)
+            return NewsScorer(*clients(settings.scorer_group), scoring, attributor, settings)
 
         runners.append(StageRunner("score", scorer, client, topics))
     if "windows" in settings.stages:
 
         def windows() -> WindowStage:
-            consumer = group_consumer(client, settings.windows_group, settings.max_batch)
-            return WindowStage(consumer, producer(), client, settings)
+            return WindowStage(*clients(settings.windows_group), client, settings)
 
         runners.append(StageRunner("windows", windows, client, topics))
 

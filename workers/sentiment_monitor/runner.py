@@ -40,6 +40,8 @@ class StageRunner:
         topics: list[TopicSpec],
         max_backoff_seconds: float = 5.0,
         probe_seconds: float = 0.5,
+        reachable: Callable[[list[str]], bool] = broker_reachable,
+        prepare_topics: Callable[[dict[str, Any], list[TopicSpec]], None] = ensure_topics,
     ) -> None:
         self.name = name
         self._build = build
@@ -47,11 +49,15 @@ class StageRunner:
         self._topics = topics
         self._max_backoff = max_backoff_seconds
         self._probe_seconds = probe_seconds
+        self._reachable = reachable
+        self._prepare_topics = prepare_topics
         self._stopping = threading.Event()
         self._rebuild_reason: str | None = None
         """Set by the watcher: why the current stage should be rebuilt on fresh clients."""
         self._stage: Stage | None = None
-        self._built_at = 0.0
+        """The running stage; None while one is being built."""
+        self._building_since = 0.0
+        self._lock = threading.Lock()
         self.resets = 0
 
     @property
@@ -70,21 +76,28 @@ class StageRunner:
         watcher = threading.Thread(target=self._watch, name=f"{self.name}-kafka-watch", daemon=True)
         watcher.start()
         while not self._stopping.is_set():
-            self._rebuild_reason = None
-            stage = self._stage = self._build()
-            self._built_at = time.monotonic()
-            if self._stopping.is_set():  # a stop that arrived while the stage was built
-                stage.stop()
+            with self._lock:  # the watcher never acts on a stage that is being replaced
+                self._stage, self._rebuild_reason = None, None
+                self._building_since = time.monotonic()
             try:
-                stage.run()
-                if self._rebuild_reason is None or self._stopping.is_set():
-                    return
-                reason = self._rebuild_reason
-            except KafkaError as error:
-                reason = f"Kafka clients failed ({error})"
-            finally:
-                stage.consumer.close(autocommit=False)  # leave the group at once; commits happen per batch
-                stage.producer.close(timeout=5)
+                stage = self._build()
+            except KafkaError as error:  # the broker went away again while we connected
+                reason = f"Kafka clients could not be created ({error})"
+            else:
+                with self._lock:
+                    self._stage = stage
+                if self._stopping.is_set():  # a stop that arrived while the stage was built
+                    stage.stop()
+                try:
+                    stage.run()
+                    if self._rebuild_reason is None or self._stopping.is_set():
+                        return
+                    reason = self._rebuild_reason
+                except KafkaError as error:
+                    reason = f"Kafka clients failed ({error})"
+                finally:
+                    _close_quietly(stage.consumer.close, autocommit=False)  # leave the group now
+                    _close_quietly(stage.producer.close, timeout=5)
             self.resets += 1
             WORKER_CLIENT_RESETS.labels(self.name).inc()
             logger.warning("%s: %s; recreating its Kafka clients", self.name, reason)
@@ -93,11 +106,11 @@ class StageRunner:
     def _watch(self) -> None:
         """Asks for a rebuild (the stage finishes its batch, then `run` makes a new one)
         when the broker stops accepting connections, or when it accepts them again and
-        the stage still predates the outage (the first request did not take)."""
+        the stage was built before the outage began (the first request did not take)."""
         down_since: float | None = None
         while not self._stopping.wait(self._probe_seconds):
-            stage, built_at, reason = self._stage, self._built_at, None
-            if not broker_reachable(self._client_config["bootstrap_servers"]):
+            reason = None
+            if not self._reachable(self._client_config["bootstrap_servers"]):
                 if down_since is None:
                     down_since = time.monotonic()
                     # Let go of the clients while it is down: a consumer that rejoins a
@@ -105,22 +118,34 @@ class StageRunner:
                     # for a leader that never syncs (seen with the embedded broker).
                     reason = "the broker stopped accepting connections"
             else:
-                if down_since is not None and built_at < down_since:
+                if down_since is not None and self._building_since < down_since:
                     reason = "the broker came back after being unreachable"
                 down_since = None
-            if reason is not None and stage is not None and self._rebuild_reason is None:
+            with self._lock:
+                stage = self._stage
+                if reason is None or stage is None or self._rebuild_reason is not None:
+                    continue
                 self._rebuild_reason = reason
-                stage.stop()
+            stage.stop()
 
     def _wait_for_broker(self) -> None:
         """Backs off until the broker accepts connections and our topics exist again
         (an embedded, memory-only broker comes back empty)."""
         delay = 0.5
         while not self._stopping.wait(delay):
-            if broker_reachable(self._client_config["bootstrap_servers"]):
+            if self._reachable(self._client_config["bootstrap_servers"]):
                 try:
-                    ensure_topics(self._client_config, self._topics, timeout_seconds=5)
+                    self._prepare_topics(self._client_config, self._topics)
                     return
                 except Exception as error:
                     logger.warning("%s: topics not ready yet (%s)", self.name, error)
             delay = min(delay * 2, self._max_backoff)
+
+
+def _close_quietly(close: Callable[..., object], **options: Any) -> None:
+    """Closes a client that may already be broken; its error must not hide the one that
+    brought us here, nor keep the other client open."""
+    try:
+        close(**options)
+    except Exception as error:
+        logger.warning("closing a Kafka client failed: %s", error)
