@@ -26,6 +26,9 @@ from tests.reliability import Observed
 
 BUDGET = 0.5
 DELAY = 2.0
+#: gRPC sends a deadline as a timeout in whole units, rounded up, and each process reads it
+#: against its own clock: a hop may see a few milliseconds more than its caller had left.
+SLACK = 0.05
 
 
 @pytest.mark.reliability(
@@ -62,7 +65,7 @@ async def test_a_slow_downstream_gets_the_gateways_deadline_and_callers_get_504(
     assert statuses == [504]
     assert all(reply.headers["content-type"] == "application/problem+json" for reply, _ in results)
     assert slowest < BUDGET + 0.5
-    assert len(budgets) == len(slow_inference.budgets) - 1 and max(budgets) <= BUDGET
+    assert len(budgets) == len(slow_inference.budgets) - 1 and max(budgets) <= BUDGET + SLACK
     assert after.status_code == 200
 
 
@@ -89,7 +92,7 @@ async def test_the_scoring_deadline_reaches_the_last_hop(
     (budget,) = slow_postprocessor.budgets
     observed.record(f"DeadlineExceeded after {elapsed:.2f} s; the post-processor call arrived with {budget:.2f} s left")
     assert elapsed < BUDGET + 0.3
-    assert budget is not None and budget < BUDGET
+    assert budget is not None and budget <= BUDGET + SLACK
 
 
 @pytest.mark.reliability(
@@ -120,4 +123,4 @@ async def test_the_explainers_callers_deadline_reaches_inference(
     )
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 1.5
-    assert budgets and max(budgets) <= 1.0
+    assert budgets and max(budgets) <= 1.0 + SLACK
