@@ -86,7 +86,7 @@ def run(
             bootstrap = kafka_settings.bootstrap_servers or (broker.bootstrap_servers if broker else "")
             client = KafkaSettings(bootstrap_servers=bootstrap).client_config()
             ensure_topics(client, monitor_topics(MonitorSettings().partitions))
-            mesh.start_worker(bootstrap)
+            mesh.start_worker(bootstrap, DEMO_WORKER_ENV if demo else {})
             typer.echo(f"  worker         sentiment monitor on {bootstrap}")
         gateway_port = int(os.environ.get("INFERMESH_GATEWAY_HTTP_PORT", "8080"))
         gateway_url = mesh.start_gateway(bootstrap, gateway_port)
@@ -121,6 +121,15 @@ def run(
         if broker is not None:
             broker.stop()
     typer.echo("stopped")
+
+
+#: The demo replays three hours of news in about 20 seconds, so one real second is about
+#: ten minutes of event time: the default minute of allowed lateness would be 0.1 s of
+#: processing jitter, and a window that lost a few late items can cross the alert
+#: threshold by chance (an MSFT alert beside TSLA's). Fifteen minutes is about 1.5 s.
+DEMO_WORKER_ENV = {
+    "INFERMESH_WORKER_ALLOWED_LATENESS_SECONDS": os.environ.get("INFERMESH_WORKER_ALLOWED_LATENESS_SECONDS", "900")
+}
 
 
 def _feed_demo(client: dict[str, object]) -> None:
