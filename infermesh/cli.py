@@ -125,9 +125,9 @@ def run(
 
 #: The demo replays three hours of news in about 20 seconds, so one real second is about
 #: ten minutes of event time: the default minute of allowed lateness would be 0.1 s of
-#: processing jitter, and a window that lost a few late items can cross the alert
-#: threshold by chance (an MSFT alert beside TSLA's). Fifteen minutes is about 1.5 s
-#: (the replay also keeps to one partition: see `demo.replay`).
+#: processing jitter, and a window that lost a few late items could cross the alert
+#: threshold by chance. Fifteen minutes is about 1.5 s (the replay also keeps to one
+#: partition: see `demo.replay`).
 DEMO_WORKER_ENV = {
     "INFERMESH_WORKER_ALLOWED_LATENESS_SECONDS": os.environ.get("INFERMESH_WORKER_ALLOWED_LATENESS_SECONDS", "900")
 }

@@ -18,6 +18,7 @@ from kafka import KafkaProducer
 from opentelemetry import trace
 
 from shared.kafka_tracing import inject_headers
+from workers.sentiment_monitor.core import window_start
 from workers.sentiment_monitor.messages import NEWS_TOPIC
 
 TICKERS = {
@@ -51,6 +52,8 @@ _tracer = trace.get_tracer(__name__)
 SPAN = timedelta(hours=3)
 EPISODE = (timedelta(minutes=140), timedelta(minutes=160))
 """When TSLA's negative episode runs, from the start of the stream."""
+WINDOW = timedelta(minutes=5)
+"""The worker's default window size, which the replay aligns the stream to."""
 
 
 def demo_stream(seed: int = 11) -> list[dict[str, Any]]:
@@ -84,8 +87,12 @@ def demo_stream(seed: int = 11) -> list[dict[str, Any]]:
 
 
 def replay_records(run_id: str, end: datetime | None = None) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) of each demo item, timestamps shifted so the stream ends at `end`."""
-    start = (end or datetime.now(UTC)) - SPAN
+    """(key, value) of each demo item, timestamps shifted so the stream starts on a window
+    boundary and ends within one window before `end`. Windows are aligned to the epoch: a
+    stream shifted by any other amount splits its items between windows differently, and
+    some splits put two negatives among five items of a calm ticker (an extra alert) or
+    thin out TSLA's episode window; aligned, every run tells the same story."""
+    start = window_start((end or datetime.now(UTC)) - SPAN, WINDOW)
     for item in demo_stream():
         record = {
             "id": f"demo-{run_id}-{item['n']}",
@@ -102,8 +109,7 @@ def replay(producer: KafkaProducer, per_second: float = 100.0) -> int:
     Everything goes to partition 0, so the stream is scored in event-time order. Spread
     over partitions, a scorer that falls behind (a busy machine) catches up partition by
     partition, and one second of skew is ten minutes of the compressed stream: items
-    arrive behind the window watermark, windows lose items, and a calm ticker's window
-    could tip over the alert threshold by chance."""
+    would arrive behind the window watermark and windows would lose some."""
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     sent = 0
     started = time.monotonic()
