@@ -6,6 +6,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import onnxruntime
+import pytest
 import torch
 
 from benchmarks.gpu import CPU_CONFIGS, GPU_CONFIGS, bench_config, render, unavailable
@@ -27,18 +28,22 @@ def test_every_cpu_backend_measures_every_shape_and_the_table_has_ratios(built_m
     assert all(line.endswith("1.00") for line in table[2:6])  # the baseline against itself
 
 
-def test_a_gpu_backend_that_cannot_run_here_says_why() -> None:
+@pytest.mark.skipif(find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_a_missing_tensorrt_is_a_row_that_says_so() -> None:
     tensorrt = next(config for config in GPU_CONFIGS if config.backend == "tensorrt")
-    if find_spec("tensorrt") is None:
-        assert unavailable(tensorrt, "cuda") == "tensorrt is not installed"
+    assert unavailable(tensorrt, "cuda") == "tensorrt is not installed"
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in onnxruntime.get_available_providers(), reason="onnxruntime-gpu is installed here"
+)
+def test_a_missing_cuda_provider_is_a_row_that_says_what_to_install() -> None:
     cuda_ep = next(config for config in GPU_CONFIGS if config.backend == "onnxruntime")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        assert "onnxruntime-gpu" in unavailable(cuda_ep, "cuda")
+    assert "onnxruntime-gpu" in unavailable(cuda_ep, "cuda")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only a machine without CUDA can show this")
 def test_a_backend_that_fails_to_start_is_a_skipped_row_not_a_crash(built_model: Path) -> None:
-    if torch.cuda.is_available():
-        return  # only a machine without CUDA can show this
     eager = next(config for config in GPU_CONFIGS if config.title == "torch eager fp32")
     result = bench_config(eager, built_model.parent.parent, MODEL, "cuda", batches=(1,), lengths=(8,))
     assert not result.rows and "BackendUnavailable" in result.skipped and "CUDA" in result.skipped
