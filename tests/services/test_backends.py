@@ -3,23 +3,29 @@ stated tolerance on the logits; a backend that cannot run says why."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import subprocess
 import sys
+import types
 from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
+from onnx import numpy_helper
 from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from infermesh.cli import app
+from infermesh.model.build import INT8_WEIGHT_LIMIT
 from services.inference.backends.base import BackendUnavailable
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.backends.pytorch import TorchBackend, cuda_available, padded_rows
 from services.inference.backends.tensorrt import EngineSpec, cached_engine, length_profiles
+from services.inference.server import resolve_backend
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
 from shared.errors import ModelLoadFailed
@@ -58,6 +64,17 @@ def test_torch_and_onnxruntime_agree_with_onnxruntime_fp32(built_model: Path) ->
 #: bf16 keeps 8 bits of mantissa: logits move by a few hundredths (0.037 here, 0.071 at most over the
 #: 2,388 validation headlines).
 BF16_TOLERANCE = 0.25
+
+
+def test_the_int8_graph_computes_the_same_integers_with_or_without_vnni(built_model: Path) -> None:
+    """Without VNNI (AVX2-only CPUs) ONNX Runtime sums pairs of u8 x s8 products in int16:
+    weights within INT8_WEIGHT_LIMIT keep every pair sum in range, so an AVX2 machine gets
+    the numbers a VNNI/AMX machine gets (full-range weights saturated there)."""
+    assert np.iinfo(np.int16).max >= 2 * 255 * INT8_WEIGHT_LIMIT
+    graph = onnx.load(str(built_model / "model.int8.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert sum(w.size for w in weights) > 1_000_000, "the int8 graph holds the encoder's quantised weights"
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= INT8_WEIGHT_LIMIT
 
 
 def test_torch_bf16_keeps_the_fp32_labels_within_its_tolerance(built_model: Path) -> None:
@@ -176,3 +193,17 @@ def test_the_default_service_does_not_load_torch(model_repository: Path) -> None
     )
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
     assert completed.stdout.strip() == "False"
+
+
+def test_auto_never_picks_tensorrt_even_where_it_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorRT has never run: `auto` must not make it the default wherever the package and
+    a GPU happen to be present. It is chosen only by name."""
+    fake = types.ModuleType("tensorrt")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr("services.inference.backends.pytorch.cuda_available", lambda: True)
+    assert find_spec("tensorrt") is not None, "the stand-in must look installed"
+
+    backend, _ = resolve_backend(InferenceSettings(backend="auto"))
+    assert backend == "onnxruntime"
+    assert resolve_backend(InferenceSettings(backend="tensorrt")) == ("tensorrt", "cuda")

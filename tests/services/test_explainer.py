@@ -62,13 +62,25 @@ async def test_integrated_gradients_line_up_with_offsets_and_are_complete(
 
 @pytest.mark.parametrize("method", [pb.METHOD_INTEGRATED_GRADIENTS, pb.METHOD_OCCLUSION])
 async def test_comprehensiveness_beats_random_words(explainer: pb_grpc.ExplainerServiceAsyncStub, method: int) -> None:
-    reply = await explainer.Explain(pb.ExplainRequest(texts=CLEAR, method=method))  # type: ignore[arg-type]
-    ours, random = [], []
+    """Removing the words an explanation ranks first costs the label far more probability
+    than removing as many random words. Version 1 is the built model as calibrated (version
+    2's test temperature flattens every drop). Figures are ratios to the random baseline,
+    which hold across CPUs: absolute drops of a few headlines move by a few hundredths with
+    the int8 kernels (docs/backends.md, "One int8 graph on every x86 CPU")."""
+    reply = await explainer.Explain(
+        pb.ExplainRequest(texts=CLEAR, method=method, model_version="1")  # type: ignore[arg-type]
+    )
+    by_share: dict[float, tuple[list[float], list[float]]] = {}
     for explanation in reply.explanations:
-        figure = next(f for f in explanation.chunks[0].faithfulness if abs(f.top_percent - 0.2) < 1e-6)
-        ours.append(figure.comprehensiveness)
-        random.append(figure.random_comprehensiveness)
-    assert np.mean(ours) > np.mean(random) + 0.1, (ours, random)
+        for figure in explanation.chunks[0].faithfulness:
+            ours, random = by_share.setdefault(round(figure.top_percent, 2), ([], []))
+            ours.append(figure.comprehensiveness)
+            random.append(figure.random_comprehensiveness)
+    assert set(by_share) == {0.1, 0.2, 0.5}
+    for share, (ours, random) in by_share.items():
+        assert np.mean(ours) > np.mean(random), (share, ours, random)
+    ours, random = by_share[0.2]
+    assert np.mean(ours) > 3 * np.mean(random) and np.mean(ours) > np.mean(random) + 0.05, (ours, random)
 
 
 async def test_occlusion_explains_a_target_label_and_long_documents_by_chunk(
