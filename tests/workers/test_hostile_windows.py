@@ -124,6 +124,8 @@ HOSTILE_TIMES = [
     (NOW + timedelta(days=3650)).isoformat(),  # +10 years
     (NOW + timedelta(days=1)).isoformat(),
     (NOW + timedelta(hours=2)).isoformat(),
+    (NOW + timedelta(minutes=30)).isoformat(),  # inside the old one-hour bound: closed every window
+    (NOW + timedelta(minutes=2)).isoformat(),  # just past the one-minute skew allowance
     "0001-01-01T00:00:00Z",
     "0001-01-01T05:00:00+14:00",  # before datetime.min in UTC
     "1970-01-01T00:00:00Z",
@@ -180,7 +182,7 @@ def run(items: list[ScoredItem | str]) -> tuple[list[tuple[str, int, float]], Tu
 
 @pytest.mark.reliability(
     "Hostile input",
-    "Windowing: realistic scored items with far-future (+2 h, +1 day, +10 years, year 9999), far-past "
+    "Windowing: realistic scored items with future (+2 min, +30 min, +2 h, +1 day, +10 years, year 9999), far-past "
     "(year 1, 1970, 2001) and duplicate items mixed in",
     "the realistic items' windows are exactly as without them: no jump of the watermark, each item counted once",
 )
@@ -220,3 +222,16 @@ def test_one_far_future_item_does_not_make_the_next_real_items_late() -> None:
     assert windows.add(scored("real-2", "AAPL", NOW - timedelta(minutes=9)), NOW)
     assert (windows.dropped_future, windows.dropped_late) == (1, 0)
     assert windows.watermark == NOW - timedelta(minutes=10)
+
+
+def test_one_item_stamped_half_an_hour_ahead_neither_closes_windows_nor_makes_real_items_late() -> None:
+    windows = TumblingWindows()  # 5-minute windows, 1 minute of lateness, 1 minute of skew allowed
+    live = [(ticker, minutes) for minutes in (4.5, 4, 3.5, 3, 2.5, 2) for ticker in ("AAPL", "TSLA")]
+    for n, (ticker, minutes) in enumerate(live[:4]):
+        assert windows.add(scored(f"real-{n}", ticker, NOW - timedelta(minutes=minutes)), NOW)
+    assert not windows.add(scored("bogus", "MSFT", NOW + timedelta(minutes=30)), NOW)
+    assert windows.close_due() == []  # the AAPL and TSLA windows stay open
+    for n, (ticker, minutes) in enumerate(live[4:], start=4):
+        assert windows.add(scored(f"real-{n}", ticker, NOW - timedelta(minutes=minutes)), NOW)
+    assert (windows.dropped_future, windows.dropped_late) == (1, 0)
+    assert windows.watermark is not None and windows.watermark <= NOW - timedelta(minutes=1)

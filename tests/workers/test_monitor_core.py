@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.core import AlertRule, AlertSettings, TumblingWindows, WindowSettings, window_start
-from workers.sentiment_monitor.messages import NewsItem, PoisonRecord, ScoredItem, decode_news, news_json_schema
+from workers.sentiment_monitor.messages import (
+    NewsItem,
+    PoisonRecord,
+    ScoredItem,
+    WindowAggregate,
+    decode_internal,
+    decode_news,
+    news_json_schema,
+)
 
 T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 NOW = T0 + timedelta(days=1)
@@ -77,6 +85,61 @@ def test_arrival_order_within_the_lateness_does_not_change_the_windows(order: li
         return [(w.ticker, w.id, w.count, round(w.share_negative, 6)) for w in windows.close_due()]
 
     assert run([items[i] for i in order]) == run(items)
+
+
+def test_a_quiet_partition_closes_its_last_window_by_the_clock() -> None:
+    settings = WindowSettings(size=timedelta(minutes=5), allowed_lateness=timedelta(minutes=1))
+    windows = TumblingWindows(settings)
+    live = T0 + timedelta(minutes=4)  # items arrive as they are published
+    for n in range(4):
+        assert windows.add(scored(f"q{n}", "AAPL", 3 + n * 0.25), live)
+    assert windows.close_due() == []
+    assert windows.close_idle(live + timedelta(seconds=30)) == []  # not idle for a minute yet
+    # The watermark goes on at the clock's pace from the newest item (03:45, arrived at
+    # 04:00): the window [00:00, 05:00) closes when 05:00 + 1 min lateness is reached, at
+    # 06:15 by the clock, without another record.
+    assert windows.close_idle(T0 + timedelta(minutes=6, seconds=10)) == []
+    (closed,) = windows.close_idle(T0 + timedelta(minutes=6, seconds=20))
+    assert (closed.ticker, closed.count) == ("AAPL", 4)
+    assert windows.watermark == T0 + timedelta(minutes=5, seconds=5)
+
+
+def test_a_stamp_inside_the_skew_allowance_does_not_make_on_time_items_late() -> None:
+    # 12:00:30 by the worker's clock; a producer's clock runs 50 s ahead (under the 60 s allowance).
+    now = T0 + timedelta(hours=3, seconds=30)
+    windows = TumblingWindows(WindowSettings(allowed_lateness=timedelta(minutes=1)))
+    assert windows.add(scored("skewed", "TSLA", 180 + 1 + 20 / 60), now)  # stamped 12:01:20
+    assert windows.watermark == now - timedelta(minutes=1)  # as an item published now would
+    # Published 11:59:50, arriving 40 s later: within the lateness, so its window
+    # [11:55, 12:00) must still be open (the skewed stamp alone would have closed it).
+    assert windows.add(scored("on-time", "AAPL", 180 - 10 / 60), now)
+    assert windows.close_due() == [] and windows.dropped_late == 0
+
+
+def test_late_items_are_counted_even_when_their_window_was_emitted() -> None:
+    windows = TumblingWindows(WindowSettings(allowed_lateness=timedelta(minutes=1)))
+    assert windows.add(scored("a", "AAPL", 1), NOW)
+    assert windows.add(scored("b", "AAPL", 7), NOW)
+    (closed,) = windows.close_due()
+    emitted = {closed.id}
+    assert not windows.add(scored("late", "AAPL", 2), NOW, emitted)
+    assert windows.dropped_late == 1
+    # Read again after a restart (watermark not yet past it): a duplicate, not a drop.
+    fresh = TumblingWindows(WindowSettings(allowed_lateness=timedelta(minutes=1)))
+    assert not fresh.add(scored("a", "AAPL", 1), NOW, emitted)
+    assert (fresh.dropped_late, fresh.dropped_future) == (0, 0)
+
+
+def test_internal_records_that_cannot_be_read_name_their_reason() -> None:
+    good = window("ACME", 0, 10, 1)
+    assert isinstance(good, WindowAggregate)
+    assert decode_internal(WindowAggregate, good.model_dump_json().encode()) == good
+    naive = good.model_dump(mode="json") | {"window_end": "2026-11-24T09:05:00"}
+    cases = [(None, "empty"), (b"{oops", "not-json"), (json.dumps(naive).encode(), "schema")]
+    for value, reason in cases:
+        with pytest.raises(PoisonRecord) as caught:
+            decode_internal(WindowAggregate, value)
+        assert caught.value.reason == reason and caught.value.detail
 
 
 def window(ticker: str, index: int, count: int, negatives: int) -> object:

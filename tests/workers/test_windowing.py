@@ -1,20 +1,35 @@
 """The windowing stage against the real embedded broker: windows, one alert per episode,
-and no duplicate alert or window after a restart."""
+no duplicate alert or window after a restart, quiet partitions, hostile stamps, unreadable
+records on the stage's own topics, and a bounded read-back on assignment."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import OffsetAndMetadata, TopicPartition
 from opentelemetry import trace
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.kafka import read_to_end
 from shared.kafka_tracing import extract_context, inject_headers
+from shared.metrics import MetricsServer
 from tests.conftest import SPANS
-from workers.sentiment_monitor.messages import ALERTS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC, Alert, WindowAggregate
+from workers.sentiment_monitor.core import window_id
+from workers.sentiment_monitor.messages import (
+    ALERTS_TOPIC,
+    DLQ_TOPIC,
+    SENTIMENT_TOPIC,
+    WINDOWS_TOPIC,
+    Alert,
+    WindowAggregate,
+)
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.windowing import WindowStage
 
@@ -43,7 +58,21 @@ def produce(kafka_config: dict[str, Any], items: list[Any]) -> None:
     producer.close()
 
 
-def stage(kafka_config: dict[str, Any]) -> WindowStage:
+class Clock:
+    """The stage's wall clock, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def stage(
+    kafka_config: dict[str, Any],
+    settings: MonitorSettings | None = None,
+    clock: Callable[[], datetime] = lambda: T0 + timedelta(days=1),
+) -> WindowStage:
     consumer = KafkaConsumer(
         **kafka_config,
         group_id="test-windows",
@@ -53,9 +82,7 @@ def stage(kafka_config: dict[str, Any]) -> WindowStage:
         heartbeat_interval_ms=1500,
     )
     producer = KafkaProducer(**kafka_config, acks="all", enable_idempotence=True)
-    window_stage = WindowStage(
-        consumer, producer, kafka_config, MonitorSettings(), clock=lambda: T0 + timedelta(days=1)
-    )
+    window_stage = WindowStage(consumer, producer, kafka_config, settings or MonitorSettings(), clock=clock)
     consumer.subscribe([SENTIMENT_TOPIC], listener=window_stage)
     return window_stage
 
@@ -66,6 +93,14 @@ async def run_until_idle(window_stage: WindowStage, expected: int) -> None:
         count = await asyncio.to_thread(window_stage.run_once, 500)
         seen += count
         idle = idle + 1 if count == 0 and seen >= expected else 0
+
+
+async def until_assigned(window_stage: WindowStage, partitions: int = 2) -> None:
+    for _ in range(60):
+        await asyncio.to_thread(window_stage.run_once, 500)
+        if len(window_stage.states) == partitions:
+            return
+    raise AssertionError(f"the stage got {sorted(window_stage.states)} of {partitions} partitions")
 
 
 def close(window_stage: WindowStage) -> None:
@@ -171,3 +206,187 @@ async def test_windows_and_alerts_carry_the_trace_of_their_window_span(kafka_con
     assert lag == 0, [
         s for m in REGISTRY.collect() if m.name == "infermesh_kafka_consumer_lag_records" for s in m.samples
     ]
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_quiet_partition_closes_its_last_window_and_alerts_without_new_records(
+    kafka_config: dict[str, Any],
+) -> None:
+    items = episode_items(0, 8)  # ACME's spike is window 8, the last: nothing comes after it
+    produce(kafka_config, items)
+    clock = Clock(T0 + timedelta(minutes=44))  # live: the last items (43.6, 43.7 min) just arrived
+    idle_before = sample("infermesh_worker_idle_closed_windows_total")
+    window_stage = stage(kafka_config, clock=clock)
+    try:
+        await run_until_idle(window_stage, len(items))
+        assert (window_stage.windows_closed, window_stage.alerts_raised) == (2 * 8, 0)
+        clock.now += timedelta(seconds=30)  # quiet, but not for a minute yet
+        await asyncio.to_thread(window_stage.run_once, 100)
+        assert window_stage.windows_closed == 2 * 8
+        # No record arrives. The watermark goes on with the clock from 43.7 min and passes
+        # 45 min + 1 min of lateness at 46.3 min: window 8 closes on the next poll by then.
+        clock.now = T0 + timedelta(minutes=46, seconds=30)
+        await asyncio.to_thread(window_stage.run_once, 100)
+        assert (window_stage.windows_closed, window_stage.alerts_raised) == (2 * 9, 1)
+    finally:
+        close(window_stage)
+    windows, alerts = outputs(kafka_config)
+    assert sorted(w.window_start for w in windows if w.ticker == "ACME")[-1] == T0 + timedelta(minutes=40)
+    (alert,) = alerts
+    assert alert.ticker == "ACME" and alert.window.window_start == T0 + timedelta(minutes=40)
+    assert sample("infermesh_worker_idle_closed_windows_total") == idle_before + 2
+
+
+def scrape(server: MetricsServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_a_stamp_half_an_hour_ahead_is_dropped_and_counted_and_real_items_are_not_late(
+    kafka_config: dict[str, Any],
+) -> None:
+    now = T0 + timedelta(minutes=44)
+    items = episode_items(0, 8)
+    bogus = scored("bogus", "ACME", 44 + 30)  # inside the old one-hour bound
+    late = scored("late", "ACME", 1)  # window 0, long closed
+    produce(kafka_config, [*items[:80], bogus, *items[80:], late])  # after window 3
+    future_key = ("infermesh_worker_dropped_items_total", (("reason", "future"),))
+    late_key = ("infermesh_worker_dropped_items_total", (("reason", "late"),))
+    server = MetricsServer("127.0.0.1", 0)
+    window_stage = stage(kafka_config, clock=lambda: now)
+    try:
+        before = scrape(server)
+        await run_until_idle(window_stage, len(items) + 2)
+        after = scrape(server)
+    finally:
+        close(window_stage)
+        server.stop()
+    windows, _ = outputs(kafka_config)
+    # Every real window but the still-open last ones is complete: nothing was dropped as late.
+    assert sorted((w.ticker, w.window_start, w.count) for w in windows) == [
+        (ticker, T0 + timedelta(minutes=5 * index), 10) for ticker in ("ACME", "STDY") for index in range(8)
+    ]
+    assert after[future_key] == before[future_key] + 1
+    assert after[late_key] == before[late_key] + 1  # the one really late item
+
+
+def dead_letters(kafka_config: dict[str, Any]) -> list[dict[str, str]]:
+    return [
+        {name: value.decode() for name, value in record.headers} for record in read_to_end(kafka_config, DLQ_TOPIC, [0])
+    ]
+
+
+async def test_unreadable_records_on_internal_topics_are_dead_lettered_and_the_stage_keeps_running(
+    kafka_config: dict[str, Any],
+) -> None:
+    good = episode_items(0, 4)
+    acme_window = {
+        "id": "ACME:x", "ticker": "ACME", "window_start": "9999-12-31T23:55:00Z", "window_end": "9999-12-31T23:59:59Z",
+        "count": 1, "mean_score": 0.0, "share_negative": 1.0, "top_negative": [],
+    }  # fmt: skip
+    overflowing_alert = {
+        "id": "ACME:x", "ticker": "ACME", "window": acme_window, "baseline_share_negative": 0.1,
+        "baseline_stddev": 0.05, "baseline_windows": 3, "z_score": 9.0,
+    }  # fmt: skip
+    producer = KafkaProducer(**kafka_config, acks="all")
+    producer.send(WINDOWS_TOPIC, key=b"ACME", value=b"\x00 not a window", partition=0)
+    producer.send(WINDOWS_TOPIC, key=b"ACME", value=json.dumps(acme_window | {"window_end": "x"}).encode(), partition=1)
+    producer.send(ALERTS_TOPIC, key=b"ACME", value=json.dumps(overflowing_alert).encode(), partition=0)  # + cooldown
+    producer.send(SENTIMENT_TOPIC, key=b"ACME", value=b"{truncated", partition=1)
+    producer.flush()
+    producer.close()
+    produce(kafka_config, good)
+    counted_before = {t: sample("infermesh_worker_internal_dead_lettered_records_total", topic=t) for t in (
+        SENTIMENT_TOPIC, WINDOWS_TOPIC, ALERTS_TOPIC)}  # fmt: skip
+    window_stage = stage(kafka_config)
+    try:
+        await run_until_idle(window_stage, len(good) + 1)
+        assert window_stage.windows_closed == 2 * 4  # it kept going
+        # A rebalance reads the same poison again; this process does not dead-letter it twice.
+        window_stage.on_partitions_revoked([TopicPartition(SENTIMENT_TOPIC, n) for n in (0, 1)])
+        window_stage.on_partitions_assigned([TopicPartition(SENTIMENT_TOPIC, n) for n in (0, 1)])
+    finally:
+        close(window_stage)
+    letters = sorted(dead_letters(kafka_config), key=lambda h: (h["source-topic"], h["source-partition"]))
+    assert [(h["source-topic"], h["source-partition"], h["error-type"]) for h in letters] == [
+        (ALERTS_TOPIC, "0", "schema"),
+        (SENTIMENT_TOPIC, "1", "not-json"),
+        (WINDOWS_TOPIC, "0", "not-json"),
+        (WINDOWS_TOPIC, "1", "schema"),
+    ]
+    assert all(h["error-detail"] and h["source-offset"] == "0" for h in letters)
+    for topic, count in ((SENTIMENT_TOPIC, 1), (WINDOWS_TOPIC, 2), (ALERTS_TOPIC, 1)):
+        assert (
+            sample("infermesh_worker_internal_dead_lettered_records_total", topic=topic)
+            == counted_before[topic] + count
+        )
+
+
+def old_window(ticker: str, index: int) -> bytes:
+    start = T0 + timedelta(minutes=5 * index)
+    window = WindowAggregate(
+        id=window_id(ticker, start), ticker=ticker, window_start=start, window_end=start + timedelta(minutes=5),
+        count=10, mean_score=0.0, share_negative=0.1, top_negative=[],
+    )  # fmt: skip
+    return window.model_dump_json().encode()
+
+
+def produce_windows(kafka_config: dict[str, Any], stamped: list[tuple[bytes, datetime]]) -> None:
+    producer = KafkaProducer(**kafka_config, acks="all", linger_ms=20)
+    for value, at in stamped:
+        producer.send(WINDOWS_TOPIC, key=b"X", value=value, partition=0, timestamp_ms=int(at.timestamp() * 1000))
+    producer.flush()
+    producer.close()
+
+
+async def test_a_rebalance_reads_back_the_lookback_not_the_whole_retention(kafka_config: dict[str, Any]) -> None:
+    wall = datetime.now(UTC)
+    two_days_ago = [(old_window("OLD", index), wall - timedelta(days=2)) for index in range(2000)]
+    last_hour = [(old_window("ACME", index), wall - timedelta(minutes=30)) for index in range(12)]
+    produce_windows(kafka_config, [*two_days_ago, *last_hour])
+    window_stage = stage(kafka_config, MonitorSettings(restore_lookback_hours=6))
+    try:
+        await until_assigned(window_stage)
+        emitted = window_stage.states[0].emitted
+    finally:
+        close(window_stage)
+    assert {window_id("ACME", T0 + timedelta(minutes=5 * index)) for index in range(12)} <= emitted.keys()
+    assert sum(key.startswith("OLD:") for key in emitted) <= 1000  # a step or two back, not 2000
+    assert window_stage.read_back_records <= 1000
+
+
+async def test_a_rebalance_reads_back_every_window_emitted_since_the_first_record_it_reads_again(
+    kafka_config: dict[str, Any],
+) -> None:
+    wall = datetime.now(UTC)
+    # The committed position is an open window's first record, three days old: the windows
+    # emitted since (two days ago) must be known, or re-read items would emit them again.
+    producer = KafkaProducer(**kafka_config, acks="all")
+    first = scored("open-0", "OLD", 0)
+    producer.send(
+        SENTIMENT_TOPIC,
+        key=b"OLD",
+        value=first.model_dump_json().encode(),
+        partition=0,
+        timestamp_ms=int((wall - timedelta(days=3)).timestamp() * 1000),
+    ).get(timeout=10)
+    producer.close()
+    committer = KafkaConsumer(**kafka_config, group_id="test-windows", enable_auto_commit=False)
+    committer.commit({TopicPartition(SENTIMENT_TOPIC, 0): OffsetAndMetadata(0, "", -1)})
+    committer.close(autocommit=False)
+    produce_windows(kafka_config, [(old_window("OLD", index), wall - timedelta(days=2)) for index in range(1, 2001)])
+    window_stage = stage(kafka_config, MonitorSettings(restore_lookback_hours=6))
+    try:
+        await until_assigned(window_stage)
+        emitted = window_stage.states[0].emitted
+    finally:
+        close(window_stage)
+    assert sum(key.startswith("OLD:") for key in emitted) == 2000

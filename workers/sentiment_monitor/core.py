@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -43,20 +44,42 @@ class WindowSettings:
     size: timedelta = timedelta(minutes=5)
     allowed_lateness: timedelta = timedelta(minutes=1)
     """How far behind the newest event time an item may arrive and still be counted."""
-    max_future: timedelta = timedelta(hours=1)
-    """Items stamped further ahead of the caller's clock are ignored (they would close
-    every open window at once)."""
+    max_future: timedelta = timedelta(minutes=1)
+    """Items stamped further ahead of the caller's clock are dropped (counted in
+    `dropped_future`): an allowance for producers' clock skew, not for wrong stamps."""
+    idle_timeout: timedelta = timedelta(minutes=1)
+    """After this long (caller's clock) without a newer event time, `close_idle` lets the
+    watermark follow the clock from the newest event time seen."""
     top_headlines: int = 3
 
 
 class TumblingWindows:
-    """Collects scored items into per-ticker windows; emits a window once the watermark
-    (newest event time seen minus the allowed lateness) passes its end."""
+    """Collects scored items into per-ticker windows of one partition; emits a window once
+    the partition's watermark passes its end.
+
+    The watermark is the bounded-out-of-orderness one of Flink
+    (`WatermarkStrategy.forBoundedOutOfOrderness`) and Kafka Streams (stream time minus the
+    grace period): newest event time seen minus the allowed lateness, one per partition.
+    Like any max, one wrong stamp would move it for every ticker of the partition, so two
+    bounds come from processing time (the caller's clock), as Kafka's own
+    `log.message.timestamp.after.max.ms` (KIP-937) bounds record timestamps by the
+    broker's clock:
+    - items stamped more than `max_future` ahead of the clock are dropped and counted;
+    - an accepted item moves the watermark no further than the clock minus the lateness,
+      as an item published this instant would: a stamp inside the skew allowance cannot
+      close a window earlier than real news could.
+    A partition that goes quiet keeps its windows open until `close_idle` (called on every
+    poll) advances its watermark with the clock, like a processing-time timer in Flink.
+    """
 
     def __init__(self, settings: WindowSettings | None = None) -> None:
         self.settings = settings or WindowSettings()
         self._open: dict[tuple[str, datetime], _OpenWindow] = {}
         self.watermark: datetime | None = None
+        self._stream_time: datetime | None = None
+        """Newest accepted event time (capped at the clock when it was accepted)."""
+        self._stream_time_at: datetime | None = None
+        """The caller's clock when `_stream_time` last moved."""
         self.dropped_late = 0
         self.dropped_future = 0
 
@@ -66,8 +89,11 @@ class TumblingWindows:
             return None
         return window_id(item.ticker, window_start(item.published_at, self.settings.size))
 
-    def add(self, item: ScoredItem, now: datetime) -> bool:
-        """Adds an item with a ticker; False (and counted) when it is too late or too far ahead."""
+    def add(self, item: ScoredItem, now: datetime, emitted: Container[str] = frozenset()) -> bool:
+        """Adds an item with a ticker; False (and counted) when it is too late or too far
+        ahead of `now`, the caller's clock (processing time). False and not counted when
+        its window is in `emitted` but not behind the watermark: an item read again after
+        a restart, already counted by the owner that emitted the window."""
         if item.ticker is None:
             return False
         if item.published_at > now + self.settings.max_future:
@@ -78,11 +104,14 @@ class TumblingWindows:
         if self.watermark is not None and end <= self.watermark:
             self.dropped_late += 1
             return False
+        if window_id(item.ticker, start) in emitted:
+            return False
         window = self._open.setdefault((item.ticker, start), _OpenWindow(item.ticker, start, end))
         window.scores[item.item_id] = item
-        newest = item.published_at - self.settings.allowed_lateness
-        if self.watermark is None or newest > self.watermark:
-            self.watermark = newest
+        event_time = min(item.published_at, now)
+        if self._stream_time is None or event_time > self._stream_time:
+            self._stream_time, self._stream_time_at = event_time, now
+            self._advance(event_time - self.settings.allowed_lateness)
         return True
 
     def close_due(self) -> list[WindowAggregate]:
@@ -94,6 +123,24 @@ class TumblingWindows:
             key=lambda key: (key[1], key[0]),
         )
         return [self._aggregate(self._open.pop(key)) for key in due]
+
+    def close_idle(self, now: datetime) -> list[WindowAggregate]:
+        """Closes what is due once the newest event time has not moved for `idle_timeout`
+        of the caller's clock: the watermark then goes on from it at the clock's pace, so
+        a quiet partition's last window closes at most size + allowed lateness (or the
+        idle timeout, if longer) after its last item, as if newer items kept arriving.
+        It never passes the clock minus the allowed lateness."""
+        if self._stream_time is None or self._stream_time_at is None:
+            return []
+        idle = now - self._stream_time_at
+        if idle < self.settings.idle_timeout:
+            return []
+        self._advance(min(self._stream_time + idle, now) - self.settings.allowed_lateness)
+        return self.close_due()
+
+    def _advance(self, candidate: datetime) -> None:
+        if self.watermark is None or candidate > self.watermark:
+            self.watermark = candidate
 
     def open_window_ids(self) -> set[str]:
         return {window_id(ticker, start) for ticker, start in self._open}

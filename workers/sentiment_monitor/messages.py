@@ -5,7 +5,8 @@ Topics (all JSON, UTF-8):
 - `finance.sentiment.v1`: ScoredItem, one per (item, ticker), keyed by ticker.
 - `finance.sentiment.windows.v1`: WindowAggregate, keyed by ticker.
 - `finance.alerts.v1`: Alert, keyed by ticker.
-- `finance.news.v1.dlq`: the original bytes of poison records, reasons in headers.
+- `finance.news.v1.dlq`: the original bytes of poison records, reasons in headers (also
+  unreadable records of the monitor's own topics, with their source topic).
 Every output carries a deterministic `id`, so consumers can drop duplicates that
 at-least-once delivery may produce.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -94,11 +95,13 @@ class WindowAggregate(BaseModel):
     id: str
     """`<ticker>:<window start, RFC 3339>`."""
     ticker: str
-    window_start: datetime
-    window_end: datetime
-    count: int
+    # With a zone: the alert rule compares them with aware times, and a naive one read
+    # back from the topic raised TypeError inside the windowing stage.
+    window_start: EventTime
+    window_end: EventTime
+    count: Annotated[int, Field(ge=0)]
     mean_score: float
-    share_negative: float
+    share_negative: Annotated[float, Field(ge=0.0, le=1.0)]
     top_negative: list[HeadlineEvidence]
 
 
@@ -146,6 +149,24 @@ def decode_news(value: bytes | None, max_bytes: int) -> NewsItem:
         return NewsItem.model_validate(document)
     except ValidationError as error:
         first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "record"
+        raise PoisonRecord("schema", f"{where}: {first['msg']}") from None
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def decode_internal(model: type[Model], value: bytes | None) -> Model:
+    """Parses a record of one of the monitor's own topics (scored items, windows, alerts)
+    or raises PoisonRecord with the reason, as `decode_news` does for the input."""
+    if not value:
+        raise PoisonRecord("empty", "record has no value")
+    try:
+        return model.model_validate_json(value)
+    except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            raise PoisonRecord("not-json", first["msg"]) from None
         where = ".".join(str(part) for part in first["loc"]) or "record"
         raise PoisonRecord("schema", f"{where}: {first['msg']}") from None
 

@@ -81,6 +81,24 @@ class MonitorSettings(BaseSettings):
     allowed_lateness_seconds: float = 60.0
     """How far behind the newest event time an item may arrive and still count."""
 
+    max_future_seconds: float = 60.0
+    """Items stamped further ahead of the worker's clock are dropped and counted
+    (`infermesh_worker_dropped_items_total{reason="future"}`): the allowance for producers'
+    clock skew. An item inside it moves the watermark no further than an item published
+    now would, so it cannot close windows early."""
+
+    idle_seconds: float = 60.0
+    """A partition whose newest event time has not moved for this long (worker's clock)
+    has its watermark go on with the clock, so a quiet ticker's last window closes (and
+    alerts) at most a window plus the allowed lateness after its last item (or this long,
+    if longer) without waiting for new records."""
+
+    restore_lookback_hours: float = 6.0
+    """On assignment, windows and alerts emitted this long ago at most (and any emitted
+    since the first record the stage will read again) are read back to rebuild baselines,
+    cooldowns and the ids of emitted windows; a ticker with no window in it starts a new
+    baseline. Bounds the read-back, which used to be the topics' whole retention."""
+
     alert_min_items: int = 5
     """A window needs this many items to raise an alert."""
 

@@ -5,9 +5,16 @@ member of the group owns its windows. State survives restarts and rebalances:
 - open windows: offsets are committed only up to the earliest record still held in an
   open window, so the next owner re-reads exactly what it needs to rebuild them;
 - alert baselines and cooldowns: rebuilt on assignment from the windows and alerts
-  already emitted (same ticker keys, so the same partition numbers);
+  already emitted (same ticker keys, so the same partition numbers), read back from the
+  end of those partitions only as far as restoring needs (`read_back`), not their whole
+  retention;
 - emitted window ids are remembered, so re-read records never re-open a window that
   was already emitted, and no alert is raised twice.
+
+Every poll closes what is due in every assigned partition, including partitions that
+returned nothing (`TumblingWindows.close_idle`): a quiet ticker's last window and its
+alert do not wait for the next record. Unreadable records of the stage's topics go to
+the dead-letter topic with their reason; the stage goes on.
 
 Each closed window gets a span linking the traces of (up to MAX_WINDOW_LINKS of) the
 items in it; the window and any alert carry that span's context in their headers.
@@ -25,21 +32,35 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from opentelemetry import trace
-from pydantic import ValidationError
 
-from shared.kafka import observe_lag, read_to_end
+from shared.kafka import observe_lag
 from shared.kafka_tracing import extract_context, inject_headers
-from shared.metrics import KAFKA_CONSUMED, KAFKA_PRODUCED, WORKER_ALERTS, WORKER_BATCH_DURATION, WORKER_WINDOWS_CLOSED
+from shared.metrics import (
+    KAFKA_CONSUMED,
+    KAFKA_PRODUCED,
+    WORKER_ALERTS,
+    WORKER_BATCH_DURATION,
+    WORKER_DEAD_LETTERED,
+    WORKER_DROPPED_ITEMS,
+    WORKER_IDLE_CLOSED_WINDOWS,
+    WORKER_INTERNAL_DEAD_LETTERED,
+    WORKER_WINDOWS_CLOSED,
+)
+from workers.sentiment_monitor.consumer import dead_letter_headers
 from workers.sentiment_monitor.core import AlertRule, AlertSettings, TumblingWindows, WindowSettings
 from workers.sentiment_monitor.messages import (
     ALERTS_TOPIC,
+    DLQ_TOPIC,
     SENTIMENT_TOPIC,
     WINDOWS_TOPIC,
     Alert,
+    PoisonRecord,
     ScoredItem,
     WindowAggregate,
+    decode_internal,
 )
 from workers.sentiment_monitor.settings import MonitorSettings
 
@@ -50,6 +71,14 @@ REMEMBERED_WINDOWS = 50_000
 """Emitted window ids kept per partition to reject replays (oldest forgotten first)."""
 MAX_WINDOW_LINKS = 32
 """Item traces a window's span links to; a busy window would otherwise carry thousands."""
+READ_BACK_STEP = 500
+"""Records of the first step back from the end of a windows or alerts partition when
+restoring; each further step doubles."""
+CLOCK_SKEW_MARGIN = timedelta(minutes=5)
+"""Between the clocks that stamp scored items (the scorer's) and windows (this stage's)."""
+REMEMBERED_DEAD_LETTERS = 10_000
+"""Source offsets this stage has dead-lettered, so a record read again (after a rebalance)
+is not dead-lettered twice by the same process."""
 
 
 @dataclass
@@ -76,6 +105,8 @@ def window_settings(settings: MonitorSettings) -> WindowSettings:
     return WindowSettings(
         size=timedelta(minutes=settings.window_minutes),
         allowed_lateness=timedelta(seconds=settings.allowed_lateness_seconds),
+        max_future=timedelta(seconds=settings.max_future_seconds),
+        idle_timeout=timedelta(seconds=settings.idle_seconds),
     )
 
 
@@ -109,6 +140,11 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stopping = threading.Event()
         self.assigned_partitions = 0
         """Partitions the group gave this stage, as of its last poll (for readiness)."""
+        self.read_back_records = 0
+        """Window and alert records read back at the last assignment."""
+        self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+        for topic in (SENTIMENT_TOPIC, WINDOWS_TOPIC, ALERTS_TOPIC):
+            WORKER_INTERNAL_DEAD_LETTERED.labels(topic)  # exported at 0 from the start
 
     # ConsumerRebalanceListener: called inside poll().
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -121,16 +157,64 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
             self.states[number] = PartitionState(
                 TumblingWindows(window_settings(self.settings)), AlertRule(alert_settings(self.settings))
             )
-        windows = read_to_end(self.client_config, WINDOWS_TOPIC, numbers)
-        for record in sorted(windows, key=lambda r: r.timestamp):
-            window = WindowAggregate.model_validate_json(record.value)
+        if not numbers:
+            return
+        # A consumer of its own: the group's consumer is inside poll() here.
+        reader = KafkaConsumer(
+            **self.client_config, group_id=self.consumer.config["group_id"], enable_auto_commit=False
+        )
+        try:
+            since = self._read_back_since(reader, numbers)
+            windows = read_back(reader, WINDOWS_TOPIC, since)
+            alerts = read_back(reader, ALERTS_TOPIC, since)
+        finally:
+            reader.close(autocommit=False)
+        self.read_back_records = len(windows) + len(alerts)
+        dead_letters = []
+        restored = 0
+        for record in windows:  # per partition in offset order: each ticker's windows as emitted
+            try:
+                window = decode_internal(WindowAggregate, record.value)
+            except PoisonRecord as poison:
+                dead_letters.append(self._dead_letter(record, poison.reason, poison.detail))
+                continue
             state = self.states[record.partition]
             if window.id not in state.emitted:
                 state.rule.remember(window)
                 state.remember_emitted(window.id)
-        for record in read_to_end(self.client_config, ALERTS_TOPIC, numbers):
-            self.states[record.partition].rule.remember_alert(Alert.model_validate_json(record.value))
-        logger.info("windowing partitions %s (%d emitted windows restored)", numbers, len(windows))
+                restored += 1
+        for record in alerts:
+            try:
+                alert = decode_internal(Alert, record.value)
+                self.states[record.partition].rule.remember_alert(alert)
+            except PoisonRecord as poison:
+                dead_letters.append(self._dead_letter(record, poison.reason, poison.detail))
+            except OverflowError:  # a window end near year 9999 plus the cooldown
+                dead_letters.append(self._dead_letter(record, "schema", "window.window_end: out of range"))
+        if any(ack is not None for ack in dead_letters):
+            self.producer.flush()
+        logger.info(
+            "windowing partitions %s (%d emitted windows and %d alerts read back, %d dead-lettered)",
+            numbers,
+            restored,
+            len(alerts),
+            sum(ack is not None for ack in dead_letters),
+        )
+
+    def _read_back_since(self, reader: KafkaConsumer, numbers: list[int]) -> dict[int, int]:
+        """Per partition, the record time (ms) from which windows and alerts are read back:
+        the lookback, or earlier when the first scored record this stage will read again
+        is older (the windows emitted since then must be known, or they would be emitted
+        again)."""
+        lookback = datetime.now(UTC) - timedelta(hours=self.settings.restore_lookback_hours)
+        since = {}
+        for number in numbers:
+            partition = TopicPartition(SENTIMENT_TOPIC, number)
+            committed = reader.committed(partition)
+            first = timestamp_at(reader, partition, committed) if committed is not None else None
+            resume = datetime.fromtimestamp(first / 1000, UTC) - CLOCK_SKEW_MARGIN if first is not None else lookback
+            since[number] = int(min(lookback, resume).timestamp() * 1000)
+        return since
 
     def stop(self) -> None:
         self._stopping.set()
@@ -144,45 +228,77 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.max_batch)
         self.assigned_partitions = observe_lag(self.consumer)
         started = time.perf_counter()
-        acks = []
-        touched: list[TopicPartition] = []
+        window_acks = []
+        other_acks = []
+        touched: set[int] = set()
         now = self.clock()
         for partition, records in polled.items():
             state = self.states.get(partition.partition)
             if state is None:
                 continue  # revoked meanwhile
-            touched.append(partition)
+            touched.add(partition.partition)
             KAFKA_CONSUMED.labels(SENTIMENT_TOPIC).inc(len(records))
+            late, future = state.windows.dropped_late, state.windows.dropped_future
             for record in records:
                 state.next_offset = record.offset + 1
                 try:
-                    item = ScoredItem.model_validate_json(record.value)
-                except ValidationError:
-                    logger.error("skipping an unreadable scored item at %s@%d", partition, record.offset)
+                    item = decode_internal(ScoredItem, record.value)
+                except PoisonRecord as poison:
+                    other_acks.append(self._dead_letter(record, poison.reason, poison.detail))
                     continue
                 window = state.windows.window_of(item)
-                if window is None or window in state.emitted:
+                if window is None:
                     continue
-                if state.windows.add(item, now):
+                if state.windows.add(item, now, state.emitted):
                     state.first_offset.setdefault(window, record.offset)
                     self._link(state, window, record.headers)
+            WORKER_DROPPED_ITEMS.labels("late").inc(state.windows.dropped_late - late)
+            WORKER_DROPPED_ITEMS.labels("future").inc(state.windows.dropped_future - future)
             for closed in state.windows.close_due():
-                acks.append(self._emit(state, closed))
+                window_acks.append(self._emit(state, closed))
+        # Every assigned partition, polled or not: a quiet one must not hold its last
+        # windows (and their alerts) until its next record, which may be hours away.
+        for number, state in self.states.items():
+            idle_closed = state.windows.close_idle(now)
+            if idle_closed:
+                touched.add(number)
+                WORKER_IDLE_CLOSED_WINDOWS.inc(len(idle_closed))
+            for closed in idle_closed:
+                window_acks.append(self._emit(state, closed))
         if not touched:
             return 0
         self.producer.flush()
-        for ack in acks:
-            ack.get(timeout=30)
-        KAFKA_PRODUCED.labels(WINDOWS_TOPIC).inc(len(acks))
+        for ack in [*window_acks, *other_acks]:
+            if ack is not None:
+                ack.get(timeout=30)
+        KAFKA_PRODUCED.labels(WINDOWS_TOPIC).inc(len(window_acks))
         offsets = {}
-        for partition in touched:
-            offset = self.states[partition.partition].commit_offset()
+        for number in touched:
+            offset = self.states[number].commit_offset()
             if offset is not None:
-                offsets[partition] = OffsetAndMetadata(offset, "", -1)
+                offsets[TopicPartition(SENTIMENT_TOPIC, number)] = OffsetAndMetadata(offset, "", -1)
         if offsets:
             self.consumer.commit(offsets)
         WORKER_BATCH_DURATION.labels("windows").observe(time.perf_counter() - started)
         return sum(len(r) for r in polled.values())
+
+    def _dead_letter(self, record: Any, reason: str, detail: str) -> Any | None:
+        """Sends an unreadable record of the stage's topics to the dead-letter topic (the
+        scorer's headers: reason, source topic, partition, offset); returns the ack, or
+        None when this process already dead-lettered that record."""
+        source = (record.topic, record.partition, record.offset)
+        if source in self._dead_lettered:
+            return None
+        self._dead_lettered[source] = None
+        while len(self._dead_lettered) > REMEMBERED_DEAD_LETTERS:
+            self._dead_lettered.popitem(last=False)
+        logger.error("dead-lettering %s[%d]@%d: %s (%s)", record.topic, record.partition, record.offset, reason, detail)
+        WORKER_DEAD_LETTERED.labels(reason).inc()
+        WORKER_INTERNAL_DEAD_LETTERED.labels(record.topic).inc()
+        KAFKA_PRODUCED.labels(DLQ_TOPIC).inc()
+        return self.producer.send(
+            DLQ_TOPIC, key=record.key, value=record.value or b"", headers=dead_letter_headers(record, reason, detail)
+        )
 
     @staticmethod
     def _link(state: PartitionState, window: str, headers: list[tuple[str, bytes]] | None) -> None:
@@ -230,3 +346,78 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.windows_closed += 1
         WORKER_WINDOWS_CLOSED.inc()
         return ack
+
+
+def timestamp_at(
+    reader: KafkaConsumer, partition: TopicPartition, offset: int, timeout_seconds: float = 30.0
+) -> int | None:
+    """Timestamp (ms) of the first record at or after `offset`; None when there is none."""
+    reader.assign([partition])
+    reader.seek(partition, offset)
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        for batch in reader.poll(timeout_ms=200, max_records=1).values():
+            if batch:
+                return int(batch[0].timestamp)
+        highwater = reader.highwater(partition)
+        if highwater is not None and reader.position(partition) >= highwater:
+            return None
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"could not read {partition.topic}[{partition.partition}]@{offset}")
+
+
+def read_back(reader: KafkaConsumer, topic: str, since_ms: dict[int, int], timeout_seconds: float = 30.0) -> list[Any]:
+    """The records of each partition of `topic` from the last one stamped before
+    `since_ms[partition]` (or the log start) to the end, in offset order per partition.
+
+    Read backwards from the high-water mark in doubling steps, so the cost follows what is
+    asked for, not the topic's retention. Kafka's `offsets_for_times` would find the
+    start in one call, but the embedded broker answers it (and `end_offsets`) wrongly;
+    the high-water mark a fetch reports is right on both."""
+    deadline = time.monotonic() + timeout_seconds
+    records: list[Any] = []
+    for number, since in sorted(since_ms.items()):
+        partition = TopicPartition(topic, number)
+        reader.assign([partition])
+        reader.seek_to_beginning(partition)
+        log_start = reader.position(partition)
+        head: list[Any] = []
+        while reader.highwater(partition) is None:  # the first fetch tells the high-water mark
+            _check(deadline, partition)
+            for batch in reader.poll(timeout_ms=200).values():
+                head.extend(batch)
+        highwater = reader.highwater(partition)
+        assert highwater is not None and log_start is not None
+        if highwater - log_start <= READ_BACK_STEP:
+            records += head + _read_range(
+                reader, partition, reader.position(partition) or log_start, highwater, deadline
+            )
+            continue
+        chunks: list[list[Any]] = []
+        end, step = highwater, READ_BACK_STEP
+        while end > log_start:
+            start = max(log_start, end - step)
+            chunk = _read_range(reader, partition, start, end, deadline)
+            chunks.append(chunk)
+            if chunk and chunk[0].timestamp < since:
+                break
+            end, step = start, step * 2
+        records += [record for chunk in reversed(chunks) for record in chunk]
+    return records
+
+
+def _read_range(reader: KafkaConsumer, partition: TopicPartition, start: int, end: int, deadline: float) -> list[Any]:
+    """Records of `partition` with offsets in [start, end)."""
+    reader.seek(partition, start)
+    records: list[Any] = []
+    while (reader.position(partition) or 0) < end:
+        _check(deadline, partition)
+        for batch in reader.poll(timeout_ms=200).values():
+            records.extend(record for record in batch if record.offset < end)
+    return records
+
+
+def _check(deadline: float, partition: TopicPartition) -> None:
+    # A Kafka error, so the stage runner rebuilds the clients rather than the process exiting.
+    if time.monotonic() > deadline:
+        raise KafkaTimeoutError(f"could not read {partition.topic}[{partition.partition}] back in time")
