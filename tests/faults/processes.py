@@ -17,6 +17,7 @@ from pathlib import Path
 
 from infermesh.mesh import wait_until_serving
 from tests.conftest import free_port
+from workers.sentiment_monitor.consumer import TEST_PAUSE_BEFORE_COMMIT_ENV
 
 
 @dataclass
@@ -115,8 +116,15 @@ def inference_process(model_repository: Path, **settings: str) -> ServiceProcess
 
 
 def worker_process(
-    bootstrap: str, tokenizer: str, inference: str, postprocessor: str, **settings: str
+    bootstrap: str,
+    tokenizer: str,
+    inference: str,
+    postprocessor: str,
+    *,
+    pause_before_commit: Path | None = None,
+    **settings: str,
 ) -> ServiceProcess:
+    """`pause_before_commit`: a path for the scoring stage's test hook (TEST_PAUSE_BEFORE_COMMIT_ENV)."""
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "INFERMESH_WORKER_TOKENIZER": tokenizer,
@@ -126,4 +134,6 @@ def worker_process(
         "INFERMESH_WORKER_PARTITIONS": "2",
     }
     env |= {f"INFERMESH_WORKER_{key.upper()}": value for key, value in settings.items()}
+    if pause_before_commit is not None:
+        env[TEST_PAUSE_BEFORE_COMMIT_ENV] = str(pause_before_commit)
     return ServiceProcess("workers.sentiment_monitor", env, metrics_port_env="INFERMESH_WORKER_METRICS_PORT")

@@ -10,12 +10,15 @@ consumers drop the duplicates.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -43,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 TRANSIENT = (Unavailable, Overloaded, DeadlineExceeded)
 _tracer = trace.get_tracer(__name__)
+
+TEST_PAUSE_BEFORE_COMMIT_ENV = "INFERMESH_TEST_PAUSE_BEFORE_COMMIT"
+# Test hook, not a feature: set to a path, the first batch whose outputs are acked writes its
+# records there and blocks before committing, for tests/faults/test_worker_faults.py to SIGKILL.
+_test_pause_before_commit = os.environ.get(TEST_PAUSE_BEFORE_COMMIT_ENV)
 
 
 class Scorer(Protocol):
@@ -202,6 +210,8 @@ class NewsScorer:
         self.producer.flush()
         for ack in batch.acks:
             ack.get(timeout=30)  # raises if the broker refused an output: nothing is committed
+        if _test_pause_before_commit:
+            _pause_for_test(_test_pause_before_commit, batch)
         self._commit(batch.records)
         WORKER_BATCH_DURATION.labels("score").observe(time.perf_counter() - batch.started)
         return BatchOutcome(len(batch.records), scored, len(batch.records) - scored)
@@ -280,3 +290,10 @@ class NewsScorer:
             partition = TopicPartition(record.topic, record.partition)
             offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
         self.consumer.commit(offsets)
+
+
+def _pause_for_test(marker: str, batch: _Batch) -> None:
+    records = [{"partition": r.partition, "offset": r.offset, "item_id": item.id} for r, item in batch.good]
+    Path(f"{marker}.tmp").write_text(json.dumps(records))
+    os.replace(f"{marker}.tmp", marker)  # the test never reads it half written
+    threading.Event().wait()
