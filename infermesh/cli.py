@@ -313,8 +313,18 @@ InferenceOption = Annotated[
     str, typer.Option(help="Running inference service to reload with the new rule; empty: only write the rule.")
 ]
 
+AdminTokenOption = Annotated[
+    str,
+    typer.Option(
+        envvar="INFERMESH_INFERENCE_ADMIN_TOKEN",
+        show_default=False,
+        help="The inference service's admin token (it must run with MODEL_CONTROL_MODE=explicit); "
+        "prefer the environment variable, which stays out of shell history and `ps`.",
+    ),
+]
 
-def _apply_rule(inference: str, model: str, rule: RolloutRule) -> None:
+
+def _apply_rule(inference: str, model: str, rule: RolloutRule, admin_token: str) -> None:
     """Prints the rule and, if an inference address is given, makes the service apply it now."""
     import grpc
 
@@ -323,7 +333,7 @@ def _apply_rule(inference: str, model: str, rule: RolloutRule) -> None:
     applied = "not asked"
     if inference:
         try:
-            asyncio.run(apply_rule(inference, model))
+            asyncio.run(apply_rule(inference, model, admin_token))
             applied = f"applied by {inference}"
         except grpc.aio.AioRpcError as error:
             applied = f"not applied: {inference} answered {error.code().name}: {error.details()}"
@@ -346,6 +356,7 @@ def rollout(
     ] = "",
     repository: RepositoryOption = Path("models"),
     inference: InferenceOption = "127.0.0.1:8001",
+    admin_token: AdminTokenOption = "",
 ) -> None:
     """Start (canary or shadow) or stop a candidate version's trial next to the serving one."""
     from infermesh.model.rollout import RolloutRefused, start_candidate, stop_candidate
@@ -362,7 +373,7 @@ def rollout(
             rule = start_candidate(repo, model, candidate, "shadow" if shadow else "canary", canary)
         else:
             raise RolloutRefused("give --candidate (with --canary or --shadow), --stop or --serving")
-    _apply_rule(inference, model, rule)
+    _apply_rule(inference, model, rule, admin_token)
 
 
 @app.command()
@@ -381,6 +392,7 @@ def promote(
     force: Annotated[bool, typer.Option(help="Promote even if the candidate scores worse.")] = False,
     repository: RepositoryOption = Path("models"),
     inference: InferenceOption = "127.0.0.1:8001",
+    admin_token: AdminTokenOption = "",
 ) -> None:
     """Make a candidate the serving version, if it is not worse than what serves."""
     from infermesh.model.data import parse_label_map
@@ -399,7 +411,7 @@ def promote(
             comparison = compare(repo, model, version, labelled)
             typer.echo(json.dumps(comparison.as_dict(), indent=2))
         rule = run_promote(repo, model, version, comparison, tolerance, force)
-    _apply_rule(inference, model, rule)
+    _apply_rule(inference, model, rule, admin_token)
 
 
 @app.command()
@@ -407,6 +419,7 @@ def rollback(
     model: ModelOption,
     repository: RepositoryOption = Path("models"),
     inference: InferenceOption = "127.0.0.1:8001",
+    admin_token: AdminTokenOption = "",
 ) -> None:
     """Return to the version that served before the last promotion."""
     from infermesh.model.rollout import rollback as run_rollback
@@ -414,7 +427,7 @@ def rollback(
 
     with refusals(1):
         rule = run_rollback(ModelRepository(repository), model)
-    _apply_rule(inference, model, rule)
+    _apply_rule(inference, model, rule, admin_token)
 
 
 @app.command("build-engine")

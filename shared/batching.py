@@ -9,6 +9,11 @@ Up to `max_concurrent_batches` batches run at once, so the next batch forms whil
 current one executes. The queue is bounded in items;
 a submit that would overflow it fails with `Overloaded` instead of waiting.
 
+Every submitted item is answered: `drain` runs everything already submitted, the batch
+being collected included (it closes at once instead of waiting out `max_queue_delay`),
+and `close` fails whatever it did not run with `ModelNotReady` (retryable), so no caller
+is left waiting for its deadline.
+
 Batches run in the batcher's task, not the callers': each batch span continues the
 first caller's trace and links the others, and each caller's trace gets a `queue wait`
 span covering the time its items waited for the batch.
@@ -28,11 +33,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.util.types import AttributeValue
 
-from shared.errors import Overloaded
+from shared.errors import ModelNotReady, Overloaded
 from shared.metrics import BatcherMetrics
 
 logger = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
+
+#: What callers still waiting get from `close` (a version leaving service, a shutdown).
+_CLOSED_DETAIL = "the batch queue closed before this request ran; retry"
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -116,6 +124,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._slots: asyncio.Semaphore | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._collecting: list[_Entry[ItemT, ResultT]] = []
+        """The batch `_collect` is forming: taken off the queue, not yet running."""
+        self._draining = False
+        """No more items are expected: a forming batch closes without waiting."""
+        self._closed = False
         self.dropped = 0
         """Items skipped because their caller had gone away (cancelled or timed out)."""
 
@@ -125,6 +138,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         """Queues `items` together and waits for their results."""
+        if self._closed:
+            raise ModelNotReady(_CLOSED_DETAIL)
         if len(self._queue) + len(items) > self.policy.max_queue_size:
             if self._metrics is not None:
                 self._metrics.rejected.inc(len(items))
@@ -150,18 +165,36 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._loop_task = asyncio.create_task(self._batch_loop(), name="dynamic-batcher")
 
     async def drain(self) -> None:
-        """Waits until everything queued has run. The caller stops new submissions first
-        (a model version leaving service): requests already here still get answers."""
-        while self._queue or self._running:
+        """Waits until everything submitted has run: the queue, the batch being collected
+        and the batches executing. The caller stops new submissions first (a model version
+        leaving service), so a forming batch closes now rather than after
+        `max_queue_delay`: requests already here get answers, and promptly."""
+        self._draining = True
+        if self._wakeup is not None:
+            self._wakeup.set()  # a batch waiting out its delay closes now
+        while self._queue or self._collecting or self._running:
             if self._running:
                 await asyncio.wait(set(self._running))
+            elif self._loop_task is None or self._loop_task.done():
+                break  # nothing will run what is left; close() answers it
             else:
-                await asyncio.sleep(0.001)  # the loop is collecting the next batch
+                await asyncio.sleep(0.001)  # the loop is handing the next batch over
 
     async def close(self) -> None:
+        """Stops the batcher: batches executing finish; items not yet running (queued, or
+        in a batch being collected) fail with ModelNotReady; later submits are refused."""
+        self._closed = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        unrun = [*self._collecting, *self._queue]
+        self._collecting = []
+        self._queue.clear()
+        for entry in unrun:
+            if not entry.future.done():
+                entry.future.set_exception(ModelNotReady(_CLOSED_DETAIL))
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(0)
         await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _batch_loop(self) -> None:
@@ -177,6 +210,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
+            self._collecting = []  # in the same step: the batch is always in one of the two
             task.add_done_callback(self._running.discard)
 
     def _take_live(self) -> _Entry[ItemT, ResultT] | None:
@@ -226,6 +260,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if first is None:
             return []
         batch = [first]
+        self._collecting = batch  # close() answers these if it cancels the loop mid-collect
         cost = self._new_cost(0, first)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.policy.max_queue_delay_seconds
@@ -240,7 +275,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 batch.append(entry)
             full = len(batch) >= self.policy.max_batch_size or bool(self._queue)
             remaining = deadline - loop.time()
-            if full or remaining <= 0:
+            if full or remaining <= 0 or self._draining:
                 return batch
             self._wakeup.clear()
             try:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
 from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
@@ -26,6 +27,8 @@ from tests.conftest import MODEL, link_version
 from tests.test_pipeline import CLEAR_HEADLINES
 
 runner = CliRunner()
+#: The inference service's admin token: the rollout commands reload it through RepositoryModelLoad.
+ADMIN_TOKEN = "rollout-admin-token-0123456789"
 #: Version 2 reads the same logits with negative and positive swapped: a clearly worse model.
 SWAPPED_LABELS = ["positive", "neutral", "negative"]
 
@@ -41,7 +44,10 @@ def repository(built_model: Path, tmp_path: Path) -> Path:
 
 @pytest_asyncio.fixture
 async def inference(repository: Path) -> AsyncIterator[str]:
-    running, core = await start_inference(InferenceSettings(grpc_port=0, model_repository=repository))
+    settings = InferenceSettings(
+        grpc_port=0, model_repository=repository, model_control_mode="explicit", admin_token=SecretStr(ADMIN_TOKEN)
+    )
+    running, core = await start_inference(settings)
     yield f"127.0.0.1:{running.port}"
     await running.stop(0)
     await core.close()
@@ -95,7 +101,7 @@ async def test_a_canary_answers_its_share_of_unpinned_requests(
 ) -> None:
     code, output = await async_cli(
         "rollout", "--model", MODEL, "--candidate", "3", "--canary", "0.25",
-        "--repository", str(repository), "--inference", inference,
+        "--repository", str(repository), "--inference", inference, "--admin-token", ADMIN_TOKEN,
     )  # fmt: skip
     assert code == 0, output
     assert f"applied by {inference}" in output
@@ -114,7 +120,7 @@ async def test_shadow_mode_scores_the_candidate_but_returns_only_the_serving_ans
 ) -> None:
     code, output = await async_cli(
         "rollout", "--model", MODEL, "--candidate", "2", "--shadow",
-        "--repository", str(repository), "--inference", inference,
+        "--repository", str(repository), "--inference", inference, "--admin-token", ADMIN_TOKEN,
     )  # fmt: skip
     assert code == 0, output
 
@@ -143,7 +149,7 @@ async def test_promotion_refuses_a_worse_candidate_unless_forced_and_rollback_re
 ) -> None:
     data = tmp_path_factory.mktemp("data") / "clear.csv"
     data.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in CLEAR_HEADLINES.items()))
-    where = ("--repository", str(repository), "--inference", inference)
+    where = ("--repository", str(repository), "--inference", inference, "--admin-token", ADMIN_TOKEN)
     request = request_for(["Acme shares soar after record profit"], built_model)
 
     code, output = await async_cli("promote", "--model", MODEL, "--candidate", "2", "--data", str(data), *where)
@@ -168,6 +174,16 @@ async def test_promotion_refuses_a_worse_candidate_unless_forced_and_rollback_re
     assert code == 0 and ModelRepository(repository).rollout(MODEL) == RolloutRule(serving="1")
     code, output = await async_cli("rollback", "--model", MODEL, *where)
     assert code == 1 and "no earlier serving version" in output
+
+
+async def test_without_the_admin_token_the_rule_is_written_but_not_applied(inference: str, repository: Path) -> None:
+    where = ("--repository", str(repository), "--inference", inference)
+    code, output = await async_cli("rollout", "--model", MODEL, "--candidate", "3", "--canary", "0.1", *where)
+    assert code == 0, output
+    assert f"not applied: {inference} answered UNAUTHENTICATED" in output
+    assert ModelRepository(repository).rollout(MODEL) == RolloutRule(
+        serving="1", candidate="3", mode="canary", canary_share=0.1
+    )
 
 
 def test_rollout_mistakes_are_refused_with_a_reason(repository: Path) -> None:

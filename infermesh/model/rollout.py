@@ -162,12 +162,16 @@ def rollback(repository: ModelRepository, name: str) -> RolloutRule:
     return updated
 
 
-async def apply_rule(inference: str, name: str, timeout: float = 60.0) -> None:
-    """Tells a running inference service to reload `name` under its new rule."""
+async def apply_rule(inference: str, name: str, admin_token: str = "", timeout: float = 60.0) -> None:
+    """Tells a running inference service to reload `name` under its new rule. The service
+    must run with model control `explicit`; `admin_token` is its INFERMESH_INFERENCE_ADMIN_TOKEN."""
     from shared.grpc_client import channel
     from shared.pb import grpc_predict_v2_pb2 as pb
     from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
+    metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
     async with channel(inference) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=timeout)
+        await stub.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name=name), timeout=timeout, metadata=metadata
+        )

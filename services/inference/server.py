@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib.metadata import version
-from importlib.util import find_spec
 from pathlib import Path
 
 import grpc
 
 from services.inference.backends.base import Backend
+from services.inference.control import ModelControl
 from services.inference.core import InferenceCore, Limits, VersionPolicy
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
@@ -36,17 +36,19 @@ STATIC_SHAPE_BUCKETS = (16, 32, 64, 128)
 
 
 def resolve_backend(settings: InferenceSettings) -> tuple[str, str]:
-    """(backend, device) for this machine: `auto` picks TensorRT where it is installed and
-    a GPU is present, else ONNX Runtime; device `auto` picks CUDA where the backend can."""
+    """(backend, device) for this machine: `auto` is ONNX Runtime, the backend the tests
+    and benchmarks run; device `auto` picks CUDA where the backend can.
+
+    `auto` never picks TensorRT, even where it is installed: that backend has never run
+    (see docs/backends.md), and a path that never ran must not become a default because
+    a package happens to be present. It is used only when named."""
     import onnxruntime
 
     from services.inference.backends.pytorch import cuda_available
 
-    backend = settings.backend
-    if backend == "auto":
-        # TensorRT's presence first: probing CUDA imports torch (about 200 MB), which the
-        # default ONNX Runtime service must not carry.
-        backend = "tensorrt" if find_spec("tensorrt") is not None and cuda_available() else "onnxruntime"
+    backend = "onnxruntime" if settings.backend == "auto" else settings.backend
+    if backend == "tensorrt":
+        logger.warning("backend tensorrt was chosen explicitly; it has never been run by infermesh's tests")
     if settings.device != "auto":
         return backend, settings.device
     if backend in ("torch", "tensorrt"):
@@ -127,9 +129,12 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
 async def start(settings: InferenceSettings) -> tuple[RunningServer, InferenceCore]:
     """Binds first (health NOT_SERVING), loads the models, then reports SERVING."""
     core = build_core(settings)
+    control = ModelControl(settings.model_control_mode, settings.admin_token)
+    logger.info("model control mode %s", control.mode)
 
     def register(server: grpc.aio.Server) -> None:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, version("infermesh")), server)
+        servicer = InferenceServicer(core, version("infermesh"), control)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
     running = await start_server(settings, register, [SERVICE_NAME])
     try:

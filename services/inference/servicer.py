@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.inference.control import ModelControl
 from services.inference.converters import metadata_to_pb, request_from_pb, response_to_pb
 from services.inference.core import InferenceCore, VersionPolicy
 from shared.errors import InvalidInput
@@ -13,9 +14,11 @@ SERVER_NAME = "infermesh"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, server_version: str) -> None:
+    def __init__(self, core: InferenceCore, server_version: str, control: ModelControl | None = None) -> None:
         self._core = core
         self._server_version = server_version
+        self._control = control or ModelControl("none")
+        """Who may load and unload: by default nobody (Triton's `--model-control-mode=none`)."""
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -56,6 +59,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
+        self._control.check("RepositoryModelLoad", context.invocation_metadata() or (), context.peer())
         unknown = sorted(set(request.parameters) - {"config"})
         if unknown:
             raise InvalidInput(f"unsupported load parameter {unknown[0]!r}; only 'config' (a version_policy) is")
@@ -68,5 +72,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
+        self._control.check("RepositoryModelUnload", context.invocation_metadata() or (), context.peer())
         await self._core.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()

@@ -3,10 +3,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import BaseServiceSettings
+
+#: Shortest admin token accepted (`python -c "import secrets; print(secrets.token_urlsafe(32))"` makes one).
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 class InferenceSettings(BaseServiceSettings):
@@ -34,11 +37,23 @@ class InferenceSettings(BaseServiceSettings):
 
     repository_poll_seconds: float = 0.0
     """Look at the repository this often and load or unload versions as the version policy
-    says (0: only at start and on RepositoryModelLoad/Unload calls)."""
+    says (0: only at start and, with `model_control_mode` explicit, on RepositoryModelLoad/Unload
+    calls)."""
+
+    model_control_mode: Literal["none", "explicit"] = "none"
+    """Who may load and unload versions while serving (Triton's `--model-control-mode`).
+    none: RepositoryModelLoad/Unload answer FAILED_PRECONDITION; what serves changes only
+    by restart or the repository poll. explicit: they work for callers presenting
+    `admin_token` as `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise).
+    Both modes load the version policy's versions at start."""
+
+    admin_token: SecretStr | None = None
+    """The credential of RepositoryModelLoad/Unload in explicit mode (at least 16
+    characters; from a secret, never a manifest). Send it over TLS (INFERMESH_TLS_*)."""
 
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
-    """Execution backend. auto: TensorRT where it is installed and a GPU is present, else
-    ONNX Runtime (on CUDA when onnxruntime-gpu sees a GPU)."""
+    """Execution backend. auto: ONNX Runtime (on CUDA when onnxruntime-gpu sees a GPU).
+    auto never picks TensorRT, which has never run (docs/backends.md); name it to use it."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backend runs; auto picks CUDA when the backend can use it here."""
@@ -92,6 +107,16 @@ class InferenceSettings(BaseServiceSettings):
 
     max_sequences_per_request: int = 1024
     """Rows per ModelInfer request."""
+
+    @model_validator(mode="after")
+    def _explicit_control_needs_a_token(self) -> InferenceSettings:
+        token = self.admin_token.get_secret_value() if self.admin_token is not None else ""
+        if self.model_control_mode == "explicit" and len(token.strip()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"model_control_mode explicit needs admin_token (INFERMESH_INFERENCE_ADMIN_TOKEN) of at least "
+                f"{MIN_ADMIN_TOKEN_CHARS} characters; without one, anyone reaching the port could unload the model"
+            )
+        return self
 
     @model_validator(mode="after")
     def _a_request_fits_the_queue(self) -> InferenceSettings:

@@ -8,12 +8,15 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr, ValidationError
 
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
@@ -22,6 +25,10 @@ from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
 from tests.conftest import MODEL, link_version
 
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+#: gRPC metadata presenting the admin token.
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+EXPLICIT_CONTROL: dict[str, Any] = {"model_control_mode": "explicit", "admin_token": SecretStr(ADMIN_TOKEN)}
 IDS = np.array([[101, 7592, 2015, 17406, 2044, 5618, 5432, 102]], dtype=np.int64)
 
 
@@ -42,13 +49,22 @@ def repository(built_model: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
+@asynccontextmanager
+async def serving(repository: Path, **settings: Any) -> AsyncIterator[infer_grpc.GRPCInferenceServiceAsyncStub]:
+    running, core = await start_inference(InferenceSettings(grpc_port=0, model_repository=repository, **settings))
+    try:
+        async with channel(f"127.0.0.1:{running.port}") as ch:
+            yield infer_grpc.GRPCInferenceServiceStub(ch)
+    finally:
+        await running.stop(0)
+        await core.close()
+
+
 @pytest_asyncio.fixture
 async def stub(repository: Path) -> AsyncIterator[infer_grpc.GRPCInferenceServiceAsyncStub]:
-    running, core = await start_inference(InferenceSettings(grpc_port=0, model_repository=repository))
-    async with channel(f"127.0.0.1:{running.port}") as ch:
-        yield infer_grpc.GRPCInferenceServiceStub(ch)
-    await running.stop(0)
-    await core.close()
+    """A server whose versions may be loaded and unloaded, by the admin token's holder."""
+    async with serving(repository, **EXPLICIT_CONTROL) as opened:
+        yield opened
 
 
 def infer_request(version: str = "") -> pb.ModelInferRequest:
@@ -90,7 +106,7 @@ async def test_versions_load_and_unload_under_traffic_without_a_failed_request(
     clients = [asyncio.create_task(client()) for _ in range(4)]
     await asyncio.sleep(0.3)
     add_version(repository, built_model, "3")
-    await stub.RepositoryModelLoad(load_request())  # latest 1: 3 replaces 2
+    await stub.RepositoryModelLoad(load_request(), metadata=ADMIN)  # latest 1: 3 replaces 2
     after_swap = dict(served)
     await asyncio.sleep(0.3)
     assert await index(stub) == {
@@ -98,7 +114,7 @@ async def test_versions_load_and_unload_under_traffic_without_a_failed_request(
         "2": ("UNAVAILABLE", "not selected by the version policy"),
         "3": ("READY", ""),
     }
-    await stub.RepositoryModelLoad(load_request({"version_policy": {"specific": {"versions": [1, 3]}}}))
+    await stub.RepositoryModelLoad(load_request({"version_policy": {"specific": {"versions": [1, 3]}}}), metadata=ADMIN)
     await asyncio.sleep(0.3)
     assert (await stub.ModelInfer(infer_request("1"))).model_version == "1"
     stop.set()
@@ -115,7 +131,7 @@ async def test_versions_load_and_unload_under_traffic_without_a_failed_request(
 async def test_unloaded_models_answer_unavailable_and_load_again(
     stub: infer_grpc.GRPCInferenceServiceAsyncStub,
 ) -> None:
-    await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL))
+    await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL), metadata=ADMIN)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ModelInfer(infer_request())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -123,7 +139,7 @@ async def test_unloaded_models_answer_unavailable_and_load_again(
     assert not (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
     assert (await index(stub))["2"] == ("UNAVAILABLE", "unloaded")
 
-    await stub.RepositoryModelLoad(load_request())
+    await stub.RepositoryModelLoad(load_request(), metadata=ADMIN)
     assert (await stub.ModelInfer(infer_request())).model_version == "2"
     assert (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
 
@@ -133,7 +149,7 @@ async def test_a_version_that_fails_to_load_changes_nothing(
 ) -> None:
     add_version(repository, built_model, "3", broken=True)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.RepositoryModelLoad(load_request())
+        await stub.RepositoryModelLoad(load_request(), metadata=ADMIN)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"{MODEL} version 3 could not load" in (caught.value.details() or "")
     assert str(repository) not in (caught.value.details() or ""), "no server paths to callers"
@@ -154,7 +170,7 @@ async def test_bad_load_requests_are_refused_precisely(
     stub: infer_grpc.GRPCInferenceServiceAsyncStub, request_: pb.RepositoryModelLoadRequest, code: str, detail: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.RepositoryModelLoad(request_)
+        await stub.RepositoryModelLoad(request_, metadata=ADMIN)
     assert caught.value.code().name == code
     assert detail in (caught.value.details() or "")
     assert (await stub.ModelInfer(infer_request())).model_version == "2"
@@ -164,11 +180,86 @@ async def test_unknown_load_parameters_and_bad_json_are_invalid(stub: infer_grpc
     request = pb.RepositoryModelLoadRequest(model_name=MODEL)
     request.parameters["file:1/model.onnx"].bytes_param = b"..."
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.RepositoryModelLoad(request)
+        await stub.RepositoryModelLoad(request, metadata=ADMIN)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     request = pb.RepositoryModelLoadRequest(model_name=MODEL)
     request.parameters["config"].string_param = "{not json"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.RepositoryModelLoad(request)
+        await stub.RepositoryModelLoad(request, metadata=ADMIN)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not JSON" in (caught.value.details() or "")
+
+
+async def test_a_swap_answers_the_request_waiting_in_a_forming_batch(repository: Path, built_model: Path) -> None:
+    """A request taken into a batch that waits out a long max_queue_delay is answered by the
+    version leaving service when a swap retires it, not left to run out its deadline."""
+    async with serving(repository, max_queue_delay_ms=60_000, **EXPLICIT_CONTROL) as stub:
+        waiting = asyncio.ensure_future(stub.ModelInfer(infer_request(), timeout=20))
+        await asyncio.sleep(0.5)  # the request sits in version 2's forming batch
+        assert not waiting.done()
+        add_version(repository, built_model, "3")
+        await stub.RepositoryModelLoad(load_request(), metadata=ADMIN)  # 3 replaces 2
+        reply = await asyncio.wait_for(waiting, timeout=10)
+        assert reply.model_version == "2"
+        assert (await index(stub))["3"] == ("READY", "")
+
+
+async def test_model_control_is_off_by_default_and_the_model_keeps_serving(repository: Path) -> None:
+    """Like Triton's default `--model-control-mode=none`: nobody unloads what serves through
+    the data port, whatever credential they present."""
+    async with serving(repository) as stub:
+        for metadata in ((), ADMIN):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL), metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "RepositoryModelUnload is disabled" in (caught.value.details() or "")
+            assert "MODEL_CONTROL_MODE=explicit" in (caught.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.RepositoryModelLoad(load_request(), metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "RepositoryModelLoad is disabled" in (caught.value.details() or "")
+        assert (await stub.ModelInfer(infer_request())).model_version == "2"
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
+        assert (await index(stub))["2"] == ("READY", ""), "the index stays readable"
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("authorization", "Bearer not-the-admin-token-at-all"),),
+        (("authorization", f"Bearer {ADMIN_TOKEN}x"),),
+        (("authorization", ADMIN_TOKEN),),  # no scheme
+        (("x-api-key", ADMIN_TOKEN),),
+    ],
+    ids=["none", "wrong", "longer", "no-scheme", "other-key"],
+)
+async def test_explicit_control_refuses_callers_without_the_admin_token(
+    stub: infer_grpc.GRPCInferenceServiceAsyncStub, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ADMIN_TOKEN not in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RepositoryModelLoad(load_request(), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await stub.ModelInfer(infer_request())).model_version == "2", "nothing changed"
+
+
+async def test_explicit_control_with_the_admin_token_unloads(stub: infer_grpc.GRPCInferenceServiceAsyncStub) -> None:
+    await stub.RepositoryModelUnload(
+        pb.RepositoryModelUnloadRequest(model_name=MODEL), metadata=(("authorization", f"bearer {ADMIN_TOKEN}"),)
+    )
+    assert not (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"model_control_mode": "explicit"}, {"model_control_mode": "explicit", "admin_token": SecretStr("short")}],
+    ids=["no-token", "short-token"],
+)
+def test_explicit_control_needs_an_admin_token_of_some_length(settings: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError, match="needs admin_token"):
+        InferenceSettings(**settings)
+    assert "short" not in repr(InferenceSettings(admin_token=SecretStr("short"))), "the token never shows"

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from shared.batching import BatchPolicy, DynamicBatcher
-from shared.errors import Overloaded
+from shared.errors import ModelNotReady, Overloaded
 
 
 class Recorder:
@@ -154,3 +154,55 @@ def test_bucket_edges_must_ascend() -> None:
         BatchPolicy(length_buckets=(32, 16))
     assert BatchPolicy(length_buckets=(16, 32)).bucket_of(17) == 32
     assert BatchPolicy(length_buckets=(16, 32)).bucket_of(40) == 40
+
+
+async def collecting(b: DynamicBatcher[str, str]) -> None:
+    """Waits until the batcher has taken every queued item into the batch it is forming."""
+    while b.queue_depth:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)  # the loop is now waiting out max_queue_delay
+
+
+async def test_drain_answers_the_batch_being_collected_before_close() -> None:
+    """A version swap drains then closes: items already taken into a batch still waiting
+    out a long max_queue_delay are executed at once, not cancelled with their callers left
+    to hang until their deadline."""
+    recorder = Recorder()
+    b = batcher(recorder, max_batch_size=8, max_queue_delay_seconds=60)
+    callers = [asyncio.create_task(b.submit([text])) for text in ("a", "b", "c")]
+    await collecting(b)
+    assert not any(caller.done() for caller in callers)
+
+    await asyncio.wait_for(b.drain(), timeout=5)
+    await b.close()
+    answers = await asyncio.wait_for(asyncio.gather(*callers), timeout=5)
+    assert answers == [["A"], ["B"], ["C"]]
+    assert recorder.batches == [["a", "b", "c"]], "one batch, flushed by the drain"
+
+
+async def test_close_answers_everything_it_did_not_run_with_unavailable() -> None:
+    """Closing without a drain (shutdown) answers every caller still waiting, queued or
+    in the batch being collected, with a retryable error instead of a hang; a submit
+    after close is refused the same way."""
+    recorder = Recorder()
+    recorder.release.clear()
+    b = batcher(recorder, max_batch_size=1, max_queue_delay_seconds=60)
+    running = asyncio.create_task(b.submit(["a"]))
+    await asyncio.sleep(0.01)  # "a" executes (held); "b" and "c" wait for a slot
+    waiting = asyncio.create_task(b.submit(["b", "c"]))
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(b.close())
+    with pytest.raises(ModelNotReady, match="closed before this request ran"):
+        await asyncio.wait_for(waiting, timeout=5)
+    recorder.release.set()
+    await asyncio.wait_for(closing, timeout=5)
+    assert await running == ["A"], "a batch already executing finishes"
+
+    b = batcher(Recorder(), max_batch_size=8, max_queue_delay_seconds=60)
+    collected = asyncio.create_task(b.submit(["x"]))
+    await collecting(b)
+    await asyncio.wait_for(b.close(), timeout=5)
+    with pytest.raises(ModelNotReady, match="closed before this request ran"):
+        await asyncio.wait_for(collected, timeout=5)
+    with pytest.raises(ModelNotReady, match="closed"):
+        await b.submit(["y"])
