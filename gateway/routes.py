@@ -22,8 +22,8 @@ from gateway.schemas import (
     TokenAttribution,
     WordAttribution,
 )
-from gateway.settings import GatewaySettings
-from shared.errors import InputTooLarge, from_grpc_error
+from gateway.settings import GatewaySettings, check_text_count
+from shared.errors import from_grpc_error
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pipeline import PipelineClient
@@ -51,8 +51,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(admit_caller)], responses
 @router.post("/sentiment", response_model=SentimentResponse, summary="Classify finance texts")
 async def sentiment(body: SentimentRequest, request: Request) -> SentimentResponse:
     settings: GatewaySettings = request.app.state.settings
-    if len(body.texts) > settings.max_texts:
-        raise InputTooLarge(f"request has {len(body.texts)} texts; max is {settings.max_texts}")
+    check_text_count(len(body.texts), settings.max_texts)
     client: PipelineClient = request.app.state.pipeline
     result = await client.classify(
         body.texts,
@@ -100,20 +99,29 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
     except grpc.aio.AioRpcError as error:
         raise from_grpc_error(error) from None
     (explanation,) = reply.explanations
+    gradients = body.method == "integrated_gradients"
     return ExplainResponse(
         model_name=reply.model_name,
         model_version=reply.model_version,
         method=body.method,
+        attribution_model=reply.attribution_model,
+        served_variant=reply.served_variant,
         label=explanation.label,
         probabilities=dict(explanation.probabilities),
         target_label=explanation.target_label,
+        gradient_label=explanation.gradient_label if gradients else None,
+        gradient_probabilities=dict(explanation.gradient_probabilities) if gradients else None,
+        gradients_disagree=explanation.gradients_disagree if gradients else None,
         deciding_chunk=explanation.deciding_chunk,
         chunks=[
             ChunkExplanation(
                 char_start=chunk.char_start,
                 char_end=chunk.char_end,
                 target_probability=chunk.target_probability,
-                completeness_gap=chunk.completeness_gap if body.method == "integrated_gradients" else None,
+                completeness_gap=chunk.completeness_gap if gradients else None,
+                gradient_target_probability=(
+                    chunk.gradient_target_probability if chunk.HasField("gradient_target_probability") else None
+                ),
                 tokens=[
                     TokenAttribution(
                         text=t.text, start=t.start, end=t.end, word_index=t.word_index, attribution=t.attribution

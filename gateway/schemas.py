@@ -67,8 +67,13 @@ class FaithfulnessFigures(BaseModel):
 class ChunkExplanation(BaseModel):
     char_start: int
     char_end: int
-    target_probability: float
+    target_probability: float = Field(description="The served model's probability of the target label.")
     completeness_gap: float | None
+    gradient_target_probability: float | None = Field(
+        None,
+        description="Integrated gradients only: the target probability under the weights the gradients ran on "
+        "(`attribution_model`).",
+    )
     tokens: list[TokenAttribution]
     words: list[WordAttribution]
     faithfulness: list[FaithfulnessFigures]
@@ -78,8 +83,28 @@ class ExplainResponse(BaseModel):
     model_name: str
     model_version: str
     method: str
+    attribution_model: str = Field(
+        description='The weights the attributions were computed on: "torch fp32 (hf/)" for integrated gradients, '
+        'the served model for occlusion ("served int8 (inference service)").'
+    )
+    served_variant: str = Field(
+        description="What the inference service serves (e.g. int8): `label`, `probabilities` and the faithfulness "
+        "figures come from it."
+    )
     label: str
     probabilities: dict[str, float]
     target_label: str
+    gradient_label: str | None = Field(
+        None,
+        description="Integrated gradients only: the label of the weights the gradients ran on (`attribution_model`).",
+    )
+    gradient_probabilities: dict[str, float] | None = Field(
+        None, description="Integrated gradients only: those weights' probabilities, chunks combined as for `label`."
+    )
+    gradients_disagree: bool | None = Field(
+        None,
+        description="Integrated gradients only: true when `gradient_label` differs from the served `label`, so the "
+        "attributions explain a model that decides otherwise than the one that answered.",
+    )
     deciding_chunk: int
     chunks: list[ChunkExplanation]

@@ -7,6 +7,7 @@ from pydantic import PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.apikeys import check_key_name, digest_of
+from shared.errors import InputTooLarge
 
 
 class GatewaySettings(BaseSettings):
@@ -44,7 +45,8 @@ class GatewaySettings(BaseSettings):
     """Largest request body accepted (413 beyond)."""
 
     max_texts: int = 64
-    """Texts per /v1/sentiment request (413 beyond)."""
+    """Texts per classification, REST /v1/sentiment and gRPC Classify alike (413 /
+    INVALID_ARGUMENT beyond; `check_text_count`)."""
 
     request_timeout_seconds: float = 10.0
     """Deadline for one request's pipeline call (504 beyond)."""
@@ -135,3 +137,10 @@ class GatewaySettings(BaseSettings):
             ):
                 raise ValueError(f"CORS origin {origin!r} is not an origin: write scheme://host[:port], no path or '/'")
         return value
+
+
+def check_text_count(count: int, max_texts: int) -> None:
+    """The one MAX_TEXTS check of every classification the gateway takes (REST and gRPC):
+    InputTooLarge naming the limit past it (413 over REST, INVALID_ARGUMENT over gRPC)."""
+    if count > max_texts:
+        raise InputTooLarge(f"request has {count} texts; max is {max_texts}")

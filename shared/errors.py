@@ -1,8 +1,24 @@
 """The one error taxonomy of infermesh and its mapping to gRPC status codes and HTTP.
 
-Cores raise these; the gRPC error interceptor (shared.grpc_server) and, later, the
-gateway's problem handler translate them at the edge. Anything else becomes INTERNAL
-with a generic message, its traceback going only to the log.
+Each class carries its gRPC code, HTTP status and title; `detail` is what the caller
+sees. Cores, the pipeline client and the gateway raise them, and each transport maps
+them once:
+
+- gRPC: `shared.grpc_server.StatusInterceptor` aborts with the class's code and detail
+  and names the class in the `infermesh-error-type` trailing metadata (InputTooLarge and
+  InvalidInput share INVALID_ARGUMENT).
+- HTTP: the gateway's handler (`gateway.problems`) answers application/problem+json
+  with the class's status and title.
+- Back from a downstream call: `from_grpc_error` rebuilds the class the service raised
+  (by that metadata, else by status code), so the gateway answers a service's error
+  with the same status and the worker can tell poison input (InvalidInput,
+  InputTooLarge: dead-lettered) from transient failures (Unavailable, Overloaded,
+  DeadlineExceeded: retried).
+
+Anything else is INTERNAL (HTTP 500) with the generic detail "Internal server error",
+its traceback going only to the log. A downstream status outside the taxonomy becomes
+"downstream service failed", and an UNAVAILABLE raised by gRPC itself (whose detail
+names internal addresses) a generic Unavailable, the detail going to the log.
 """
 
 from __future__ import annotations

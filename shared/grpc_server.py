@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-from shared.errors import ERROR_TYPE_METADATA_KEY, InfermeshError
+from shared.errors import ERROR_TYPE_METADATA_KEY, InfermeshError, Overloaded
 from shared.grpc_client import channel
 from shared.metrics import GRPC_DURATION, GRPC_IN_FLIGHT, GRPC_REQUESTS, MetricsServer
 from shared.settings import BaseServiceSettings
@@ -30,11 +30,35 @@ INTERNAL_ERROR_DETAIL = "Internal server error"
 #: What servicer methods receive; request/response types are fixed per method.
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
 
+#: The health service name liveness probes ask: SERVING from start until the server stops,
+#: whatever its model or downstreams say, so a failing check means the process itself no
+#: longer answers. Readiness is "" (and each service's name): SERVING only while the
+#: process can serve, which for the explainer includes its inference service. A liveness
+#: probe on "" would restart every explainer (and reload torch) during an inference outage.
+LIVENESS_SERVICE = "liveness"
+
+
+#: Health checks are never refused for load: a probe that fails because the server is busy
+#: would restart (liveness) or drain (readiness) a replica for doing its job.
+_UNLIMITED_PREFIX = "/grpc.health.v1.Health/"
+
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Maps `shared.errors` to their status codes; anything else is INTERNAL with a
     generic detail so no traceback or internal message reaches the caller. Counts every
-    call by method and the status it ends with, and times it."""
+    call by method and the status it ends with, and times it.
+
+    With `max_concurrent_rpcs`, a call arriving while that many are being handled is
+    refused at once with RESOURCE_EXHAUSTED (Overloaded), health checks excepted. gRPC's
+    own `maximum_concurrent_rpcs` cannot do this for grpc.aio servers: there it stops
+    accepting calls, which then wait unbounded in gRPC core until their deadline
+    (`_ConcurrentRpcLimiter.check_before_request_call` in
+    grpc/_cython/_cygrpc/aio/server.pyx.pxi), and health checks wait with them."""
+
+    def __init__(self, max_concurrent_rpcs: int | None = None) -> None:
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.active = 0
+        """Limited calls being handled now by this server."""
 
     async def intercept_service(
         self,
@@ -46,6 +70,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             return handler
         inner = cast(Callable[[Any, ServicerContext], Awaitable[Any]], handler.unary_unary)
         method = handler_call_details.method
+        limit = None if method.startswith(_UNLIMITED_PREFIX) else self.max_concurrent_rpcs
 
         duration = GRPC_DURATION.labels(method)
 
@@ -53,7 +78,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             started = time.perf_counter()
             GRPC_IN_FLIGHT.inc()
+            counted = False
             try:
+                if limit is not None:
+                    if self.active >= limit:
+                        raise Overloaded(
+                            f"the server is handling {self.active} calls; max is {limit} at once. Retry later"
+                        )
+                    self.active += 1
+                    counted = True
                 return await inner(request, context)
             except InfermeshError as error:
                 code = error.grpc_code
@@ -70,6 +103,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 logger.exception("unhandled error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_DETAIL)
             finally:
+                if counted:
+                    self.active -= 1
                 GRPC_IN_FLIGHT.dec()
                 GRPC_REQUESTS.labels(method, code.name).inc()
                 duration.observe(time.perf_counter() - started)
@@ -143,14 +178,16 @@ async def start_server(
     service_names: Sequence[str],
 ) -> RunningServer:
     """Starts a server on `settings.host:settings.grpc_port` (0 = any free port), health
-    NOT_SERVING until the caller says otherwise; with mutual TLS when `settings.tls`
-    configures it (TlsMisconfigured, before anything is bound, if it is unusable)."""
+    NOT_SERVING until the caller says otherwise (`LIVENESS_SERVICE` SERVING at once); with
+    mutual TLS when `settings.tls` configures it (TlsMisconfigured, before anything is
+    bound, if it is unusable). At most `settings.max_concurrent_rpcs` calls are handled at
+    once (`StatusInterceptor`); past it a call gets RESOURCE_EXHAUSTED at once."""
     tls = settings.tls.load()
     server = grpc.aio.server(
         # Tracing outermost, so the status a caller sees is the status on the span.
         interceptors=[
             aio_server_interceptor(filter_=filters.negate(filters.health_check())),  # type: ignore[no-untyped-call]
-            StatusInterceptor(),
+            StatusInterceptor(settings.max_concurrent_rpcs),
         ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -175,6 +212,7 @@ async def start_server(
     await server.start()
     running = RunningServer(server, port, health_servicer, tuple(service_names), settings.tls)
     await running.set_serving(False)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return running
 
 

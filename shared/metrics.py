@@ -100,6 +100,19 @@ EXPLAINER_EXPLANATIONS = Counter("infermesh_explainer_explanations", "Texts expl
 EXPLAINER_DURATION = Histogram(
     "infermesh_explainer_duration_seconds", "Time per Explain call", ["method"], buckets=LATENCY_BUCKETS
 )
+EXPLAINER_QUEUE_DEPTH = Gauge("infermesh_explainer_queue_depth_requests", "Explain calls waiting for a turn")
+EXPLAINER_RUNNING = Gauge("infermesh_explainer_running_requests", "Explain calls being worked on")
+EXPLAINER_REJECTED = Counter(
+    "infermesh_explainer_rejected_requests",
+    "Explain calls refused before any work: queue_full, over_budget (a size or cost limit), "
+    "expired (the deadline passed before their turn), cancelled (the caller left while waiting)",
+    ["reason"],
+)
+EXPLAINER_ABANDONED = Counter(
+    "infermesh_explainer_abandoned_requests",
+    "Explain calls stopped part-way: deadline (it ran out), cancelled (the caller went away)",
+    ["reason"],
+)
 
 # The pipeline client's shared rounds (gateway and worker processes).
 PIPELINE_QUEUE_DEPTH = Gauge("infermesh_pipeline_queue_depth_calls", "Classify calls waiting for a shared round")
@@ -134,6 +147,25 @@ WORKER_CLIENT_RESETS = Counter(
 )
 WORKER_WINDOWS_CLOSED = Counter("infermesh_worker_windows_closed", "Ticker windows closed and emitted")
 WORKER_ALERTS = Counter("infermesh_worker_alerts", "Negative-sentiment alerts raised")
+WORKER_IDLE_CLOSED_WINDOWS = Counter(
+    "infermesh_worker_idle_closed_windows",
+    "Windows closed because their partition went quiet (watermark moved on by the clock); "
+    "also counted in infermesh_worker_windows_closed",
+)
+WORKER_DROPPED_ITEMS = Counter(
+    "infermesh_worker_dropped_items",
+    "Scored items the windowing stage left out of every window: late (their window had closed) "
+    "or future (stamped further ahead of the worker's clock than the skew allowance)",
+    ["reason"],
+)
+for _reason in ("late", "future"):  # exported at 0 from the start, so rate() and alerts see them
+    WORKER_DROPPED_ITEMS.labels(_reason)
+WORKER_INTERNAL_DEAD_LETTERED = Counter(
+    "infermesh_worker_internal_dead_lettered_records",
+    "Unreadable records of the monitor's own topics (scored items, windows, alerts) sent to the "
+    "dead-letter topic; also counted in infermesh_worker_dead_lettered_records by reason",
+    ["topic"],
+)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,13 @@ class BaseServiceSettings(BaseSettings):
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
 
+    max_concurrent_rpcs: int = Field(default=256, gt=0)
+    """Calls the gRPC server handles at once; past it a call is refused at once with
+    RESOURCE_EXHAUSTED (429 through the gateway) naming the limit, so a flood of callers
+    cannot hold unbounded memory (each call up to `max_message_bytes`) whatever a service's
+    own queue admits (the inference batch queue counts sequences, the explainer's calls).
+    Health checks are never refused, so probes do not fail because the server is busy."""
+
     tls: TlsSettings = Field(default_factory=TlsSettings)
     """Mutual TLS of the gRPC server and of its clients; read from INFERMESH_TLS_*, which
     every process shares (off when unset)."""

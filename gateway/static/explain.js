@@ -12,6 +12,13 @@ function render(input, body) {
   document.getElementById("label").textContent = `${body.label} (explaining ${body.target_label})`;
   document.getElementById("probabilities").textContent = Object.entries(body.probabilities)
     .map(([name, p]) => `${name} ${(p * 100).toFixed(1)}%`).join(" · ");
+  document.getElementById("weights").textContent =
+    `attributions computed on ${body.attribution_model}; label from the served ${body.served_variant} model`;
+  const disagree = document.getElementById("disagree");
+  disagree.hidden = !body.gradients_disagree;
+  disagree.textContent = body.gradients_disagree
+    ? `The ${body.attribution_model} weights the gradients ran on label this ${body.gradient_label}, not ${body.label}: read the colours with care.`
+    : "";
   const scale = Math.max(1e-6, ...chunk.words.map((w) => Math.abs(w.attribution)));
   const out = document.getElementById("text");
   out.replaceChildren();

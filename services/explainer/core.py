@@ -1,14 +1,16 @@
 """The explainer's core: attributions per token and per word, and how faithful they are.
 
-Integrated gradients run on the served version's weights in this process; occlusion and
-every faithfulness figure are scored through the inference service, so they measure the
-model callers actually get (int8, ONNX Runtime today).
+Integrated gradients run on the served version's weights in this process (fp32 torch,
+not the served graph: each explanation says so and flags when the two disagree on the
+label); occlusion and every faithfulness figure are scored through the inference service,
+so they measure the model callers actually get (int8, ONNX Runtime today).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
-from services.explainer.gradients import IntegratedGradients
+from services.explainer.gradients import GradientAttribution, IntegratedGradients
 from services.tokenizer.core import Chunk, Tokenizer
 from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput
 
@@ -46,6 +48,8 @@ class ExplainLimits:
     """Chunks per text (each is explained)."""
     default_steps: int = 32
     max_steps: int = 256
+    max_gradient_token_steps: int = 32_768
+    """Integrated-gradient work per request: tokens x steps, summed over every chunk."""
     random_trials: int = 5
     """Random word sets per top-k% size for the baseline figures."""
     timeout_seconds: float = 30.0
@@ -86,6 +90,9 @@ class ChunkExplanation:
     target_probability: float
     faithfulness: list[Faithfulness] = field(default_factory=list)
     completeness_gap: float | None = None
+    gradient_target_probability: float | None = None
+    """Integrated gradients only: the target probability under the weights the gradients
+    ran on; `target_probability` is the served model's."""
 
 
 @dataclass
@@ -95,6 +102,31 @@ class Explanation:
     target_label: str
     chunks: list[ChunkExplanation]
     deciding_chunk: int
+    gradient_label: str = ""
+    """Integrated gradients only: the label of the weights the gradients ran on, its
+    chunks combined as `label`'s are; `label` and `probabilities` are the served model's."""
+    gradient_probabilities: dict[str, float] = field(default_factory=dict)
+    gradients_disagree: bool = False
+    """`gradient_label` differs from `label`: the attributions explain a model that
+    decides otherwise than the one that answered."""
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    """A validated, tokenized request: what `Explainer.run` works on."""
+
+    texts: list[str]
+    chunks: list[list[Chunk]]
+    method: Method
+    target_label: str
+    steps: int
+
+    @property
+    def gradient_token_steps(self) -> int:
+        """Integrated-gradient work: tokens x steps over every chunk (0 for occlusion)."""
+        if self.method is not Method.INTEGRATED_GRADIENTS:
+            return 0
+        return sum(len(chunk.input_ids) for chunks in self.chunks for chunk in chunks) * self.steps
 
 
 @dataclass
@@ -121,6 +153,7 @@ class Explainer:
         labels: list[str],
         limits: ExplainLimits | None = None,
         seed: int = 0,
+        served_variant: str = "",
     ) -> None:
         self.tokenizer = tokenizer
         self.model = model
@@ -128,6 +161,15 @@ class Explainer:
         self.labels = labels
         self.limits = limits or ExplainLimits()
         self.seed = seed
+        self.served_variant = served_variant
+        """What `model` (the inference service) serves, e.g. "int8": labels, probabilities,
+        occlusion and faithfulness come from it."""
+
+    def attribution_model(self, method: Method) -> str:
+        """The weights `method`'s attributions are computed on, in words."""
+        if method is Method.INTEGRATED_GRADIENTS:
+            return self.gradients.description
+        return f"served {self.served_variant or 'model'} (inference service)"
 
     async def explain(
         self,
@@ -137,11 +179,16 @@ class Explainer:
         steps: int = 0,
         timeout_seconds: float | None = None,
     ) -> list[Explanation]:
-        """`timeout_seconds`: the caller's remaining budget (its gRPC deadline); every
-        inference call gets what is left of it, capped by `limits.timeout_seconds`."""
+        """`prepare` then `run`."""
+        plan = await self.prepare(texts, method, target_label, steps)
+        return await self.run(plan, timeout_seconds)
+
+    async def prepare(
+        self, texts: Sequence[str], method: Method, target_label: str = "", steps: int = 0
+    ) -> ExplainPlan:
+        """Checks the request against every limit, its cost included, and tokenizes it:
+        cheap, so a request that can never be served is refused before it queues."""
         limits = self.limits
-        budget = limits.timeout_seconds if timeout_seconds is None else min(timeout_seconds, limits.timeout_seconds)
-        deadline = time.monotonic() + budget
         if not texts:
             raise InvalidInput("texts is empty; send at least one text")
         if len(texts) > limits.max_texts:
@@ -156,9 +203,30 @@ class Explainer:
         for index, result in enumerate(tokenized):
             if len(result.chunks) > limits.max_chunks:
                 raise InputTooLarge(f"text {index} needs {len(result.chunks)} chunks; max is {limits.max_chunks}")
+        plan = ExplainPlan(list(texts), [result.chunks for result in tokenized], method, target_label, steps)
+        if plan.gradient_token_steps > limits.max_gradient_token_steps:
+            tokens = plan.gradient_token_steps // steps
+            chunks = sum(len(c) for c in plan.chunks)
+            raise InputTooLarge(
+                f"integrated gradients over {tokens} tokens ({chunks} chunks) x {steps} steps = "
+                f"{plan.gradient_token_steps} token-steps; max is {limits.max_gradient_token_steps} per request "
+                "(send fewer or shorter texts, or fewer steps)"
+            )
+        return plan
+
+    async def run(self, plan: ExplainPlan, timeout_seconds: float | None = None) -> list[Explanation]:
+        """`timeout_seconds`: the caller's remaining budget (its gRPC deadline), capped by
+        `limits.timeout_seconds`; every inference call gets what is left of it, and
+        integrated gradients stop within one pass once it is gone. Nothing starts if it
+        is gone already."""
+        limits = self.limits
+        budget = limits.timeout_seconds if timeout_seconds is None else min(timeout_seconds, limits.timeout_seconds)
+        if budget <= 0:
+            raise DeadlineExceeded("the caller's deadline had passed before the explanation started")
+        deadline = time.monotonic() + budget
         return [
-            await self._explain_text(text, result.chunks, method, target_label, steps, deadline)
-            for text, result in zip(texts, tokenized, strict=True)
+            await self._explain_text(text, chunks, plan.method, plan.target_label, plan.steps, deadline)
+            for text, chunks in zip(plan.texts, plan.chunks, strict=True)
         ]
 
     async def _explain_text(
@@ -170,17 +238,31 @@ class Explainer:
         combined = (full * weights[:, None]).sum(axis=0) / weights.sum()
         label = self.labels[int(combined.argmax())]
         target = self.labels.index(target_label or label)
-        explained = [
-            await self._explain_chunk(text, chunk, full[i, target], target, method, steps, deadline)
-            for i, chunk in enumerate(chunks)
-        ]
-        return Explanation(
+        explained: list[ChunkExplanation] = []
+        gradient_rows: list[npt.NDArray[np.float64]] = []
+        for i, chunk in enumerate(chunks):
+            chunk_explanation, gradient_probabilities = await self._explain_chunk(
+                text, chunk, full[i, target], target, method, steps, deadline
+            )
+            explained.append(chunk_explanation)
+            if gradient_probabilities is not None:
+                gradient_rows.append(gradient_probabilities)
+        explanation = Explanation(
             label=label,
             probabilities={name: float(p) for name, p in zip(self.labels, combined, strict=True)},
             target_label=self.labels[target],
             chunks=explained,
             deciding_chunk=int(full[:, target].argmax()),
         )
+        if gradient_rows:
+            # The gradients' own weights, combined over chunks exactly as the served label is.
+            gradient_combined = (np.stack(gradient_rows) * weights[:, None]).sum(axis=0) / weights.sum()
+            explanation.gradient_label = self.labels[int(gradient_combined.argmax())]
+            explanation.gradient_probabilities = {
+                name: float(p) for name, p in zip(self.labels, gradient_combined, strict=True)
+            }
+            explanation.gradients_disagree = explanation.gradient_label != label
+        return explanation
 
     async def _explain_chunk(
         self,
@@ -191,7 +273,9 @@ class Explainer:
         method: Method,
         steps: int,
         deadline: float,
-    ) -> ChunkExplanation:
+    ) -> tuple[ChunkExplanation, npt.NDArray[np.float64] | None]:
+        """The chunk's explanation, and for integrated gradients every label's probability
+        under the gradients' weights."""
         assert chunk.offsets is not None and chunk.word_ids is not None
         ids = chunk.input_ids
         # Word ids restart per chunk in our numbering: map the chunk's word ids to 0..n-1.
@@ -205,12 +289,13 @@ class Explainer:
                 words.positions[order[word_id]].append(position)
 
         gap = None
+        gradient: GradientAttribution | None = None
         if method is Method.INTEGRATED_GRADIENTS:
             special = [word_id < 0 for word_id in chunk.word_ids]
             with _tracer.start_as_current_span(
                 "integrated gradients", attributes={"infermesh.steps": steps, "infermesh.tokens": len(ids)}
             ):
-                result = await asyncio.to_thread(self.gradients.attribute, ids, special, target, steps)
+                result = gradient = await self._attribute(ids, special, target, steps, deadline)
             token_scores = result.tokens
             gap = abs(float(token_scores.sum()) - (result.at_input - result.at_baseline))
         else:
@@ -243,9 +328,27 @@ class Explainer:
             ],
             target_probability=float(probability),
             completeness_gap=gap,
+            gradient_target_probability=None if gradient is None else gradient.at_input,
         )
         explanation.faithfulness = await self._faithfulness(ids, words, word_scores, probability, target, deadline)
-        return explanation
+        return explanation, None if gradient is None else gradient.probabilities
+
+    async def _attribute(
+        self, ids: list[int], special: list[bool], target: int, steps: int, deadline: float
+    ) -> GradientAttribution:
+        """Integrated gradients in a worker thread that stops within one pass once the
+        deadline passes or the caller goes away (a thread cannot be cancelled; without
+        this it would hold the model long after anyone waited for the answer)."""
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("the explanation's deadline ran out before integrated gradients started")
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(
+                self.gradients.attribute, ids, special, target, steps, deadline=deadline, stop=stop
+            )
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     async def _faithfulness(
         self, ids: list[int], words: _Words, scores: list[float], probability: float, target: int, deadline: float

@@ -4,6 +4,7 @@ the version's `hf/` folder), with respect to the input embeddings."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,19 @@ import numpy.typing as npt
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from shared.errors import DeadlineExceeded
+
 #: Path points evaluated per forward/backward pass; bounds memory for long paths.
 STEPS_PER_PASS = 32
+
+#: How often a call waiting for the model (another call holds it) looks at its deadline.
+_LOCK_POLL_SECONDS = 0.05
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class Abandoned(Exception):
+    """The caller went away (its task was cancelled); the computation stopped early."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,9 @@ class GradientAttribution:
     """f(input): the target probability of the text."""
     at_baseline: float
     """f(baseline): the target probability with every word replaced by [PAD]."""
+    probabilities: npt.NDArray[np.float64]
+    """Every label's calibrated probability of the text under these weights (not the
+    served graph's: an int8 graph may rank the labels otherwise)."""
 
 
 class IntegratedGradients:
@@ -35,39 +50,74 @@ class IntegratedGradients:
         self.model = AutoModelForSequenceClassification.from_pretrained(hf_folder).eval()
         self.temperature = temperature
         self.pad_id = pad_id
+        dtype = next(self.model.parameters()).dtype
+        # What the attributions are computed on, as responses report it: "torch fp32 (hf/)".
+        self.description = f"torch {_DTYPE_NAMES.get(dtype, str(dtype))} ({hf_folder.name}/)"
         # torch modules are not safe to run from several threads at once.
         self._lock = threading.Lock()
 
-    def attribute(self, input_ids: list[int], special: list[bool], target: int, steps: int) -> GradientAttribution:
-        with self._lock, torch.enable_grad():
-            ids = torch.tensor([input_ids])
-            embed = self.model.get_input_embeddings()
-            inputs = embed(ids).detach()[0]
-            baseline = inputs.clone()
-            keep = torch.tensor(special)
-            baseline[~keep] = embed(torch.tensor([self.pad_id])).detach()[0]
-            alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
-            total = torch.zeros_like(inputs)
-            for start in range(0, steps, STEPS_PER_PASS):
-                chunk = alphas[start : start + STEPS_PER_PASS][:, None, None]
-                path = (baseline + chunk * (inputs - baseline)).requires_grad_(True)
-                probability = self._target_probability(path, target)
-                (gradient,) = torch.autograd.grad(probability.sum(), path)
-                total += gradient.sum(dim=0)
-            attributions = ((inputs - baseline) * total / steps).sum(dim=-1)
-            with torch.no_grad():
-                ends = self._target_probability(torch.stack([inputs, baseline]), target)
+    def attribute(
+        self,
+        input_ids: list[int],
+        special: list[bool],
+        target: int,
+        steps: int,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> GradientAttribution:
+        """Runs in a worker thread. `deadline` (time.monotonic()) and `stop` are looked at
+        while waiting for the model and before every pass of `STEPS_PER_PASS` path points,
+        so an explanation nobody waits for any more frees the model within one pass:
+        DeadlineExceeded once the deadline has passed, Abandoned once `stop` is set."""
+
+        def check() -> None:
+            if stop is not None and stop.is_set():
+                raise Abandoned("the caller went away; integrated gradients stopped")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"the deadline ran out during integrated gradients ({steps} steps over {len(input_ids)} tokens)"
+                )
+
+        check()
+        while not self._lock.acquire(timeout=_LOCK_POLL_SECONDS):
+            check()
+        try:
+            with torch.enable_grad():
+                ids = torch.tensor([input_ids])
+                embed = self.model.get_input_embeddings()
+                inputs = embed(ids).detach()[0]
+                baseline = inputs.clone()
+                keep = torch.tensor(special)
+                baseline[~keep] = embed(torch.tensor([self.pad_id])).detach()[0]
+                alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
+                total = torch.zeros_like(inputs)
+                for start in range(0, steps, STEPS_PER_PASS):
+                    check()
+                    chunk = alphas[start : start + STEPS_PER_PASS][:, None, None]
+                    path = (baseline + chunk * (inputs - baseline)).requires_grad_(True)
+                    probability = self._target_probability(path, target)
+                    (gradient,) = torch.autograd.grad(probability.sum(), path)
+                    total += gradient.sum(dim=0)
+                attributions = ((inputs - baseline) * total / steps).sum(dim=-1)
+                with torch.no_grad():
+                    ends = self._probabilities(torch.stack([inputs, baseline]))
+        finally:
+            self._lock.release()
         return GradientAttribution(
             tokens=attributions.detach().double().numpy(),
-            at_input=float(ends[0]),
-            at_baseline=float(ends[1]),
+            at_input=float(ends[0, target]),
+            at_baseline=float(ends[1, target]),
+            probabilities=ends[0].double().numpy(),
         )
 
     def _target_probability(self, embeddings: torch.Tensor, target: int) -> torch.Tensor:
+        return self._probabilities(embeddings)[:, target]
+
+    def _probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
         batch, length, _ = embeddings.shape
         logits = self.model(
             inputs_embeds=embeddings,
             attention_mask=torch.ones((batch, length), dtype=torch.long),
             token_type_ids=torch.zeros((batch, length), dtype=torch.long),
         ).logits
-        return torch.softmax(logits / self.temperature, dim=-1)[:, target]
+        return torch.softmax(logits / self.temperature, dim=-1)

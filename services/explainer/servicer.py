@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+from services.explainer.admission import ExplainAdmission
 from services.explainer.core import Explanation, Method
 from services.explainer.versions import ExplainerVersions
-from shared.errors import ModelNotFound
+from shared.errors import DeadlineExceeded, InputTooLarge, ModelNotFound
 from shared.grpc_server import ServicerContext
-from shared.metrics import EXPLAINER_DURATION, EXPLAINER_EXPLANATIONS
+from shared.metrics import (
+    EXPLAINER_ABANDONED,
+    EXPLAINER_DURATION,
+    EXPLAINER_EXPLANATIONS,
+    EXPLAINER_REJECTED,
+)
 from shared.pb import explainer_pb2 as pb
 from shared.pb import explainer_pb2_grpc as pb_grpc
 
@@ -23,6 +32,9 @@ def explanation_to_pb(explanation: Explanation) -> pb.Explanation:
         probabilities=explanation.probabilities,
         target_label=explanation.target_label,
         deciding_chunk=explanation.deciding_chunk,
+        gradient_label=explanation.gradient_label,
+        gradient_probabilities=explanation.gradient_probabilities,
+        gradients_disagree=explanation.gradients_disagree,
     )
     for chunk in explanation.chunks:
         out = message.chunks.add(
@@ -30,6 +42,7 @@ def explanation_to_pb(explanation: Explanation) -> pb.Explanation:
             char_end=chunk.char_end,
             target_probability=chunk.target_probability,
             completeness_gap=chunk.completeness_gap or 0.0,
+            gradient_target_probability=chunk.gradient_target_probability,
         )
         for token in chunk.tokens:
             out.tokens.add(
@@ -53,8 +66,9 @@ def explanation_to_pb(explanation: Explanation) -> pb.Explanation:
 
 
 class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
-    def __init__(self, versions: ExplainerVersions) -> None:
+    def __init__(self, versions: ExplainerVersions, admission: ExplainAdmission) -> None:
         self._versions = versions
+        self._admission = admission
 
     async def Explain(self, request: pb.ExplainRequest, context: ServicerContext) -> pb.ExplainResponse:
         model_name = self._versions.settings.model_name
@@ -62,18 +76,33 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
             raise ModelNotFound(f"this explainer serves {model_name!r}, not {request.model_name!r}")
         version, explainer = await self._versions.get(request.model_version)
         method = _METHODS.get(request.method, Method.INTEGRATED_GRADIENTS)
-        with EXPLAINER_DURATION.labels(method.value).time():
-            explanations = await explainer.explain(
-                list(request.texts),
-                method,
-                target_label=request.target_label,
-                steps=request.steps,
-                timeout_seconds=context.time_remaining(),  # the caller's deadline reaches every hop
-            )
+        try:
+            # Every limit, the cost one included, before the call takes a place in the queue.
+            plan = await explainer.prepare(list(request.texts), method, request.target_label, request.steps)
+        except InputTooLarge:
+            EXPLAINER_REJECTED.labels("over_budget").inc()
+            raise
+        # One budget for waiting and working: the caller's deadline, capped by the explainer's.
+        remaining = context.time_remaining()
+        cap = explainer.limits.timeout_seconds
+        deadline = time.monotonic() + (cap if remaining is None else min(remaining, cap))
+        async with self._admission.turn(deadline - time.monotonic()):
+            try:
+                with EXPLAINER_DURATION.labels(method.value).time():
+                    # The deadline reaches every hop and stops integrated gradients.
+                    explanations = await explainer.run(plan, timeout_seconds=deadline - time.monotonic())
+            except DeadlineExceeded:
+                EXPLAINER_ABANDONED.labels("deadline").inc()
+                raise
+            except asyncio.CancelledError:
+                EXPLAINER_ABANDONED.labels("cancelled").inc()
+                raise
         EXPLAINER_EXPLANATIONS.labels(method.value).inc(len(explanations))
         return pb.ExplainResponse(
             explanations=[explanation_to_pb(e) for e in explanations],
             model_name=model_name,
             model_version=version,
             method=request.method or pb.METHOD_INTEGRATED_GRADIENTS,
+            attribution_model=explainer.attribution_model(method),
+            served_variant=explainer.served_variant,
         )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.tokenizer.pii import PiiKind
@@ -35,6 +36,12 @@ class ExplainerSettings(BaseServiceSettings):
     inference: str = "127.0.0.1:8001"
     """Inference service address (occlusion and faithfulness are scored there)."""
 
+    served_variant: str = ""
+    """What the inference service serves this model with, as Explain responses report it
+    (`served_variant`, beside `attribution_model`): empty means each version's
+    `default_variant` in config.json, which the inference service runs unless
+    `INFERMESH_INFERENCE_VARIANT` or another backend says otherwise; then set this alike."""
+
     max_texts: int = 8
     """Texts per request."""
 
@@ -49,6 +56,20 @@ class ExplainerSettings(BaseServiceSettings):
 
     max_steps: int = 256
     """Integrated-gradients steps at most."""
+
+    max_gradient_token_steps: int = Field(default=32_768, gt=0)
+    """Integrated-gradient work one request may ask for: tokens x steps, summed over every
+    chunk of every text (INVALID_ARGUMENT naming the figure beyond). A 20-token headline at
+    the default 32 steps costs 640; the default is one full 128-token chunk at 256 steps,
+    about 30 s of one CPU thread, the explainer's own deadline cap."""
+
+    max_running_requests: int = Field(default=2, ge=1)
+    """Explain calls worked on at once (integrated gradients of one version run one at a
+    time anyway; occlusion mostly waits on the inference service)."""
+
+    max_queued_requests: int = Field(default=8, ge=0)
+    """Explain calls waiting for a turn; past it a call gets RESOURCE_EXHAUSTED at once
+    (429 through the gateway). A waiting call whose deadline passes never starts."""
 
     torch_threads: int = 1
     """Threads for the gradient computation (the inference service needs the other cores)."""

@@ -76,7 +76,9 @@ class ExplainerVersions:
                 max_chunks=settings.max_chunks,
                 default_steps=settings.default_steps,
                 max_steps=settings.max_steps,
+                max_gradient_token_steps=settings.max_gradient_token_steps,
             ),
+            served_variant=settings.served_variant or config.default_variant,
         )
 
     async def close(self) -> None:

@@ -30,7 +30,10 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     METHOD_UNSPECIFIED: _Method.ValueType  # 0
     """The service default: METHOD_INTEGRATED_GRADIENTS."""
     METHOD_INTEGRATED_GRADIENTS: _Method.ValueType  # 1
-    """Gradients along a straight path from a [PAD] baseline, on the served version's weights."""
+    """Gradients along a straight path from a [PAD] baseline, on the served version's merged
+    fp32 weights in the explainer (not the served graph: see ExplainResponse.attribution_model
+    and Explanation.gradients_disagree).
+    """
     METHOD_OCCLUSION: _Method.ValueType  # 2
     """Leave one word out, scored through the inference service (any backend)."""
 
@@ -39,7 +42,10 @@ class Method(_Method, metaclass=_MethodEnumTypeWrapper): ...
 METHOD_UNSPECIFIED: Method.ValueType  # 0
 """The service default: METHOD_INTEGRATED_GRADIENTS."""
 METHOD_INTEGRATED_GRADIENTS: Method.ValueType  # 1
-"""Gradients along a straight path from a [PAD] baseline, on the served version's weights."""
+"""Gradients along a straight path from a [PAD] baseline, on the served version's merged
+fp32 weights in the explainer (not the served graph: see ExplainResponse.attribution_model
+and Explanation.gradients_disagree).
+"""
 METHOD_OCCLUSION: Method.ValueType  # 2
 """Leave one word out, scored through the inference service (any backend)."""
 Global___Method: _TypeAlias = Method  # noqa: Y015
@@ -58,7 +64,9 @@ class ExplainRequest(_message.Message):
     target_label: _builtins.str
     """Label to explain; empty means each text's predicted label."""
     steps: _builtins.int
-    """Integrated-gradients path steps; 0 means the service default."""
+    """Integrated-gradients path steps; 0 means the service default. A request's tokens x steps
+    over every chunk is bounded too (INFERMESH_EXPLAINER_MAX_GRADIENT_TOKEN_STEPS).
+    """
     model_name: _builtins.str
     model_version: _builtins.str
     @_builtins.property
@@ -188,12 +196,17 @@ class ChunkExplanation(_message.Message):
     FAITHFULNESS_FIELD_NUMBER: _builtins.int
     TARGET_PROBABILITY_FIELD_NUMBER: _builtins.int
     COMPLETENESS_GAP_FIELD_NUMBER: _builtins.int
+    GRADIENT_TARGET_PROBABILITY_FIELD_NUMBER: _builtins.int
     char_start: _builtins.int
     char_end: _builtins.int
     target_probability: _builtins.float
     """Target probability of this chunk."""
     completeness_gap: _builtins.float
     """Integrated gradients only: |sum of attributions - (f(input) - f(baseline))|."""
+    gradient_target_probability: _builtins.float
+    """Integrated gradients only: the target probability of this chunk under the weights the
+    gradients ran on (ExplainResponse.attribution_model); target_probability is the served one.
+    """
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Token]: ...
     @_builtins.property
@@ -210,12 +223,15 @@ class ChunkExplanation(_message.Message):
         faithfulness: _abc.Iterable[Global___Faithfulness] | None = ...,
         target_probability: _builtins.float = ...,
         completeness_gap: _builtins.float = ...,
+        gradient_target_probability: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_target_probability", b"_gradient_target_probability", "gradient_target_probability", b"gradient_target_probability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["char_end", b"char_end", "char_start", b"char_start", "completeness_gap", b"completeness_gap", "faithfulness", b"faithfulness", "target_probability", b"target_probability", "tokens", b"tokens", "words", b"words"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_target_probability", b"_gradient_target_probability", "char_end", b"char_end", "char_start", b"char_start", "completeness_gap", b"completeness_gap", "faithfulness", b"faithfulness", "gradient_target_probability", b"gradient_target_probability", "target_probability", b"target_probability", "tokens", b"tokens", "words", b"words"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__gradient_target_probability: _TypeAlias = _typing.Literal["gradient_target_probability"]  # noqa: Y015
+    _WhichOneofArgType__gradient_target_probability: _TypeAlias = _typing.Literal["_gradient_target_probability", b"_gradient_target_probability"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_target_probability) -> _WhichOneofReturnType__gradient_target_probability | None: ...
 
 Global___ChunkExplanation: _TypeAlias = ChunkExplanation  # noqa: Y015
 
@@ -243,19 +259,53 @@ class Explanation(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class GradientProbabilitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LABEL_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
     TARGET_LABEL_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
     DECIDING_CHUNK_FIELD_NUMBER: _builtins.int
+    GRADIENT_LABEL_FIELD_NUMBER: _builtins.int
+    GRADIENT_PROBABILITIES_FIELD_NUMBER: _builtins.int
+    GRADIENTS_DISAGREE_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     target_label: _builtins.str
     deciding_chunk: _builtins.int
     """The chunk most in favour of the target label."""
+    gradient_label: _builtins.str
+    """Integrated gradients only: the label and probabilities of the weights the gradients ran
+    on (ExplainResponse.attribution_model), chunks combined as for `label`; `label` and
+    `probabilities` are the served model's (ExplainResponse.served_variant).
+    """
+    gradients_disagree: _builtins.bool
+    """Integrated gradients only: gradient_label differs from label, so the attributions
+    explain a model that decides otherwise than the one that answered: read them with care.
+    """
     @_builtins.property
     def probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkExplanation]: ...
+    @_builtins.property
+    def gradient_probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
         self,
         *,
@@ -264,10 +314,13 @@ class Explanation(_message.Message):
         target_label: _builtins.str = ...,
         chunks: _abc.Iterable[Global___ChunkExplanation] | None = ...,
         deciding_chunk: _builtins.int = ...,
+        gradient_label: _builtins.str = ...,
+        gradient_probabilities: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        gradients_disagree: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "deciding_chunk", b"deciding_chunk", "label", b"label", "probabilities", b"probabilities", "target_label", b"target_label"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "deciding_chunk", b"deciding_chunk", "gradient_label", b"gradient_label", "gradient_probabilities", b"gradient_probabilities", "gradients_disagree", b"gradients_disagree", "label", b"label", "probabilities", b"probabilities", "target_label", b"target_label"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,9 +334,20 @@ class ExplainResponse(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_MODEL_FIELD_NUMBER: _builtins.int
+    SERVED_VARIANT_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     method: Global___Method.ValueType
+    attribution_model: _builtins.str
+    """The weights the attributions were computed on: "torch fp32 (hf/)" for integrated
+    gradients (the version's merged weights, in the explainer), "served int8 (inference
+    service)" for occlusion.
+    """
+    served_variant: _builtins.str
+    """What the inference service serves (the version's default_variant unless configured):
+    labels, probabilities, occlusion and every faithfulness figure come from it.
+    """
     @_builtins.property
     def explanations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Explanation]: ...
     def __init__(
@@ -293,10 +357,12 @@ class ExplainResponse(_message.Message):
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
         method: Global___Method.ValueType = ...,
+        attribution_model: _builtins.str = ...,
+        served_variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanations", b"explanations", "method", b"method", "model_name", b"model_name", "model_version", b"model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_model", b"attribution_model", "explanations", b"explanations", "method", b"method", "model_name", b"model_name", "model_version", b"model_version", "served_variant", b"served_variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,14 +1,20 @@
-"""A real uvicorn server on a loopback port the OS picks, and headless Debian chromium."""
+"""A real uvicorn server on a loopback port the OS picks, and headless Debian chromium.
+
+Browser tests carry `@needs_chromium`: without Debian's chromium they skip (saying so), except
+in CI (`CI=true`), where they fail: `make test` only warns when it cannot install chromium,
+and CI must not pass with every page test silently skipped."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
+import pytest
 import pytest_asyncio
 import uvicorn
 from fastapi import FastAPI
@@ -44,6 +50,34 @@ async def serving(app: FastAPI) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+CHROMIUM_MISSING = "Debian chromium is not installed (make test installs it)"
+
+
+def in_ci(environ: Mapping[str, str]) -> bool:
+    """Whether this is a CI run: CI=true (GitHub Actions, GitLab CI and most others set it)."""
+    return environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def require_chromium(
+    environ: Mapping[str, str] = os.environ, which: Callable[[str], str | None] = shutil.which
+) -> None:
+    """Returns if chromium is on PATH; otherwise skips the calling test, or fails it in CI."""
+    if which("chromium") is not None:
+        return
+    if in_ci(environ):
+        pytest.fail(f"{CHROMIUM_MISSING}; CI=true, so a browser test that cannot run fails", pytrace=False)
+    pytest.skip(CHROMIUM_MISSING)
+
+
+@pytest.fixture
+def chromium_available() -> None:
+    require_chromium()
+
+
+#: Marks a test that drives chromium (before any of its other fixtures start servers).
+needs_chromium = pytest.mark.usefixtures("chromium_available")
 
 
 @asynccontextmanager

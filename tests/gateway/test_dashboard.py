@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import pytest_asyncio
 from kafka import KafkaProducer
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from shared.kafka import KafkaSettings
-from tests.gateway.conftest import chromium, serving
+from tests.gateway.conftest import chromium, needs_chromium, serving
 from tests.workers.test_windowing import T0, episode_items
 from workers.sentiment_monitor.core import AlertRule, TumblingWindows
 from workers.sentiment_monitor.messages import ALERTS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC
@@ -65,7 +63,7 @@ async def test_events_stream_carries_windows_and_alerts(kafka_config: dict[str, 
     assert state["scored_total"] == 400
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
+@needs_chromium
 async def test_dashboard_page_shows_the_alert_in_a_browser(
     kafka_config: dict[str, Any], gateway_url: str, tmp_path: Path
 ) -> None:

@@ -7,10 +7,8 @@ import asyncio
 import io
 import json
 import logging
-import shutil
 
 import httpx
-import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 
@@ -18,7 +16,7 @@ from gateway.app import create_app
 from shared.grpc_server import RunningServer
 from shared.telemetry import JsonFormatter
 from tests.conftest import SPANS, free_port
-from tests.gateway.conftest import chromium, client_for, serving, settings_for
+from tests.gateway.conftest import chromium, client_for, needs_chromium, serving, settings_for
 
 HEADLINE = "Acme shares plunge after profit warning"
 
@@ -128,7 +126,7 @@ async def test_the_trace_view_shows_what_the_otlp_receiver_got(servers: list[Run
     assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
+@needs_chromium
 async def test_the_traces_page_draws_a_waterfall_of_a_request(servers: list[RunningServer]) -> None:
     app = create_app(settings_for(servers, otlp_receiver_port=0))
     async with serving(app) as url, chromium() as browser:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-
-import pytest
 
 from gateway.app import create_app
 from shared.grpc_server import RunningServer
-from tests.gateway.conftest import chromium, serving, settings_for
+from tests.gateway.conftest import chromium, needs_chromium, serving, settings_for
 
 HEADLINE = "Acme shares plunge after the company slashes its profit forecast"
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
+@needs_chromium
 async def test_explain_page_highlights_the_words_that_drive_the_label(
     tokenizer_server: RunningServer,
     inference_server: RunningServer,

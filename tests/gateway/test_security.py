@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -26,7 +25,15 @@ from shared.grpc_server import RunningServer
 from shared.pb import pipeline_pb2 as pipeline_pb
 from shared.pb import pipeline_pb2_grpc as pipeline_grpc
 from tests.conftest import free_port
-from tests.gateway.conftest import API_KEYS, chromium, client_for, serving, settings_for, settings_for_targets
+from tests.gateway.conftest import (
+    API_KEYS,
+    chromium,
+    client_for,
+    needs_chromium,
+    serving,
+    settings_for,
+    settings_for_targets,
+)
 from tests.reliability import Observed
 
 BODY = {"texts": ["Acme beats estimates"]}
@@ -273,7 +280,7 @@ async def test_every_response_carries_security_headers(observed: Observed) -> No
 @pytest.mark.reliability(
     "Security", "pages under their CSP in Chromium", "pages work; only an injected inline script is refused"
 )
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (make test installs it)")
+@needs_chromium
 async def test_pages_run_under_their_policy_in_a_browser(observed: Observed) -> None:
     settings, _ = unreachable_settings(otlp_receiver_port=0)
     messages: list[str] = []

@@ -15,6 +15,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from shared import metrics
+from shared.grpc_server import LIVENESS_SERVICE
 from tests.k8s.manifests import (
     IMAGE_MODEL_REPOSITORY,
     OPTIONAL_MODULES,
@@ -117,6 +118,62 @@ def test_infermesh_processes_are_probed_with_the_health_protocol(manifests: Mani
                 assert isinstance(port, str) and process.port(port) is not None, f"{where}: probe on {port!r}"
             assert process.container["readinessProbe"]["httpGet"]["path"] == "/readyz", where
             assert process.container["livenessProbe"]["httpGet"]["path"] == "/healthz", where
+
+
+#: Deployments whose liveness may be their readiness, and why: the collector's health_check
+#: extension is its one health endpoint and reports the collector's own state (200 once its
+#: pipelines started), never its exporters' backends, so neither probe follows a downstream.
+SAME_LIVENESS_AND_READINESS = {"otel-collector"}
+
+
+def probe_signal(probe: Obj) -> tuple[object, ...]:
+    """What a probe asks, whatever its timing: the gRPC health service name ("" is the
+    overall health), the HTTP path, or the TCP port."""
+    if "grpc" in probe:
+        return ("grpc", probe["grpc"]["port"], probe["grpc"].get("service", ""))
+    if "httpGet" in probe:
+        return ("http", probe["httpGet"]["port"], probe["httpGet"].get("path", "/"))
+    if "tcpSocket" in probe:
+        return ("tcp", probe["tcpSocket"]["port"])
+    return ("exec", tuple(probe["exec"]["command"]))
+
+
+def downstreams(manifests: Manifests, process: Process) -> list[str]:
+    """The services a process calls (its dns:/// addresses)."""
+    env = manifests.environment(process.container)
+    return sorted(value for value in env.values() if isinstance(value, str) and ADDRESS.match(value))
+
+
+def test_liveness_never_depends_on_downstreams(manifests: Manifests) -> None:
+    """A failed liveness (or startup) probe restarts the container; a failed readiness probe
+    only takes it out of its Service. So liveness asks whether the process itself answers
+    (gRPC health service "liveness", which shared.grpc_server keeps SERVING while the server
+    runs; HTTP /healthz) and readiness asks the overall health ("", /readyz), which follows
+    model loading and downstreams: an inference outage makes explainers unready, and
+    restarts none (each restart would reload torch)."""
+    for deployment, container in manifests.containers():
+        app = deployment["metadata"]["name"]
+        if app in SAME_LIVENESS_AND_READINESS:
+            continue
+        liveness, readiness = probe_signal(container["livenessProbe"]), probe_signal(container["readinessProbe"])
+        assert liveness != readiness, f"{manifests.overlay}: {app}/{container['name']} probes {liveness} for both"
+    for process in manifests.processes():
+        where = f"{manifests.overlay}: {process.app}"
+        kinds = ("startup", "readiness", "liveness")
+        probes = {kind: probe_signal(process.container[f"{kind}Probe"]) for kind in kinds}
+        if process.module.startswith("services."):
+            port = process.port("grpc")
+            assert probes["liveness"] == ("grpc", port, LIVENESS_SERVICE), f"{where}: liveness {probes['liveness']}"
+            assert probes["readiness"] == ("grpc", port, ""), f"{where}: readiness {probes['readiness']}"
+            if downstreams(manifests, process):
+                # Its overall health follows those services: starting must not wait for them.
+                assert probes["startup"] == probes["liveness"], f"{where}: startup asks {probes['startup']}"
+            else:
+                assert probes["startup"] in (probes["liveness"], probes["readiness"]), where
+        else:
+            assert probes["liveness"][2] == "/healthz", f"{where}: liveness asks {probes['liveness']}"
+            assert probes["readiness"][2] == "/readyz", f"{where}: readiness asks {probes['readiness']}"
+            assert probes["startup"] == probes["liveness"], f"{where}: startup asks {probes['startup']}"
 
 
 # --- environment, ports, addresses ----------------------------------------------------------
