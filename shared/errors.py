@@ -56,6 +56,25 @@ class InputTooLarge(InfermeshError):
     title = "Input too large"
 
 
+class ModelControlDisabled(InfermeshError):
+    """Load/unload asked of a server whose model control mode is `none`.
+
+    Triton answers UNAVAILABLE here, which clients and our retry policy read as "try
+    again"; retrying cannot help until the server is reconfigured, so FAILED_PRECONDITION."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+    title = "Model control disabled"
+
+
+class AdminUnauthenticated(InfermeshError):
+    """Load/unload without the admin token, or with a wrong one."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    title = "Unauthenticated"
+
+
 class ModelNotFound(InfermeshError):
     grpc_code = grpc.StatusCode.NOT_FOUND
     http_status = 404

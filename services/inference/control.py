@@ -15,10 +15,9 @@ import logging
 from collections.abc import Iterable
 from typing import Literal
 
-import grpc
 from pydantic import SecretStr
 
-from shared.errors import InfermeshError
+from shared.errors import AdminUnauthenticated, ModelControlDisabled
 
 logger = logging.getLogger(__name__)
 
@@ -27,25 +26,6 @@ ModelControlMode = Literal["none", "explicit"]
 #: The metadata key carrying the admin token, as `Bearer <token>` (what gRPC's access-token
 #: call credentials send, and `tritonclient`'s `headers={"authorization": ...}`).
 AUTHORIZATION_METADATA_KEY = "authorization"
-
-
-class ModelControlDisabled(InfermeshError):
-    """Load/unload asked of a server whose model control mode is `none`.
-
-    Triton answers UNAVAILABLE here, which clients and our retry policy read as "try
-    again"; retrying cannot help until the server is reconfigured, so FAILED_PRECONDITION."""
-
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
-    http_status = 409
-    title = "Model control disabled"
-
-
-class AdminUnauthenticated(InfermeshError):
-    """Load/unload without the admin token, or with a wrong one."""
-
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
-    http_status = 401
-    title = "Unauthenticated"
 
 
 class ModelControl:
