@@ -169,6 +169,7 @@ async def apply_rule(inference: str, name: str, admin_token: str = "", timeout: 
     from shared.pb import grpc_predict_v2_pb2 as pb
     from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
+    admin_token = admin_token.strip()  # as the server strips its own copy
     metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
     async with channel(inference) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)

@@ -32,7 +32,8 @@ class ModelControl:
     """Decides whether a RepositoryModelLoad/Unload call may change what serves."""
 
     def __init__(self, mode: ModelControlMode = "none", admin_token: SecretStr | None = None) -> None:
-        token = admin_token.get_secret_value() if admin_token is not None else ""
+        # Stripped like the presented token: a secret made with `--from-file` ends in "\n".
+        token = admin_token.get_secret_value().strip() if admin_token is not None else ""
         if mode == "explicit" and not token:
             raise ValueError("model control mode explicit needs an admin token")
         self.mode = mode

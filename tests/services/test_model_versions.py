@@ -18,8 +18,10 @@ import pytest
 import pytest_asyncio
 from pydantic import SecretStr, ValidationError
 
+from services.inference.control import ModelControl
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
+from shared.errors import AdminUnauthenticated
 from shared.grpc_client import channel
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
@@ -252,6 +254,14 @@ async def test_explicit_control_with_the_admin_token_unloads(stub: infer_grpc.GR
         pb.RepositoryModelUnloadRequest(model_name=MODEL), metadata=(("authorization", f"bearer {ADMIN_TOKEN}"),)
     )
     assert not (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
+
+
+def test_an_admin_token_read_from_a_file_with_its_newline_still_matches() -> None:
+    """`kubectl create secret --from-file` keeps the file's final newline."""
+    control = ModelControl("explicit", SecretStr(ADMIN_TOKEN + "\n"))
+    control.check("RepositoryModelUnload", [("authorization", f"Bearer {ADMIN_TOKEN}")], "test")
+    with pytest.raises(AdminUnauthenticated):
+        control.check("RepositoryModelUnload", [("authorization", f"Bearer {ADMIN_TOKEN}x")], "test")
 
 
 @pytest.mark.parametrize(
