@@ -83,7 +83,10 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
         if settings.otlp_receiver_port is not None:
             app.state.traces = traces.TraceStore(settings.trace_store_max_traces)
             receiver, receiver_port = await traces.start_receiver(
-                app.state.traces, settings.host, settings.otlp_receiver_port
+                app.state.traces,
+                settings.host,
+                settings.otlp_receiver_port,
+                settings.otlp_receiver_max_concurrent_rpcs,
             )
             app.state.otlp_receiver_port = receiver_port
             logger.info("OTLP trace receiver on %s:%d; traces at /traces", settings.host, receiver_port)
@@ -96,7 +99,9 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
             settings.max_texts,
         )
         grpc_server = await start_server(
-            BaseServiceSettings(host=settings.host, grpc_port=settings.grpc_port),
+            BaseServiceSettings(
+                host=settings.host, grpc_port=settings.grpc_port, max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs
+            ),
             lambda server: pipeline_grpc.add_PipelineServicer_to_server(servicer, server),
             [PIPELINE_SERVICE],
         )

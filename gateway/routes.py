@@ -65,6 +65,7 @@ async def sentiment(body: SentimentRequest, request: Request) -> SentimentRespon
         results=[
             SentimentResult(
                 label=r.label,
+                labels=r.labels,
                 probabilities=r.probabilities,
                 abstained=r.abstained,
                 num_chunks=r.num_chunks,

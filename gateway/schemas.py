@@ -17,6 +17,11 @@ class SentimentRequest(BaseModel):
 
 class SentimentResult(BaseModel):
     label: str
+    labels: list[str] = Field(
+        default_factory=list,
+        description="Every label that holds: the one label, or for a multi-label model each label at or above"
+        " its threshold, most probable first; empty when abstained.",
+    )
     probabilities: dict[str, float]
     abstained: bool
     num_chunks: int

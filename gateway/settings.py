@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.apikeys import check_key_name, digest_of
@@ -25,6 +25,10 @@ class GatewaySettings(BaseSettings):
 
     grpc_port: int = 50050
     """Port of the `infermesh.pipeline.v1.Pipeline` gRPC service; 0 lets the OS pick one."""
+
+    grpc_max_concurrent_rpcs: int = Field(default=256, gt=0)
+    """Calls the Pipeline gRPC server handles at once; past it a call is refused at once with
+    RESOURCE_EXHAUSTED naming the limit (health checks exempt), as every infermesh server."""
 
     tokenizer: str = "127.0.0.1:50051"
     """Tokenizer service address."""
@@ -93,6 +97,11 @@ class GatewaySettings(BaseSettings):
 
     trace_store_max_traces: int = 500
     """Traces the receiver keeps (newest first out of memory last)."""
+
+    otlp_receiver_max_concurrent_rpcs: int = Field(default=16, gt=0)
+    """Export calls the OTLP receiver handles at once (each up to 16 MiB; every process
+    exports one batch at a time); past it an exporter gets RESOURCE_EXHAUSTED at once, which
+    OTLP exporters retry with backoff."""
 
     log_json: bool = False
     """Write logs as JSON lines."""

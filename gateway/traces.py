@@ -26,6 +26,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as OtlpStatus
 
 from shared.errors import InfermeshError
+from shared.grpc_server import StatusInterceptor
 
 TRACES_PAGE = Path(__file__).parent / "static" / "traces.html"
 
@@ -194,9 +195,16 @@ class OtlpTraceReceiver(otlp_grpc.TraceServiceServicer):
         return otlp.ExportTraceServiceResponse()
 
 
-async def start_receiver(store: TraceStore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """A bare gRPC server for OTLP: no tracing interceptor, or exporting would trace itself."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+async def start_receiver(
+    store: TraceStore, host: str, port: int, max_concurrent_rpcs: int = 16
+) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server for OTLP without the tracing interceptor, or exporting would trace
+    itself; bounded like every other server: at most `max_concurrent_rpcs` Export calls at
+    once, past it RESOURCE_EXHAUSTED at once (`StatusInterceptor`)."""
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor(max_concurrent_rpcs)],
+        options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+    )
     otlp_grpc.add_TraceServiceServicer_to_server(OtlpTraceReceiver(store), server)  # type: ignore[no-untyped-call]
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

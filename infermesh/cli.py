@@ -324,14 +324,40 @@ AdminTokenOption = Annotated[
 ]
 
 
-def _apply_rule(inference: str, model: str, rule: RolloutRule, admin_token: str) -> None:
-    """Prints the rule and, if an inference address is given, makes the service apply it now."""
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        help="Model store URL (s3://bucket/prefix or file:///path; credentials from INFERMESH_STORE_*): "
+        "change the rule there, where every replica's follower applies it; --repository is then unused.",
+    ),
+]
+
+
+@contextmanager
+def _rollout_repository(repository: Path, store: str) -> Iterator[Any]:
+    """The local repository folder, or with `store` the store seen as one (shared/model_store.py)."""
+    from shared.model_repository import ModelRepository
+    from shared.model_store import StoreRepository, StoreSettings, cache_folder, open_store, store_errors
+
+    if not store:
+        yield ModelRepository(repository)
+        return
+    with refusals(1), store_errors(store), cache_folder() as cache:
+        yield StoreRepository(open_store(StoreSettings().model_copy(update={"url": store})), cache)
+
+
+def _apply_rule(inference: str, model: str, rule: RolloutRule, admin_token: str, store: str = "") -> None:
+    """Prints the rule and, if an inference address is given, makes the service apply it now.
+    With a store, the replicas following it apply the rule themselves."""
     import grpc
 
     from infermesh.model.rollout import apply_rule
 
     applied = "not asked"
-    if inference:
+    if store:
+        applied = f"written to {store}; every replica following it applies it at its next pass"
+    elif inference:
         try:
             asyncio.run(apply_rule(inference, model, admin_token))
             applied = f"applied by {inference}"
@@ -357,13 +383,12 @@ def rollout(
     repository: RepositoryOption = Path("models"),
     inference: InferenceOption = "127.0.0.1:8001",
     admin_token: AdminTokenOption = "",
+    store: StoreOption = "",
 ) -> None:
     """Start (canary or shadow) or stop a candidate version's trial next to the serving one."""
     from infermesh.model.rollout import RolloutRefused, start_candidate, stop_candidate
-    from shared.model_repository import ModelRepository
 
-    repo = ModelRepository(repository)
-    with refusals(1):
+    with refusals(1), _rollout_repository(repository, store) as repo:
         if serving:
             repo.write_rollout(model, RolloutRule(serving=serving))
             rule = RolloutRule(serving=serving)
@@ -373,7 +398,7 @@ def rollout(
             rule = start_candidate(repo, model, candidate, "shadow" if shadow else "canary", canary)
         else:
             raise RolloutRefused("give --candidate (with --canary or --shadow), --stop or --serving")
-    _apply_rule(inference, model, rule, admin_token)
+    _apply_rule(inference, model, rule, admin_token, store)
 
 
 @app.command()
@@ -393,15 +418,14 @@ def promote(
     repository: RepositoryOption = Path("models"),
     inference: InferenceOption = "127.0.0.1:8001",
     admin_token: AdminTokenOption = "",
+    store: StoreOption = "",
 ) -> None:
     """Make a candidate the serving version, if it is not worse than what serves."""
     from infermesh.model.data import parse_label_map
     from infermesh.model.rollout import LabelledFile, RolloutRefused, compare, current_rule
     from infermesh.model.rollout import promote as run_promote
-    from shared.model_repository import ModelRepository
 
-    repo = ModelRepository(repository)
-    with refusals(1):
+    with refusals(1), _rollout_repository(repository, store) as repo:
         version = candidate or current_rule(repo, model).candidate or ""
         if not version:
             raise RolloutRefused("no candidate: give --candidate or start one with `infermesh rollout`")
@@ -411,7 +435,7 @@ def promote(
             comparison = compare(repo, model, version, labelled)
             typer.echo(json.dumps(comparison.as_dict(), indent=2))
         rule = run_promote(repo, model, version, comparison, tolerance, force)
-    _apply_rule(inference, model, rule, admin_token)
+    _apply_rule(inference, model, rule, admin_token, store)
 
 
 @app.command()
@@ -420,14 +444,44 @@ def rollback(
     repository: RepositoryOption = Path("models"),
     inference: InferenceOption = "127.0.0.1:8001",
     admin_token: AdminTokenOption = "",
+    store: StoreOption = "",
 ) -> None:
     """Return to the version that served before the last promotion."""
     from infermesh.model.rollout import rollback as run_rollback
-    from shared.model_repository import ModelRepository
 
-    with refusals(1):
-        rule = run_rollback(ModelRepository(repository), model)
-    _apply_rule(inference, model, rule, admin_token)
+    with refusals(1), _rollout_repository(repository, store) as repo:
+        rule = run_rollback(repo, model)
+    _apply_rule(inference, model, rule, admin_token, store)
+
+
+@app.command()
+def publish(
+    folder: Annotated[Path, typer.Argument(help="The version folder (models/<name>/<version>), as built.")],
+    store: Annotated[str, typer.Option("--store", help="s3://bucket/prefix or file:///path (INFERMESH_STORE_*).")],
+    model: ModelOption,
+    version: Annotated[str, typer.Option(help="The version number it is published as (its config.json's).")],
+) -> None:
+    """Publish a model version to the model store, once: its files, then a completion
+    marker, so replicas never see half a version. A version next to a serving one waits
+    for `infermesh rollout --store`."""
+    from shared.model_store import StoreSettings, open_store, store_errors
+
+    with refusals(1), store_errors(store):
+        opened = open_store(StoreSettings().model_copy(update={"url": store}))
+        manifest = opened.publish(folder, model, version)
+        rule = opened.read_rule(model).rule
+    typer.echo(
+        json.dumps(
+            {
+                "published": f"{model}/{version}",
+                "store": store,
+                "files": len(manifest),
+                "bytes": sum(int(item["size"]) for item in manifest.values()),
+                "rule": rule.model_dump() if rule else None,
+            },
+            indent=2,
+        )
+    )
 
 
 @app.command("build-engine")
@@ -487,6 +541,53 @@ def build_model(
     logging.basicConfig(level=logging.WARNING)
     target = build_model_repository(weights, repository, name, version)
     typer.echo(f"built {target}")
+
+
+@app.command("import")
+def import_model(
+    path: Annotated[Path, typer.Argument(help="A transformers checkpoint folder (a *ForSequenceClassification).")],
+    model: Annotated[str, typer.Option("--model", help="Model name in the repository.")],
+    version: Annotated[str, typer.Option(help="Version to write; default: the next free one.")] = "",
+    repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV with a `text` column and optionally `label` (names; multi-label: a|b): the int8 check,"
+            " and with labels the temperature and thresholds. Default: bundled finance check sentences."
+        ),
+    ] = None,
+    languages: Annotated[str, typer.Option(help="Comma-separated languages the model is for.")] = "en",
+) -> None:
+    """Turn your own fine-tuned classifier checkpoint into a servable model version."""
+    from transformers.utils import logging as transformers_logging
+
+    from infermesh.model.importer import import_checkpoint
+
+    logging.basicConfig(level=logging.WARNING)
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    with refusals(2):
+        target = import_checkpoint(
+            path,
+            repository,
+            model,
+            version,
+            data,
+            [code.strip() for code in languages.split(",") if code.strip()],
+        )
+    metrics = json.loads((target / "metrics.json").read_text())
+    typer.echo(
+        json.dumps(
+            {
+                "version": str(target),
+                "architecture": metrics["architecture"],
+                "activation": metrics["activation"],
+                "default_variant": metrics["default_variant"],
+                "int8_fp32_label_agreement": metrics["int8_fp32_label_agreement"],
+                "temperature": metrics["temperature"],
+            },
+            indent=2,
+        )
+    )
 
 
 @app.command()

@@ -1,16 +1,45 @@
 """Temperature scaling: logits to calibrated probabilities, and how to fit and judge it.
 
-Used by training (fit on held-out data), by the post-processor and by the inference
-service (apply), so the numbers a caller sees are the numbers the model card reports.
+Used by training and import (fit on held-out data), and by the post-processor and the
+inference service (apply, through `calibrated`), so the numbers a caller sees are the
+numbers the model card reports. The explainer's torch side applies the same rule.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize_scalar
+from scipy.special import expit
+
+if TYPE_CHECKING:
+    from shared.model_repository import ModelConfig
 
 FloatArray = npt.NDArray[np.floating]
+
+
+def calibrated(logits: FloatArray, config: ModelConfig) -> npt.NDArray[np.float64]:
+    """A version's calibrated probabilities: softmax(logits / T) over each row for a
+    single-label model, sigmoid(logits / T) per label for a multi-label one. Finite for
+    any finite logits, however large."""
+    matrix = np.asarray(logits, dtype=np.float64)
+    if config.activation == "sigmoid":
+        return sigmoid(matrix, config.temperature)
+    # Shifted first: a temperature below 1 would otherwise scale a finite 1e308 to inf,
+    # and inf - inf is NaN. What overflows now is -inf, which is right: exp gives 0.
+    with np.errstate(over="ignore"):
+        return softmax(matrix - matrix.max(axis=-1, keepdims=True), config.temperature)
+
+
+def sigmoid(logits: FloatArray, temperature: float = 1.0) -> npt.NDArray[np.float64]:
+    """Element-wise sigmoid of `logits / temperature` (scipy's expit: no overflow)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    with np.errstate(over="ignore"):
+        result: npt.NDArray[np.float64] = expit(np.asarray(logits, dtype=np.float64) / temperature)
+    return result
 
 
 def softmax(logits: FloatArray, temperature: float = 1.0) -> npt.NDArray[np.float64]:
@@ -34,6 +63,22 @@ def fit_temperature(logits: FloatArray, labels: npt.NDArray[np.integer]) -> floa
     """The temperature that minimises negative log-likelihood on held-out data."""
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+        bounds=(np.log(0.05), np.log(20.0)),
+        method="bounded",
+    )
+    return float(np.exp(result.x))
+
+
+def binary_negative_log_likelihood(logits: FloatArray, targets: npt.NDArray[np.integer], temperature: float) -> float:
+    """Mean binary cross-entropy of sigmoid(logits / T) against 0/1 `targets` (same shape)."""
+    probabilities = np.clip(sigmoid(logits, temperature), 1e-12, 1 - 1e-12)
+    return float(-(targets * np.log(probabilities) + (1 - targets) * np.log(1 - probabilities)).mean())
+
+
+def fit_sigmoid_temperature(logits: FloatArray, targets: npt.NDArray[np.integer]) -> float:
+    """The multi-label temperature: one T for every label, minimising binary cross-entropy."""
+    result = minimize_scalar(
+        lambda log_t: binary_negative_log_likelihood(logits, targets, float(np.exp(log_t))),
         bounds=(np.log(0.05), np.log(20.0)),
         method="bounded",
     )

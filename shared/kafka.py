@@ -10,13 +10,13 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -124,6 +124,66 @@ def read_to_end(
     finally:
         consumer.close(autocommit=False)
     return records
+
+
+def unread_partitions(
+    client_config: Mapping[str, Any],
+    offsets: Mapping[TopicPartition, int | None],
+    whole_topics: Collection[str] = (),
+    timeout_seconds: float = 5.0,
+) -> set[TopicPartition]:
+    """The partitions that hold a record at or after the given offset (None: the log start;
+    an offset the log no longer holds: the log start, as `auto_offset_reset="earliest"`),
+    checking every partition of `whole_topics` too (from its offset in `offsets`, else the
+    log start).
+
+    A new group-less consumer fetches once from each offset (max_records=1): the high-water
+    marks it reads are all newer than the call, never one cached from an earlier fetch
+    (`end_offsets()` would be one request, but the embedded broker answers it wrongly).
+    Raises on any failure or past the timeout: an unknown answer is not an empty one."""
+    consumer = KafkaConsumer(
+        **client_config, enable_auto_commit=False, auto_offset_reset="earliest", max_partition_fetch_bytes=16 * 1024
+    )
+    try:
+        starts = dict(offsets)
+        for topic in whole_topics:
+            numbers = consumer.partitions_for_topic(topic)
+            if not numbers:
+                raise UnknownTopicOrPartitionError(topic)
+            for number in numbers:
+                starts.setdefault(TopicPartition(topic, number), None)
+        if not starts:
+            return set()
+        consumer.assign(list(starts))
+        for partition, offset in starts.items():
+            if offset is None or offset < 0:
+                consumer.seek_to_beginning(partition)
+            else:
+                consumer.seek(partition, offset)
+        unread: set[TopicPartition] = set()
+        pending = set(starts)
+        deadline = time.monotonic() + timeout_seconds
+        while pending:
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"no fetch answered for {sorted(pending)}")
+            returned = {p for p, records in consumer.poll(timeout_ms=100, max_records=1).items() if records}
+            for partition in list(pending):
+                highwater = consumer.highwater(partition)
+                if partition in returned:
+                    unread.add(partition)
+                elif highwater is None:
+                    continue  # no fetch of this consumer has answered for it yet
+                else:
+                    position = consumer.position(partition, timeout_ms=1000)
+                    if position is None or position < highwater:
+                        unread.add(partition)
+                pending.discard(partition)
+                # Paused, its fetched records stand aside: with max_records=1 they would
+                # otherwise hold back the other partitions' answers.
+                consumer.pause(partition)
+        return unread
+    finally:
+        consumer.close(autocommit=False)
 
 
 _lag_series: dict[str, set[tuple[str, str]]] = {}

@@ -113,6 +113,14 @@ EXPLAINER_ABANDONED = Counter(
     "Explain calls stopped part-way: deadline (it ran out), cancelled (the caller went away)",
     ["reason"],
 )
+#: Every reason either counter is incremented with, each exported at 0 from the start, so
+#: rate() and alerts see the series before the first refusal or abandonment.
+EXPLAINER_REJECTED_REASONS = ("queue_full", "over_budget", "expired", "cancelled")
+EXPLAINER_ABANDONED_REASONS = ("deadline", "cancelled")
+for _reason in EXPLAINER_REJECTED_REASONS:
+    EXPLAINER_REJECTED.labels(_reason)
+for _reason in EXPLAINER_ABANDONED_REASONS:
+    EXPLAINER_ABANDONED.labels(_reason)
 
 # The pipeline client's shared rounds (gateway and worker processes).
 PIPELINE_QUEUE_DEPTH = Gauge("infermesh_pipeline_queue_depth_calls", "Classify calls waiting for a shared round")

@@ -75,6 +75,26 @@ class ModelConfig(BaseModel):
     base_model: str = ""
     sha256: dict[str, str] = Field(default_factory=dict)
     dynamic_batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    """softmax: one label per text (single-label); sigmoid: each label scored on its own,
+    several may hold at once (transformers' `problem_type: multi_label_classification`)."""
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    """sigmoid: per label, the calibrated probability at or above which the label holds
+    (0.5 for labels not named). softmax: the least probability the top label needs, else
+    the post-processor abstains. A request's thresholds override these."""
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    """Languages the version is meant for (BCP 47 codes), as its maker declared them."""
+    pad_token_id: int = Field(default=0, ge=0)
+    """The tokenizer's padding id: the explainer's baseline token."""
+
+    @model_validator(mode="after")
+    def _thresholds_name_labels(self) -> ModelConfig:
+        for label, value in self.thresholds.items():
+            if label not in self.labels:
+                raise ValueError(f"threshold for unknown label {label!r}; labels are {self.labels}")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"threshold for {label!r} is {value}; it must be within [0, 1]")
+        return self
 
 
 class RolloutRule(BaseModel):

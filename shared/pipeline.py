@@ -55,6 +55,8 @@ class Classification:
     num_chunks: int
     num_tokens: int
     deciding_chunk: int
+    labels: list[str] = field(default_factory=list)
+    """Every label that holds (several for a multi-label version); empty when abstained."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class PipelineClient:
                     num_chunks=document.num_chunks,
                     num_tokens=tokens.num_tokens,
                     deciding_chunk=document.deciding_chunk,
+                    labels=list(document.labels),
                 )
                 for document, tokens in zip(post.results, tokenized.results, strict=True)
             ],

@@ -4,9 +4,13 @@ import asyncio
 
 from services.explainer.server import serve
 from services.explainer.settings import ExplainerSettings
+from shared.model_store import StoreSettings, local_repository, serve_following
 from shared.telemetry import configure_logging, configure_tracing
 
 settings = ExplainerSettings()
+store = StoreSettings()
+# With a model store, the service reads the follower's copy of it (see shared/model_store.py).
+settings = settings.model_copy(update={"model_repository": local_repository(store, settings.model_repository)})
 configure_logging(settings.log_json, settings.log_level)
 configure_tracing("infermesh-explainer")
-asyncio.run(serve(settings))
+asyncio.run(serve_following("explainer", store, settings.model_repository, lambda _: serve(settings)))

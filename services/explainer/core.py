@@ -153,7 +153,6 @@ class Explainer:
         labels: list[str],
         limits: ExplainLimits | None = None,
         seed: int = 0,
-        served_variant: str = "",
     ) -> None:
         self.tokenizer = tokenizer
         self.model = model
@@ -161,15 +160,13 @@ class Explainer:
         self.labels = labels
         self.limits = limits or ExplainLimits()
         self.seed = seed
-        self.served_variant = served_variant
-        """What `model` (the inference service) serves, e.g. "int8": labels, probabilities,
-        occlusion and faithfulness come from it."""
 
-    def attribution_model(self, method: Method) -> str:
-        """The weights `method`'s attributions are computed on, in words."""
+    def attribution_model(self, method: Method, served_variant: str) -> str:
+        """The weights `method`'s attributions are computed on, in words; `served_variant`
+        is what `model` (the inference service) serves, e.g. "int8"."""
         if method is Method.INTEGRATED_GRADIENTS:
             return self.gradients.description
-        return f"served {self.served_variant or 'model'} (inference service)"
+        return f"served {served_variant} (inference service)"
 
     async def explain(
         self,

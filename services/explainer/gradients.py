@@ -3,10 +3,12 @@ the version's `hf/` folder), with respect to the input embeddings."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -45,11 +47,21 @@ class IntegratedGradients:
     """Straight path from a baseline in which every non-special token's embedding is
     [PAD]'s; [CLS] and [SEP] stay, so they get no attribution."""
 
-    def __init__(self, hf_folder: Path, temperature: float, pad_id: int = 0, threads: int = 1) -> None:
+    def __init__(
+        self,
+        hf_folder: Path,
+        temperature: float,
+        pad_id: int = 0,
+        threads: int = 1,
+        activation: Literal["softmax", "sigmoid"] = "softmax",
+    ) -> None:
         torch.set_num_threads(threads)
         self.model = AutoModelForSequenceClassification.from_pretrained(hf_folder).eval()
         self.temperature = temperature
+        self.activation = activation
         self.pad_id = pad_id
+        # DistilBERT and ModernBERT take no token types; BERT-likes get zeros (one segment).
+        self._token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
         dtype = next(self.model.parameters()).dtype
         # What the attributions are computed on, as responses report it: "torch fp32 (hf/)".
         self.description = f"torch {_DTYPE_NAMES.get(dtype, str(dtype))} ({hf_folder.name}/)"
@@ -115,9 +127,11 @@ class IntegratedGradients:
 
     def _probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
         batch, length, _ = embeddings.shape
+        extra = {"token_type_ids": torch.zeros((batch, length), dtype=torch.long)} if self._token_types else {}
         logits = self.model(
-            inputs_embeds=embeddings,
-            attention_mask=torch.ones((batch, length), dtype=torch.long),
-            token_type_ids=torch.zeros((batch, length), dtype=torch.long),
+            inputs_embeds=embeddings, attention_mask=torch.ones((batch, length), dtype=torch.long), **extra
         ).logits
+        # The same rule as shared.calibration.calibrated, on torch tensors (gradients flow).
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits / self.temperature)
         return torch.softmax(logits / self.temperature, dim=-1)

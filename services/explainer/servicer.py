@@ -98,11 +98,13 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
                 EXPLAINER_ABANDONED.labels("cancelled").inc()
                 raise
         EXPLAINER_EXPLANATIONS.labels(method.value).inc(len(explanations))
+        # Asked of the inference service (cached per version), never taken from configuration.
+        served = await self._versions.served_variant(version, deadline - time.monotonic())
         return pb.ExplainResponse(
             explanations=[explanation_to_pb(e) for e in explanations],
             model_name=model_name,
             model_version=version,
             method=request.method or pb.METHOD_INTEGRATED_GRADIENTS,
-            attribution_model=explainer.attribution_model(method),
-            served_variant=explainer.served_variant,
+            attribution_model=explainer.attribution_model(method, served),
+            served_variant=served,
         )

@@ -36,12 +36,6 @@ class ExplainerSettings(BaseServiceSettings):
     inference: str = "127.0.0.1:8001"
     """Inference service address (occlusion and faithfulness are scored there)."""
 
-    served_variant: str = ""
-    """What the inference service serves this model with, as Explain responses report it
-    (`served_variant`, beside `attribution_model`): empty means each version's
-    `default_variant` in config.json, which the inference service runs unless
-    `INFERMESH_INFERENCE_VARIANT` or another backend says otherwise; then set this alike."""
-
     max_texts: int = 8
     """Texts per request."""
 

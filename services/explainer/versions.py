@@ -1,24 +1,58 @@
 """The explainer's model versions: each explanation uses the version its caller names
 (the one its prediction came from), else the version serving unpinned requests, so labels,
-calibration and weights always belong to one version. Versions load on first use."""
+calibration and weights always belong to one version. Versions load on first use.
+
+What the inference service serves each version with (`served_variant` in responses) is
+asked of it, never assumed from configuration: ModelMetadata's response headers name the
+backend and variant it runs (services/inference/converters.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Sequence
+
+import grpc
 
 from services.explainer.core import Explainer, ExplainLimits
 from services.explainer.gradients import IntegratedGradients
 from services.explainer.scoring import OipProbabilities
 from services.explainer.settings import ExplainerSettings
+from services.inference.converters import BACKEND_METADATA_KEY, VARIANT_METADATA_KEY
 from services.tokenizer.core import Tokenizer, TokenizerLimits
 from services.tokenizer.pii import PiiMasker
 from shared.grpc_client import channel
 from shared.model_repository import ModelRepository
+from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
+
+#: `served_variant` when the inference service cannot be asked or does not say.
+UNKNOWN = "unknown"
+
+#: How long an answer about what serves a version is reused: the inference service changes
+#: backend or variant only by restarting, and a restarted one is asked again after this.
+SERVED_TTL_SECONDS = 60.0
+
+#: The longest a ModelMetadata call may take (less when the request has less time left).
+SERVED_TIMEOUT_SECONDS = 2.0
+
+
+def describe_served(headers: Sequence[tuple[str, str | bytes]]) -> str:
+    """What ModelMetadata's headers say serves a version, as responses report it: the
+    variant for ONNX Runtime ("int8", "fp32"), else backend and variant ("torch bf16");
+    UNKNOWN from a server that does not say (a stock Triton)."""
+    values = {key: value if isinstance(value, str) else value.decode() for key, value in headers}
+    backend = values.get(BACKEND_METADATA_KEY, "")
+    variant = values.get(VARIANT_METADATA_KEY, "")
+    if not backend:
+        return UNKNOWN
+    if backend == "onnxruntime" and variant:
+        return variant
+    return f"{backend} {variant}".strip()
 
 
 class ExplainerVersions:
@@ -32,6 +66,8 @@ class ExplainerVersions:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._loaded: OrderedDict[str, Explainer] = OrderedDict()
         self._lock = asyncio.Lock()
+        self._served: dict[str, tuple[str, float]] = {}
+        """What serves each version, as the inference service said, and when it said it."""
 
     def default_version(self) -> str:
         """The configured version, else the one the rollout rule serves, else the latest."""
@@ -55,6 +91,26 @@ class ExplainerVersions:
             self._loaded.move_to_end(version)
             return version, explainer
 
+    async def served_variant(self, version: str, timeout: float = SERVED_TIMEOUT_SECONDS) -> str:
+        """What the inference service serves `version` with (`describe_served`), asked at
+        most every SERVED_TTL_SECONDS per version; UNKNOWN, and asked again next time, when
+        the call fails."""
+        now = time.monotonic()
+        cached = self._served.get(version)
+        if cached is not None and now - cached[1] < SERVED_TTL_SECONDS:
+            return cached[0]
+        request = pb.ModelMetadataRequest(name=self.settings.model_name, version=version)
+        try:
+            call = self._stub.ModelMetadata(request, timeout=max(0.05, min(timeout, SERVED_TIMEOUT_SECONDS)))
+            await call
+            headers = await call.initial_metadata()
+        except grpc.aio.AioRpcError as error:
+            logger.warning("could not ask the inference service what serves version %s: %s", version, error.code())
+            return UNKNOWN
+        served = describe_served(tuple(headers or ()))
+        self._served[version] = (served, now)
+        return served
+
     def _build(self, version: str) -> Explainer:
         settings = self.settings
         config = self.repository.config(settings.model_name, version)
@@ -69,7 +125,13 @@ class ExplainerVersions:
         return Explainer(
             tokenizer,
             OipProbabilities(self._stub, settings.model_name, version),
-            IntegratedGradients(folder / "hf", config.temperature, threads=settings.torch_threads),
+            IntegratedGradients(
+                folder / "hf",
+                config.temperature,
+                pad_id=config.pad_token_id,
+                threads=settings.torch_threads,
+                activation=config.activation,
+            ),
             config.labels,
             ExplainLimits(
                 max_texts=settings.max_texts,
@@ -78,7 +140,6 @@ class ExplainerVersions:
                 max_steps=settings.max_steps,
                 max_gradient_token_steps=settings.max_gradient_token_steps,
             ),
-            served_variant=settings.served_variant or config.default_variant,
         )
 
     async def close(self) -> None:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
+from services.inference.backends.base import Backend
 from services.inference.types import InferenceRequest, InferenceResponse, ModelMetadata, Parameter, Tensor
 from shared import oip
 from shared.errors import InvalidInput
+from shared.model_repository import ModelConfig
 from shared.pb import grpc_predict_v2_pb2 as pb
+
+#: ModelMetadata's response headers (gRPC initial metadata) naming what serves the version
+#: asked about: the execution backend ("onnxruntime", "torch", "tensorrt") and, where the
+#: backend knows it, the variant it runs (a config.json variant such as "int8" or "fp32" for
+#: ONNX Runtime, the dtype for torch). Headers, not message fields: neither Triton's nor
+#: KServe's ModelMetadataResponse has parameters, `platform` is Triton's model-format name
+#: ("onnxruntime_onnx"), and stock clients ignore headers they do not know.
+BACKEND_METADATA_KEY = "infermesh-backend"
+VARIANT_METADATA_KEY = "infermesh-variant"
 
 
 def parameter_value(parameter: pb.InferParameter) -> Parameter:
@@ -82,3 +95,25 @@ def metadata_to_pb(metadata: ModelMetadata) -> pb.ModelMetadataResponse:
             for t in metadata.outputs
         ],
     )
+
+
+def served_variant(config: ModelConfig, backend: Backend) -> str:
+    """The variant `backend` runs of `config`'s version; "" where it cannot say (TensorRT
+    builds its engine's precision from the fp32 graph and settings it does not keep)."""
+    if backend.name == "onnxruntime":
+        path = PurePath(getattr(backend, "model_path", ""))
+        for variant, file in config.variants.items():
+            parts = PurePath(file).parts
+            if parts and path.parts[-len(parts) :] == parts:
+                return variant
+        return ""
+    if backend.name == "torch":
+        return str(getattr(backend, "dtype", ""))
+    return ""
+
+
+def served_metadata(config: ModelConfig, backend: Backend) -> tuple[tuple[str, str], ...]:
+    """ModelMetadata's response headers for a version served by `backend`."""
+    variant = served_variant(config, backend)
+    headers = ((BACKEND_METADATA_KEY, backend.name),)
+    return (*headers, (VARIANT_METADATA_KEY, variant)) if variant else headers

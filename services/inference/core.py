@@ -2,8 +2,9 @@
 
 Internal implementation behind the OIP v2 servicer; knows no gRPC. A served model is a
 sequence classifier taking int64 `input_ids` and `attention_mask` [batch, sequence];
-it returns `logits`, calibrated `probabilities` (the version's temperature) and the
-top `label` as BYTES, so a stock OIP client gets a usable answer in one call.
+it returns `logits`, calibrated `probabilities` (the version's activation and
+temperature: `shared.calibration.calibrated`) and the most probable `label` as BYTES,
+so a stock OIP client gets a usable answer in one call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from services.inference.types import (
     TensorMetadata,
 )
 from shared.batching import BatchPolicy, DynamicBatcher
-from shared.calibration import softmax
+from shared.calibration import calibrated
 from shared.errors import (
     InfermeshError,
     InputTooLarge,
@@ -492,7 +493,7 @@ class InferenceCore:
     @staticmethod
     def _outputs(config: ModelConfig, logits: npt.NDArray[np.float32], names: list[str]) -> list[Tensor]:
         outputs: list[Tensor] = []
-        probabilities = softmax(logits, config.temperature).astype(np.float32)
+        probabilities = calibrated(logits, config).astype(np.float32)
         for name in names:
             if name == "logits":
                 outputs.append(Tensor("logits", "FP32", logits.astype(np.float32)))

@@ -23,6 +23,7 @@ from shared.grpc_server import (
     wait_for_termination_signal,
 )
 from shared.model_repository import ModelConfig, ModelRepository
+from shared.model_store import StoreFollower
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -155,10 +156,14 @@ async def poll_repository(core: InferenceCore, every_seconds: float) -> None:
         await core.refresh()
 
 
-async def serve(settings: InferenceSettings) -> None:
+async def serve(settings: InferenceSettings, follower: StoreFollower | None = None) -> None:
+    """`follower`: the model store's follower (shared/model_store.py), already past its
+    first pass; each pass that changes the repository folder reloads as a poll does."""
     metrics = start_metrics(settings)
     with exit_on_startup_error("inference", metrics):
         running, core = await start(settings)
+    if follower is not None:
+        follower.on_change = core.refresh
     poller = None
     if settings.repository_poll_seconds > 0:
         poller = asyncio.create_task(poll_repository(core, settings.repository_poll_seconds))

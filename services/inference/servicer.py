@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.inference.control import ModelControl
-from services.inference.converters import metadata_to_pb, request_from_pb, response_to_pb
+from services.inference.converters import metadata_to_pb, request_from_pb, response_to_pb, served_metadata
 from services.inference.core import InferenceCore, VersionPolicy
 from shared.errors import InvalidInput
 from shared.grpc_server import ServicerContext
@@ -39,7 +39,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: ServicerContext
     ) -> pb.ModelMetadataResponse:
-        return metadata_to_pb(self._core.model_metadata(request.name, request.version))
+        metadata = self._core.model_metadata(request.name, request.version)
+        # What serves the version asked about (the default one for ""), as headers: the
+        # explainer reports it, and stock clients see the standard message unchanged.
+        loaded = self._core._resolve(request.name, request.version)
+        await context.send_initial_metadata(served_metadata(loaded.config, loaded.backend))
+        return metadata_to_pb(metadata)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: ServicerContext) -> pb.ModelInferResponse:
         response = await self._core.infer(request_from_pb(request))

@@ -1,5 +1,10 @@
 """Logits to calibrated labels: temperature scaling, thresholds with abstention, and
-aggregation of a long document's chunks into one result. Plain numpy; no transport."""
+aggregation of a long document's chunks into one result. Plain numpy; no transport.
+
+A single-label (softmax) version answers its top label, or abstains below that label's
+threshold. A multi-label (sigmoid) version answers every label at or above its threshold
+(the version's, 0.5 by default, or the request's), the most probable first; with none, it
+abstains."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from shared.calibration import softmax
+from shared.calibration import calibrated
 from shared.errors import InputTooLarge, InvalidInput
 from shared.model_repository import ModelConfig, ModelRepository
 
@@ -23,15 +28,23 @@ class Aggregation(enum.Enum):
     """The chunk with the most confident prediction decides."""
 
 
+#: A multi-label version's threshold for a label neither the version nor the request names.
+DEFAULT_SIGMOID_THRESHOLD = 0.5
+
+
 @dataclass(frozen=True)
 class DocumentResult:
     label: str
+    """The top label, or the abstain label."""
     probabilities: list[float]
     """Calibrated, in the order of `PostprocessResult.labels`."""
     abstained: bool
     num_chunks: int
     deciding_chunk: int
     """Index within the document of the chunk most in favour of the top label."""
+    labels: list[str]
+    """The labels that hold: [label] for a single-label version, every label at or above
+    its threshold (most probable first) for a multi-label one; empty when abstained."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +107,9 @@ class Postprocessor:
             raise InvalidInput(f"logits row {int(bad_rows[0])} holds a NaN or infinite value")
         documents = self._document_index(document_index, rows)
         weights = self._weights(row_weights, rows)
-        limits = self._thresholds(thresholds or {}, labels)
-        # Shifted first: a temperature below 1 would otherwise scale a finite 1e308 to inf,
-        # and inf - inf is NaN. What overflows now is -inf, which is right: exp gives 0.
-        with np.errstate(over="ignore"):
-            probabilities = softmax(matrix - matrix.max(axis=1, keepdims=True), config.temperature)
+        limits = config.thresholds | self._thresholds(thresholds or {}, labels)
+        multi_label = config.activation == "sigmoid"
+        probabilities = calibrated(matrix, config)
 
         results: list[DocumentResult] = []
         for document in range(int(documents.max()) + 1):
@@ -112,12 +123,22 @@ class Postprocessor:
                 chunk_weights = weights[rows_of_document] / weights[rows_of_document].max()
                 combined = (chunk_probabilities * chunk_weights[:, None]).sum(axis=0) / chunk_weights.sum()
             top = int(combined.argmax())
-            abstained = combined[top] < limits.get(labels[top], 0.0)
+            if multi_label:
+                on = [
+                    labels[i]
+                    for i in np.argsort(-combined, kind="stable")
+                    if combined[i] >= limits.get(labels[i], DEFAULT_SIGMOID_THRESHOLD)
+                ]
+                abstained = not on
+            else:
+                abstained = bool(combined[top] < limits.get(labels[top], 0.0))
+                on = [] if abstained else [labels[top]]
             results.append(
                 DocumentResult(
                     label=self.abstain_label if abstained else labels[top],
+                    labels=on,
                     probabilities=[float(p) for p in combined],
-                    abstained=bool(abstained),
+                    abstained=abstained,
                     num_chunks=len(rows_of_document),
                     deciding_chunk=int(chunk_probabilities[:, top].argmax()),
                 )

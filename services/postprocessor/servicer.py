@@ -27,6 +27,7 @@ def result_to_pb(result: PostprocessResult) -> pb.PostprocessResponse:
                 abstained=r.abstained,
                 num_chunks=r.num_chunks,
                 deciding_chunk=r.deciding_chunk,
+                labels=r.labels,
             )
             for r in result.results
         ],

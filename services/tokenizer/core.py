@@ -153,7 +153,9 @@ class Tokenizer:
             if len(encoding.ids) <= SPECIAL_TOKENS_PER_CHUNK:
                 raise InvalidInput(f"text {index} has no tokens (only invisible or control characters)")
         return [
-            self._to_result(encoding, stride, overflow, return_offsets, masked[index] if masked is not None else None)
+            self._to_result(
+                encoding, texts[index], stride, overflow, return_offsets, masked[index] if masked is not None else None
+            )
             for index, encoding in enumerate(encodings)
         ]
 
@@ -172,7 +174,7 @@ class Tokenizer:
 
     @staticmethod
     def _to_result(
-        encoding: Encoding, stride: int, overflow: Overflow, return_offsets: bool, masked: MaskedText | None
+        encoding: Encoding, text: str, stride: int, overflow: Overflow, return_offsets: bool, masked: MaskedText | None
     ) -> TokenizedText:
         windows = [encoding, *encoding.overflowing]
         content = [len(w.ids) - SPECIAL_TOKENS_PER_CHUNK for w in windows]
@@ -181,7 +183,7 @@ class Tokenizer:
             windows = windows[:1]
         words = _placeholder_words(windows, masked) if masked is not None and masked.replacements else {}
         return TokenizedText(
-            chunks=[_to_chunk(w, return_offsets, masked, words) for w in windows],
+            chunks=[_to_chunk(w, text, return_offsets, masked, words) for w in windows],
             num_tokens=num_tokens,
             truncated=overflow is Overflow.TRUNCATE and len(encoding.overflowing) > 0,
             masked=len(masked.replacements) if masked is not None else 0,
@@ -204,7 +206,26 @@ def _placeholder_words(windows: list[Encoding], masked: MaskedText) -> dict[int,
     return {word: first[index] for word, index in members.items()}
 
 
-def _to_chunk(encoding: Encoding, return_offsets: bool, masked: MaskedText | None, words: dict[int, int]) -> Chunk:
+def _trimmed(span: tuple[int, int], text: str) -> tuple[int, int]:
+    """`span` without the white space at its ends. Byte-level BPE ("Ġword") and
+    SentencePiece ("▁word") tokens carry the space before their word, and a tokenizer
+    saved without `trim_offsets` reports it in the offsets; the explainer joins a word's
+    tokens from first start to last end, so a word must not begin with a space. A token
+    that is only white space (a lone "Ġ" or "▁" before its word's other pieces) becomes
+    empty where the white space ends, which is where its word starts."""
+    start, end = span
+    while start < end and text[start].isspace():
+        start += 1
+    if start == end:
+        return (end, end)
+    while text[end - 1].isspace():
+        end -= 1
+    return (start, end)
+
+
+def _to_chunk(
+    encoding: Encoding, text: str, return_offsets: bool, masked: MaskedText | None, words: dict[int, int]
+) -> Chunk:
     offsets = encoding.offsets
     special = encoding.special_tokens_mask
     if masked is not None and masked.replacements:
@@ -212,9 +233,13 @@ def _to_chunk(encoding: Encoding, return_offsets: bool, masked: MaskedText | Non
             (0, 0) if is_special else masked.to_original(*span)
             for span, is_special in zip(offsets, special, strict=True)
         ]
+    if return_offsets:
+        offsets = [
+            span if is_special else _trimmed(span, text) for span, is_special in zip(offsets, special, strict=True)
+        ]
     spans = [span for span, is_special in zip(offsets, special, strict=True) if not is_special]
-    char_start = spans[0][0] if spans else 0
-    char_end = spans[-1][1] if spans else 0
+    char_start = _trimmed(spans[0], text)[0] if spans else 0
+    char_end = _trimmed(spans[-1], text)[1] if spans else 0
     return Chunk(
         input_ids=list(encoding.ids),
         attention_mask=list(encoding.attention_mask),

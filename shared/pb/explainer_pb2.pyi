@@ -341,12 +341,13 @@ class ExplainResponse(_message.Message):
     method: Global___Method.ValueType
     attribution_model: _builtins.str
     """The weights the attributions were computed on: "torch fp32 (hf/)" for integrated
-    gradients (the version's merged weights, in the explainer), "served int8 (inference
+    gradients (the version's merged weights, in the explainer), "served <variant> (inference
     service)" for occlusion.
     """
     served_variant: _builtins.str
-    """What the inference service serves (the version's default_variant unless configured):
-    labels, probabilities, occlusion and every faithfulness figure come from it.
+    """What the inference service reports it serves for this version ("int8", "fp32",
+    "torch fp32", ...; "unknown" when it does not say): labels, probabilities, occlusion
+    and every faithfulness figure come from it.
     """
     @_builtins.property
     def explanations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Explanation]: ...

@@ -95,8 +95,10 @@ class PostprocessRequest(_message.Message):
 
     @_builtins.property
     def thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Minimum calibrated probability for a label to be returned; below it the document
-        gets the abstain label. Labels not named have no threshold.
+        """Minimum calibrated probability for a label to be returned, over the version's own
+        thresholds. Single-label (softmax) versions: below it the document gets the abstain
+        label; labels not named have no threshold. Multi-label (sigmoid) versions: every
+        label at or above its threshold holds (0.5 for labels not named).
         """
 
     def __init__(
@@ -128,6 +130,7 @@ class DocumentResult(_message.Message):
     ABSTAINED_FIELD_NUMBER: _builtins.int
     NUM_CHUNKS_FIELD_NUMBER: _builtins.int
     DECIDING_CHUNK_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """The chosen label, or the abstain label."""
     abstained: _builtins.bool
@@ -138,6 +141,13 @@ class DocumentResult(_message.Message):
     def probabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Calibrated probabilities in the order of PostprocessResponse.labels."""
 
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The labels that hold: the one label of a single-label version; for a multi-label
+        (sigmoid) version every label at or above its threshold, most probable first. Empty
+        when the document abstained.
+        """
+
     def __init__(
         self,
         *,
@@ -146,10 +156,11 @@ class DocumentResult(_message.Message):
         abstained: _builtins.bool = ...,
         num_chunks: _builtins.int = ...,
         deciding_chunk: _builtins.int = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstained", b"abstained", "deciding_chunk", b"deciding_chunk", "label", b"label", "num_chunks", b"num_chunks", "probabilities", b"probabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstained", b"abstained", "deciding_chunk", b"deciding_chunk", "label", b"label", "labels", b"labels", "num_chunks", b"num_chunks", "probabilities", b"probabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -227,6 +227,20 @@ def module_file(module: str) -> Path | None:
     return None
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """Nodes inside `if TYPE_CHECKING:` blocks: imports for the type checker, never run."""
+    nodes: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.If):
+            continue
+        test = node.test
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
+            nodes.update(id(inner) for statement in node.body for inner in ast.walk(statement))
+    return nodes
+
+
 @cache
 def import_graph(entry: str) -> tuple[frozenset[str], frozenset[str]]:
     """(first-party modules, third-party module names) that `entry` imports, directly or
@@ -246,7 +260,11 @@ def import_graph(entry: str) -> tuple[frozenset[str], frozenset[str]]:
         parts = module.split(".")
         pending.extend(".".join(parts[:i]) for i in range(1, len(parts)))
         package = module if path.name == "__init__.py" else ".".join(parts[:-1])
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        type_checking_only = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in type_checking_only:
+                continue
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]

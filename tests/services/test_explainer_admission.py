@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -26,6 +28,10 @@ from services.explainer.core import Explainer, Method
 from services.explainer.gradients import STEPS_PER_PASS, Abandoned, IntegratedGradients
 from services.explainer.server import start as start_explainer
 from services.explainer.settings import ExplainerSettings
+from services.explainer.versions import UNKNOWN, ExplainerVersions, describe_served
+from services.inference.converters import BACKEND_METADATA_KEY, VARIANT_METADATA_KEY
+from services.inference.server import start as start_inference
+from services.inference.settings import InferenceSettings
 from services.tokenizer.core import Tokenizer, TokenizerLimits
 from shared.errors import DeadlineExceeded, Overloaded
 from shared.grpc_server import RunningServer, start_server
@@ -91,7 +97,7 @@ class FixedModel:
 async def test_integrated_gradients_flag_a_served_label_their_weights_disagree_with(
     tokenizer: Tokenizer, gradients: IntegratedGradients, served: list[float], label: str, disagree: bool
 ) -> None:
-    explainer = Explainer(tokenizer, FixedModel(served), gradients, LABELS, served_variant="int8")
+    explainer = Explainer(tokenizer, FixedModel(served), gradients, LABELS)
     (explanation,) = await explainer.explain([NEGATIVE], Method.INTEGRATED_GRADIENTS, steps=32)
     assert explanation.label == label
     assert explanation.gradient_label == "negative", explanation.gradient_probabilities
@@ -100,17 +106,17 @@ async def test_integrated_gradients_flag_a_served_label_their_weights_disagree_w
     (chunk,) = explanation.chunks
     assert chunk.target_probability == pytest.approx(served[LABELS.index(label)])
     assert chunk.gradient_target_probability == pytest.approx(explanation.gradient_probabilities[label], abs=1e-6)
-    assert explainer.attribution_model(Method.INTEGRATED_GRADIENTS) == "torch fp32 (hf/)"
+    assert explainer.attribution_model(Method.INTEGRATED_GRADIENTS, "int8") == "torch fp32 (hf/)"
 
 
 async def test_occlusion_reports_the_served_model_and_no_gradient_figures(
     tokenizer: Tokenizer, gradients: IntegratedGradients
 ) -> None:
-    explainer = Explainer(tokenizer, FixedModel(SAYS_POSITIVE), gradients, LABELS, served_variant="int8")
+    explainer = Explainer(tokenizer, FixedModel(SAYS_POSITIVE), gradients, LABELS)
     (explanation,) = await explainer.explain([NEGATIVE], Method.OCCLUSION)
     assert explanation.gradient_label == "" and explanation.gradient_probabilities == {}
     assert not explanation.gradients_disagree and explanation.chunks[0].gradient_target_probability is None
-    assert explainer.attribution_model(Method.OCCLUSION) == "served int8 (inference service)"
+    assert explainer.attribution_model(Method.OCCLUSION, "int8") == "served int8 (inference service)"
 
 
 async def test_work_whose_deadline_is_gone_does_not_start(tokenizer: Tokenizer, gradients: IntegratedGradients) -> None:
@@ -243,14 +249,28 @@ async def test_a_call_whose_deadline_passes_while_it_waits_never_starts() -> Non
 
 
 class FakeInference:
-    """An inference service (ModelInfer only) that answers fixed probabilities once `gate`
-    is open."""
+    """An inference service that answers fixed probabilities once `gate` is open, and
+    ModelMetadata with the headers ours sends naming what serves (`served`; None: answers
+    no ModelMetadata at all)."""
 
-    def __init__(self, row: list[float]) -> None:
+    def __init__(self, row: list[float], served: tuple[tuple[str, str], ...] | None = None) -> None:
         self.row = np.array(row, dtype=np.float32)
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = 0
+        self.served = (
+            ((BACKEND_METADATA_KEY, "onnxruntime"), (VARIANT_METADATA_KEY, "int8")) if served is None else served
+        )
+        self.metadata_calls = 0
+
+    async def ModelMetadata(
+        self, request: infer_pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> infer_pb.ModelMetadataResponse:
+        self.metadata_calls += 1
+        await context.send_initial_metadata(self.served)
+        return infer_pb.ModelMetadataResponse(
+            name=request.name, versions=[request.version], platform="onnxruntime_onnx"
+        )
 
     async def ModelInfer(
         self, request: infer_pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -279,8 +299,14 @@ class FakeInference:
             request_deserializer=infer_pb.ModelInferRequest.FromString,
             response_serializer=infer_pb.ModelInferResponse.SerializeToString,
         )
+        metadata = grpc.unary_unary_rpc_method_handler(
+            self.ModelMetadata,
+            request_deserializer=infer_pb.ModelMetadataRequest.FromString,
+            response_serializer=infer_pb.ModelMetadataResponse.SerializeToString,
+        )
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {"ModelInfer": method, "ModelMetadata": metadata}
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelInfer": method}),)
+            (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),)
         )
 
 
@@ -448,6 +474,91 @@ async def test_the_rest_explanation_flags_gradients_that_disagree_with_the_serve
     assert plain["attribution_model"] == "served int8 (inference service)"
     assert plain["gradients_disagree"] is None and plain["gradient_label"] is None
     assert plain["chunks"][0]["gradient_target_probability"] is None
+
+
+# --- what the inference service serves ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inference_settings", "served"),
+    [({"variant": "fp32"}, "fp32"), ({"backend": "torch", "device": "cpu", "torch_dtype": "fp32"}, "torch fp32")],
+    ids=["onnxruntime fp32 variant", "torch backend"],
+)
+async def test_an_explanation_names_what_the_inference_service_actually_serves(
+    model_repository: Path, inference_settings: dict[str, Any], served: str
+) -> None:
+    """The models' config.json says int8 by default; the inference service runs otherwise,
+    and the explainer reports what it runs, not what configuration suggests."""
+    inference, core = await start_inference(
+        InferenceSettings(grpc_port=0, model_repository=model_repository, **inference_settings)
+    )
+    running, versions = await start_explainer(
+        ExplainerSettings(grpc_port=0, model_repository=model_repository, inference=f"127.0.0.1:{inference.port}")
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.ExplainerServiceStub(channel)
+            occlusion = await stub.Explain(pb.ExplainRequest(texts=[NEGATIVE], method=pb.METHOD_OCCLUSION), timeout=60)
+            gradients = await stub.Explain(
+                pb.ExplainRequest(texts=[NEGATIVE], method=pb.METHOD_INTEGRATED_GRADIENTS, steps=8), timeout=60
+            )
+    finally:
+        await running.stop(0)
+        await versions.close()
+        await inference.stop(0)
+        await core.close()
+    assert (occlusion.served_variant, occlusion.attribution_model) == (served, f"served {served} (inference service)")
+    assert (gradients.served_variant, gradients.attribution_model) == (served, "torch fp32 (hf/)")
+
+
+async def test_what_serves_a_version_is_asked_once_and_unknown_when_it_cannot_be(model_repository: Path) -> None:
+    unreachable = ExplainerVersions(ExplainerSettings(model_repository=model_repository, inference="127.0.0.1:1"))
+    try:
+        assert await unreachable.served_variant("1", timeout=1) == UNKNOWN
+    finally:
+        await unreachable.close()
+    for inference, expected in ((FakeInference(SAYS_NEGATIVE), "int8"), (FakeInference(SAYS_NEGATIVE, ()), UNKNOWN)):
+        fake = await start_server(BaseServiceSettings(grpc_port=0), inference.register, [])
+        versions = ExplainerVersions(
+            ExplainerSettings(model_repository=model_repository, inference=f"127.0.0.1:{fake.port}")
+        )
+        try:
+            answers = [await versions.served_variant("1"), await versions.served_variant("1")]
+        finally:
+            await versions.close()
+            await fake.stop(0)
+        assert answers == [expected, expected] and inference.metadata_calls == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "described"),
+    [
+        ((("infermesh-backend", "onnxruntime"), ("infermesh-variant", "int8")), "int8"),
+        ((("infermesh-backend", "torch"), ("infermesh-variant", "bf16")), "torch bf16"),
+        ((("infermesh-backend", "tensorrt"),), "tensorrt"),
+        ((("infermesh-variant", "int8"),), "unknown"),
+        ((), "unknown"),
+    ],
+)
+def test_what_serves_is_described_from_model_metadatas_headers(
+    headers: tuple[tuple[str, str], ...], described: str
+) -> None:
+    assert describe_served(headers) == described
+
+
+def test_every_explainer_refusal_and_abandonment_reason_is_exported_from_the_start() -> None:
+    """At 0 before anything happened (a fresh process: in this one other tests counted some),
+    so rate() and alerts see every series from the start, as the worker's counters do."""
+    script = (
+        "import shared.metrics\n"
+        "from prometheus_client import REGISTRY, generate_latest\n"
+        "print(generate_latest(REGISTRY).decode())"
+    )
+    exported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    for reason in ("queue_full", "over_budget", "expired", "cancelled"):
+        assert f'infermesh_explainer_rejected_requests_total{{reason="{reason}"}} 0.0' in exported, reason
+    for reason in ("deadline", "cancelled"):
+        assert f'infermesh_explainer_abandoned_requests_total{{reason="{reason}"}} 0.0' in exported, reason
 
 
 # --- every gRPC server ---------------------------------------------------------------------
