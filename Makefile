@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 # protoc finds its mypy plugins on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install proto lint fmt test reliability run bench bench-train model train _browser _kustomize
+.PHONY: install proto lint fmt test reliability run bench bench-peers bench-train model train _browser _kustomize
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 model: install $(MODEL_STAMP)
 
-$(MODEL_STAMP): $(WEIGHTS)/adapter_model.safetensors $(WEIGHTS)/adapter_config.json $(WEIGHTS)/training.json | $(VENV)/.installed
+$(MODEL_STAMP): $(WEIGHTS)/adapter_model.safetensors $(WEIGHTS)/adapter_config.json $(WEIGHTS)/training.json infermesh/model/build.py | $(VENV)/.installed
 	$(VENV)/bin/infermesh build-model --repository $(MODEL_REPOSITORY) --name $(MODEL_NAME) --version $(MODEL_VERSION)
 
 train: install
@@ -89,6 +89,34 @@ run: model
 # ARGS=--gpu: the GPU table instead (torch, ONNX Runtime CUDA, TensorRT on an NVIDIA GPU).
 bench: model
 	$(PY) -m benchmarks.e2e --repository $(MODEL_REPOSITORY) --model $(MODEL_NAME) $(ARGS)
+
+# infermesh REST against other servers of the same model on the same cores (docs/benchmarks.md).
+# Each peer lives in its own venv under build/peers/ (git-ignored), from its pinned
+# benchmarks/peers/<name>/requirements.txt; nothing of theirs enters .venv. A peer that fails
+# to install does not stop the run: its error goes to build/peers/<name>/install-error.txt and
+# its row says why. ARGS=--seconds 2 for a smoke run.
+PEERS := mlserver infinity
+PEER_DIR := build/peers
+
+bench-peers: model $(foreach peer,$(PEERS),$(PEER_DIR)/$(peer)/.installed)
+	$(PY) -m benchmarks.peer_bench --repository $(MODEL_REPOSITORY) --model $(MODEL_NAME) \
+		--peers-dir $(PEER_DIR) $(ARGS)
+
+# torch first, alone and pinned (the CPU build), as for .venv. No target file on failure, so
+# the next run tries again.
+$(PEER_DIR)/%/.installed: benchmarks/peers/%/requirements.txt
+	@mkdir -p $(PEER_DIR)/$*
+	@rm -rf $(PEER_DIR)/$*/venv $(PEER_DIR)/$*/install-error.txt
+	@echo "installing peer $* into $(PEER_DIR)/$*/venv (log: $(PEER_DIR)/$*/install.log)"
+	@if { $(PYTHON) -m venv $(PEER_DIR)/$*/venv \
+		&& $(PEER_DIR)/$*/venv/bin/pip install torch==2.13.0 \
+		&& $(PEER_DIR)/$*/venv/bin/pip install -r $<; } > $(PEER_DIR)/$*/install.log 2>&1; then \
+		touch $@; \
+	else \
+		grep -E '^(ERROR|[A-Za-z.]*Error)' $(PEER_DIR)/$*/install.log | tail -n 1 > $(PEER_DIR)/$*/install-error.txt; \
+		test -s $(PEER_DIR)/$*/install-error.txt || tail -n 1 $(PEER_DIR)/$*/install.log > $(PEER_DIR)/$*/install-error.txt; \
+		echo "WARNING: peer $* did not install: $$(cat $(PEER_DIR)/$*/install-error.txt)"; \
+	fi
 
 # Fine-tuning cost and figures on $(DATA) (TFNS coding), into a scratch repository.
 bench-train: model

@@ -25,7 +25,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -40,19 +40,20 @@ import numpy.typing as npt
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from tokenizers import Tokenizer
 
+from benchmarks.cpu import read_cpu
 from gateway.traces import TraceStore, start_receiver
 from infermesh.broker import EmbeddedBroker
 from infermesh.mesh import SERVICES, LocalMesh
 from services.inference.backends.base import Backend
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from shared.kafka import KafkaSettings, ensure_topics
+from shared.messages import NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from shared.model_repository import ModelRepository
 from shared.padding import pad_right
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pb import grpc_predict_v2_pb2 as infer_pb
 from shared.pipeline import PipelineClient, PipelineTargets
-from workers.sentiment_monitor.messages import NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
 
@@ -279,29 +280,74 @@ async def bench_inference_service(target: str, requests: list[bytes], per_reques
     )
 
 
-async def bench_mesh(client: PipelineClient, headlines: list[str], concurrency: int, per_request: int) -> Row:
-    requests = [headlines[i : i + per_request] for i in range(0, len(headlines), per_request)]
-    await client.classify(requests[0])
+def workload_name(concurrency: int, per_request: int) -> str:
+    """ "4 clients x 32 headlines/request": how rows name a client workload."""
+    return (
+        f"{concurrency} client{'s' if concurrency > 1 else ''} x {per_request} "
+        f"headline{'s' if per_request > 1 else ''}/request"
+    )
+
+
+@dataclass
+class Workload:
+    """What `drive` measured: headlines answered, seconds, each request's latency, and the
+    label each headline got (where the sender returns labels)."""
+
+    headlines: int
+    seconds: float
+    latencies: list[float]
+    labels: dict[str, str]
+
+    def row(self, name: str, note: str) -> Row:
+        return Row(
+            name, self.headlines / self.seconds, percentile(self.latencies, 50), percentile(self.latencies, 99), note
+        )
+
+
+async def drive(
+    send: Callable[[list[str]], Awaitable[Sequence[str] | None]],
+    headlines: Sequence[str],
+    concurrency: int,
+    per_request: int,
+    seconds: float | None = None,
+) -> Workload:
+    """The client workloads of every end-to-end row, whatever serves them: `concurrency`
+    clients, each sending `per_request` headlines and waiting for the answer before its next
+    request. Once through `headlines`, or round and round them for `seconds`. `send` may
+    return one label per headline, kept for label agreement."""
+    requests = [list(headlines[i : i + per_request]) for i in range(0, len(headlines), per_request)]
+    await send(requests[0])  # warm-up
     latencies: list[float] = []
-    queue = list(requests)
-
-    async def worker() -> None:
-        while queue:
-            batch = queue.pop()
-            t0 = time.perf_counter()
-            await client.classify(batch)
-            latencies.append(time.perf_counter() - t0)
-
+    labels: dict[str, str] = {}
+    taken = answered = 0
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    return Row(
-        f"infermesh gRPC e2e, {concurrency} client{'s' if concurrency > 1 else ''} x {per_request} headline"
-        f"{'s' if per_request > 1 else ''}/request",
-        len(headlines) / elapsed,
-        percentile(latencies, 50),
-        percentile(latencies, 99),
-        "tokenizer+inference+post-processor",
+    deadline = started + seconds if seconds is not None else None
+
+    async def client() -> None:
+        nonlocal taken, answered
+        first = True  # timed: every client sends at least once, so there are latencies
+        while (taken < len(requests)) if deadline is None else (first or time.perf_counter() < deadline):
+            first = False
+            batch = requests[taken % len(requests)]
+            taken += 1
+            t0 = time.perf_counter()
+            answer = await send(batch)
+            latencies.append(time.perf_counter() - t0)
+            answered += len(batch)
+            if answer is not None:
+                labels.update(zip(batch, answer, strict=True))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return Workload(answered, time.perf_counter() - started, latencies, labels)
+
+
+async def bench_mesh(client: PipelineClient, headlines: list[str], concurrency: int, per_request: int) -> Row:
+    async def send(batch: list[str]) -> None:
+        await client.classify(batch)
+
+    workload = await drive(send, headlines, concurrency, per_request)
+    return workload.row(
+        f"infermesh gRPC e2e, {workload_name(concurrency, per_request)}", "tokenizer+inference+post-processor"
     )
 
 
@@ -386,24 +432,32 @@ def bench_kafka(mesh: LocalMesh, headlines: list[str], repeats: int = 4) -> tupl
     return row, lags
 
 
-def bench_rest(url: str, headlines: list[str]) -> Row:
-    """The gateway's /v1/sentiment, one headline per request, one client."""
-    with httpx.Client(base_url=url, timeout=30) as client:
-        client.post("/v1/sentiment", json={"texts": headlines[:1]}).raise_for_status()
-        latencies = []
-        started = time.perf_counter()
-        for text in headlines:
-            t0 = time.perf_counter()
-            client.post("/v1/sentiment", json={"texts": [text]}).raise_for_status()
-            latencies.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - started
-    return Row(
-        "gateway REST /v1/sentiment, 1 client x 1 headline/request",
-        len(headlines) / elapsed,
-        percentile(latencies, 50),
-        percentile(latencies, 99),
-        "HTTP + the gRPC pipeline",
-    )
+def top_label(probabilities: dict[str, float]) -> str:
+    """The most probable label (an abstained answer included), to compare with servers that
+    do not abstain."""
+    return max(probabilities, key=lambda label: probabilities[label])
+
+
+def rest_sender(client: httpx.AsyncClient) -> Callable[[list[str]], Awaitable[list[str]]]:
+    """Sends headlines to the gateway's /v1/sentiment; answers their labels."""
+
+    async def send(batch: list[str]) -> list[str]:
+        reply = await client.post("/v1/sentiment", json={"texts": batch})
+        reply.raise_for_status()
+        return [top_label(result["probabilities"]) for result in reply.json()["results"]]
+
+    return send
+
+
+async def bench_rest(
+    url: str, headlines: list[str], concurrency: int = 1, per_request: int = 1, seconds: float | None = None
+) -> Workload:
+    """The gateway's /v1/sentiment over HTTP/1.1, one connection per client."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await drive(rest_sender(client), headlines, concurrency, per_request, seconds)
+
+
+REST_ROW = "gateway REST /v1/sentiment"
 
 
 async def bench_explain(target: str, headlines: list[str], method: explainer_pb.Method.ValueType, label: str) -> Row:
@@ -509,8 +563,7 @@ def bench_tracing_cost(
                     await asyncio.sleep(2)  # let the exporters' last batches arrive
                     costs.append(
                         TracingCost(
-                            f"{concurrency} client{'s' if concurrency > 1 else ''} x {per_request} "
-                            f"headline{'s' if per_request > 1 else ''}/request",
+                            workload_name(concurrency, per_request),
                             statistics.median(rates["on"]),
                             statistics.median(rates["off"]),
                             receiver.spans() - spans_before,
@@ -562,7 +615,8 @@ def run_mesh_benchmarks(
 
         rows = asyncio.run(go())
         gateway = mesh.start_gateway("", _free_port())
-        rows.append(bench_rest(gateway, headlines[:300]))
+        rest = asyncio.run(bench_rest(gateway, headlines[:300]))
+        rows.append(rest.row(f"{REST_ROW}, {workload_name(1, 1)}", "HTTP + the gRPC pipeline"))
         explainer = addresses["explainer"]
         rows.append(
             asyncio.run(
@@ -641,7 +695,9 @@ def main() -> None:
     by_name = {(row.name, row.tokens): row for row in rows}
     hf_loop = {t: by_name["transformers pipeline, batch 1 loop", t].headlines_per_second for t in (32, 128)}
     ort_int8 = {t: by_name["ONNX Runtime int8, batch 32", t].headlines_per_second for t in (32, 128)}
+    cpu = read_cpu()
     print()
+    print(cpu.describe())
     print("ratios compare rows of the same length; memory: see docs/benchmarks.md")
     header = f"{'path':<66} {'tok':>4} {'headlines/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'MB':>6}"
     print(f"{header} {'x HF loop':>10} {'x ORT int8 b32':>15}")
@@ -672,7 +728,7 @@ def main() -> None:
     kafka_rate = by_name["infermesh via Kafka e2e (produce N, until all scored)", 32].headlines_per_second
     best_grpc = max(r.headlines_per_second for r in mesh_rows if r.name.startswith("infermesh gRPC") and r.tokens == 32)
     rest, grpc_single = (
-        by_name["gateway REST /v1/sentiment, 1 client x 1 headline/request", 32],
+        by_name[f"{REST_ROW}, {workload_name(1, 1)}", 32],
         by_name["infermesh gRPC e2e, 1 client x 1 headline/request", 32],
     )
     if rest.p50_ms is not None and grpc_single.p50_ms is not None and rest.p99_ms and grpc_single.p99_ms:
@@ -700,6 +756,7 @@ def main() -> None:
                 "kafka_lag_samples": lags,
                 "tracing": [asdict(cost) | {"overhead": cost.overhead} for cost in tracing],
                 "cpu_count": os.cpu_count(),
+                "cpu": {"model": cpu.model, "usable_cpus": cpu.usable_cpus, "kernel_flags": cpu.kernel_flags()},
             },
             indent=2,
         )

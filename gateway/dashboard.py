@@ -15,10 +15,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
-from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
-from workers.sentiment_monitor.messages import (
+from gateway.settings import DashboardSettings
+from shared.messages import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
     NEWS_TOPIC,
@@ -33,22 +34,39 @@ logger = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
 
+#: The topics the feed follows.
+TOPICS = (WINDOWS_TOPIC, ALERTS_TOPIC, SENTIMENT_TOPIC, DLQ_TOPIC, NEWS_TOPIC)
+
+#: Seconds of throughput `scored_per_second` averages over.
+RATE_SECONDS = 10
+
+
 class DashboardFeed:
-    """A bounded summary of windows, alerts, throughput and lag; thread-safe snapshots."""
+    """A bounded summary of windows, alerts, throughput and lag; thread-safe snapshots.
+
+    Sized for many gateway replicas, each with its own feed: a partition is read from
+    `history_records` before its high watermark, never from the earliest offset, and the
+    summary keeps a bounded number of tickers, windows and alerts. The high watermark comes
+    from the first fetch of the partition (`consumer.highwater`), not from `end_offsets`,
+    `seek_to_end` or `offsets_for_times`, which the embedded broker answers wrongly."""
 
     def __init__(
-        self, client_config: dict[str, Any], scorer_group: str, windows_per_ticker: int = 96, alerts: int = 20
+        self, client_config: dict[str, Any], scorer_group: str, settings: DashboardSettings | None = None
     ) -> None:
         self._client = client_config
         self._scorer_group = scorer_group
+        self._settings = settings or DashboardSettings()
         self._lock = threading.Lock()
         self._windows: dict[str, dict[str, dict[str, Any]]] = {}
-        self._windows_per_ticker = windows_per_ticker
-        self._alerts: deque[dict[str, Any]] = deque(maxlen=alerts)
-        self._scored_at: deque[float] = deque()
+        self._newest: dict[str, str] = {}  # ticker: start of its newest window
+        self._alerts: deque[dict[str, Any]] = deque(maxlen=self._settings.alerts)
+        # (whole monotonic second, records scored live in it): RATE_SECONDS + 1 entries at most.
+        self._scored_per_second: deque[list[int]] = deque(maxlen=RATE_SECONDS + 1)
         self._scored_total = 0
         self._dead_letters = 0
         self._lag: int | None = None
+        # Per partition of the current consumer: (first offset kept, first live offset).
+        self._starts: dict[TopicPartition, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dashboard-feed", daemon=True)
 
@@ -59,11 +77,15 @@ class DashboardFeed:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def positioned(self) -> int:
+        """Partitions whose start is fixed (their first fetch answered): the feed shows
+        every record that arrives on them from now on."""
+        return len(self._starts)
+
     def snapshot(self) -> dict[str, Any]:
-        now = time.monotonic()
+        second = int(time.monotonic())
         with self._lock:
-            while self._scored_at and self._scored_at[0] < now - 10:
-                self._scored_at.popleft()
+            recent = sum(count for at, count in self._scored_per_second if at > second - RATE_SECONDS)
             return {
                 "tickers": {
                     ticker: sorted(windows.values(), key=lambda w: str(w["start"]))
@@ -71,7 +93,7 @@ class DashboardFeed:
                 },
                 "alerts": list(reversed(self._alerts)),
                 "scored_total": self._scored_total,
-                "scored_per_second": len(self._scored_at) / 10,
+                "scored_per_second": recent / RATE_SECONDS,
                 "dead_letters": self._dead_letters,
                 "consumer_lag": self._lag,
             }
@@ -85,15 +107,32 @@ class DashboardFeed:
                 self._stop.wait(2)
 
     def _follow(self) -> None:
-        consumer = KafkaConsumer(**self._client, auto_offset_reset="earliest", enable_auto_commit=False)
+        fetch_max = self._settings.fetch_max_bytes
+        consumer = KafkaConsumer(
+            **self._client,
+            # A partition's first fetch starts at its earliest offset only to learn its
+            # high watermark; `_bound` then moves it to its bounded history.
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_bytes=fetch_max,
+            max_partition_fetch_bytes=min(fetch_max, 1024 * 1024),
+            # Topics are created by their owners (the worker, Strimzi), never by a reader.
+            allow_auto_create_topics=False,
+            # ...and so are partitions: a new one is followed within this.
+            metadata_max_age_ms=30_000,
+        )
         admin: KafkaAdminClient | None = None
         next_lag = 0.0
+        self._starts = {}  # a new consumer positions every partition afresh
         try:
-            consumer.subscribe([WINDOWS_TOPIC, ALERTS_TOPIC, SENTIMENT_TOPIC, DLQ_TOPIC, NEWS_TOPIC])
+            consumer.subscribe(list(TOPICS))
             admin = KafkaAdminClient(**self._client)
             while not self._stop.is_set():
                 for partition, records in consumer.poll(timeout_ms=500).items():
-                    self._ingest(partition.topic, records)
+                    self._ingest(partition.topic, self._bound(consumer, partition, records))
+                for partition in consumer.assignment():
+                    if partition not in self._starts:
+                        self._bound(consumer, partition, [])
                 if time.monotonic() >= next_lag:
                     self._lag = self._scorer_lag(consumer, admin)
                     next_lag = time.monotonic() + 2
@@ -102,14 +141,37 @@ class DashboardFeed:
             if admin is not None:
                 admin.close()
 
+    def _bound(self, consumer: KafkaConsumer, partition: TopicPartition, records: list[Any]) -> list[Any]:
+        """The records of `partition` inside its bounded history. The first time its high
+        watermark is known, the partition's start is fixed at `history_records` before it
+        (and the consumer moved there if it is still behind); records before the start are
+        dropped, whether already fetched or not."""
+        if partition not in self._starts:
+            highwater = consumer.highwater(partition)
+            if highwater is None:
+                return records  # no fetch answered yet (or a broker without watermarks)
+            start = max(0, highwater - self._settings.history_records)
+            self._starts[partition] = (start, highwater)
+            if consumer.position(partition) < start:
+                consumer.seek(partition, start)
+        start = self._starts[partition][0]
+        return [record for record in records if record.offset >= start]
+
     def _ingest(self, topic: str, records: list[Any]) -> None:
+        if not records:
+            return
         with self._lock:
             if topic == SENTIMENT_TOPIC:
-                now = time.monotonic()
                 self._scored_total += len(records)
-                self._scored_at.extend([now] * len(records))
-                while self._scored_at and self._scored_at[0] < now - 10:
-                    self._scored_at.popleft()
+                partition = TopicPartition(topic, records[0].partition)
+                live_from = self._starts.get(partition, (0, 0))[1]
+                live = sum(1 for record in records if record.offset >= live_from)
+                if live:
+                    second = int(time.monotonic())
+                    if self._scored_per_second and self._scored_per_second[-1][0] == second:
+                        self._scored_per_second[-1][1] += live
+                    else:
+                        self._scored_per_second.append([second, live])
             elif topic == DLQ_TOPIC:
                 self._dead_letters += len(records)
             for record in records:
@@ -122,15 +184,20 @@ class DashboardFeed:
                     logger.warning("unreadable record on %s", topic)
 
     def _add_window(self, window: WindowAggregate) -> None:
+        start = window.window_start.isoformat()
         windows = self._windows.setdefault(window.ticker, {})
         windows[window.id] = {
-            "start": window.window_start.isoformat(),
+            "start": start,
             "count": window.count,
             "mean_score": round(window.mean_score, 4),
             "share_negative": round(window.share_negative, 4),
         }
-        while len(windows) > self._windows_per_ticker:
+        self._newest[window.ticker] = max(start, self._newest.get(window.ticker, start))
+        while len(windows) > self._settings.windows_per_ticker:
             del windows[min(windows, key=lambda key: str(windows[key]["start"]))]
+        while len(self._windows) > self._settings.max_tickers:
+            stalest = min(self._newest, key=lambda ticker: self._newest[ticker])
+            del self._windows[stalest], self._newest[stalest]
 
     def _scorer_lag(self, consumer: KafkaConsumer, admin: KafkaAdminClient) -> int | None:
         """Records on finance.news.v1 the scoring group has not committed yet."""

@@ -9,7 +9,8 @@ import grpc
 
 from gateway.admission import Admission
 from gateway.settings import check_text_count
-from shared.errors import ModelNotFound, from_grpc_error
+from shared.classification import response_fields
+from shared.errors import from_grpc_error
 from shared.grpc_server import ServicerContext
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
@@ -48,10 +49,9 @@ class PipelineServicer(pb_grpc.PipelineServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: ServicerContext) -> pb.ClassifyResponse:
         self._admit(context)
         check_text_count(len(request.texts), self._max_texts)
-        if request.model_name and request.model_name != self._client.model_name:
-            raise ModelNotFound.named(request.model_name)
         result = await self._client.classify(
             list(request.texts),
+            model_name=request.model_name,
             model_version=request.model_version,
             thresholds=dict(request.thresholds),
             timeout_seconds=_deadline(context, self._classify_timeout),
@@ -59,16 +59,7 @@ class PipelineServicer(pb_grpc.PipelineServicer):
         return pb.ClassifyResponse(
             model_name=result.model_name,
             model_version=result.model_version,
-            results=[
-                pb.Classification(
-                    label=r.label,
-                    probabilities=r.probabilities,
-                    abstained=r.abstained,
-                    num_chunks=r.num_chunks,
-                    num_tokens=r.num_tokens,
-                )
-                for r in result.results
-            ],
+            results=[pb.Classification(**response_fields(r), num_tokens=r.num_tokens) for r in result.results],
         )
 
     async def Explain(

@@ -13,9 +13,12 @@ from gateway.admission import admit_caller
 from gateway.problems import Problem
 from gateway.schemas import (
     ChunkExplanation,
+    ClassifyRequest,
     ExplainRequest,
     ExplainResponse,
     FaithfulnessFigures,
+    ModelEntry,
+    ModelsResponse,
     SentimentRequest,
     SentimentResponse,
     SentimentResult,
@@ -23,10 +26,11 @@ from gateway.schemas import (
     WordAttribution,
 )
 from gateway.settings import GatewaySettings, check_text_count
+from shared.classification import response_fields
 from shared.errors import from_grpc_error
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
-from shared.pipeline import PipelineClient
+from shared.pipeline import ClassifyResult, PipelineClient
 
 EXPLAIN_PAGE = Path(__file__).parent / "static" / "explain.html"
 
@@ -48,7 +52,15 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1", dependencies=[Depends(admit_caller)], responses=PROBLEMS)
 
 
-@router.post("/sentiment", response_model=SentimentResponse, summary="Classify finance texts")
+def classify_response(result: ClassifyResult) -> SentimentResponse:
+    return SentimentResponse(
+        model_name=result.model_name,
+        model_version=result.model_version,
+        results=[SentimentResult(**response_fields(r), num_tokens=r.num_tokens) for r in result.results],
+    )
+
+
+@router.post("/sentiment", response_model=SentimentResponse, summary="Classify finance texts (the default model)")
 async def sentiment(body: SentimentRequest, request: Request) -> SentimentResponse:
     settings: GatewaySettings = request.app.state.settings
     check_text_count(len(body.texts), settings.max_texts)
@@ -59,19 +71,46 @@ async def sentiment(body: SentimentRequest, request: Request) -> SentimentRespon
         thresholds=body.thresholds,
         timeout_seconds=settings.request_timeout_seconds,
     )
-    return SentimentResponse(
-        model_name=result.model_name,
-        model_version=result.model_version,
-        results=[
-            SentimentResult(
-                label=r.label,
-                labels=r.labels,
-                probabilities=r.probabilities,
-                abstained=r.abstained,
-                num_chunks=r.num_chunks,
-                num_tokens=r.num_tokens,
+    return classify_response(result)
+
+
+@router.post("/classify", response_model=SentimentResponse, summary="Classify texts with a named model")
+async def classify(body: ClassifyRequest, request: Request) -> SentimentResponse:
+    """Any model in the repository (`GET /v1/models`), each answering with its own labels;
+    404 naming the models there are for one it lacks."""
+    settings: GatewaySettings = request.app.state.settings
+    check_text_count(len(body.texts), settings.max_texts)
+    client: PipelineClient = request.app.state.pipeline
+    result = await client.classify(
+        body.texts,
+        model_name=body.model,
+        model_version=body.version,
+        thresholds=body.thresholds,
+        timeout_seconds=settings.request_timeout_seconds,
+    )
+    return classify_response(result)
+
+
+@router.get("/models", response_model=ModelsResponse, summary="The models in the repository")
+async def models(request: Request) -> ModelsResponse:
+    """Names, versions and the serving version of each model, with that version's labels,
+    activation, languages and score mapping."""
+    settings: GatewaySettings = request.app.state.settings
+    client: PipelineClient = request.app.state.pipeline
+    listed = await client.models(timeout_seconds=settings.request_timeout_seconds)
+    return ModelsResponse(
+        default_model=client.model_name,
+        models=[
+            ModelEntry(
+                name=m.name,
+                versions=m.versions,
+                serving_version=m.serving_version,
+                labels=m.labels,
+                activation="sigmoid" if m.activation == "sigmoid" else "softmax",
+                languages=m.languages,
+                scores=m.scores,
             )
-            for r in result.results
+            for m in listed
         ],
     )
 
@@ -94,6 +133,7 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
                 target_label=body.target_label,
                 steps=body.steps,
                 model_version=body.model_version,
+                model_name=body.model,
             ),
             timeout=settings.explain_timeout_seconds,
         )

@@ -26,12 +26,53 @@ class SentimentResult(BaseModel):
     abstained: bool
     num_chunks: int
     num_tokens: int
+    score: float | None = Field(
+        None,
+        description="sum of p(label) * weight over the version's label-to-score mapping (its config's `scores`,"
+        " e.g. P(positive) - P(negative)); null when the version has none.",
+    )
 
 
 class SentimentResponse(BaseModel):
     model_name: str
     model_version: str
     results: list[SentimentResult]
+
+
+#: A model's name as the repository holds it: one folder name.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ClassifyRequest(BaseModel):
+    model: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=MODEL_NAME_PATTERN,
+        description="A model in the repository (`GET /v1/models`); another: 404 naming the models there are.",
+    )
+    version: str = Field("", max_length=32, description="Pin a version; empty: the version the rollout serves.")
+    texts: list[str] = Field(min_length=1, description="Texts; long ones are chunked and aggregated.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-label minimum probability over the version's own thresholds (see the model's `activation`).",
+    )
+
+
+class ModelEntry(BaseModel):
+    name: str
+    versions: list[str] = Field(description="Oldest first.")
+    serving_version: str = Field(description="The version answering unpinned requests; the fields below are its.")
+    labels: list[str]
+    activation: Literal["softmax", "sigmoid"] = Field(
+        description="softmax: one label per text; sigmoid: multi-label, each label at or above its threshold holds."
+    )
+    languages: list[str]
+    scores: dict[str, float] = Field(description="Label -> weight in `score`; empty: results carry no score.")
+
+
+class ModelsResponse(BaseModel):
+    default_model: str = Field(description="The model `/v1/sentiment` and requests naming none use.")
+    models: list[ModelEntry]
 
 
 class ExplainRequest(BaseModel):
@@ -43,6 +84,12 @@ class ExplainRequest(BaseModel):
         "",
         max_length=32,
         description="Explain with this version (the one the prediction came from); empty: the serving one.",
+    )
+    model: str = Field(
+        "",
+        max_length=128,
+        pattern=r"^$|" + MODEL_NAME_PATTERN[1:],
+        description="A model in the repository (`GET /v1/models`); empty: the default model.",
     )
 
 

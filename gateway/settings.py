@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.apikeys import check_key_name, digest_of
@@ -146,6 +146,33 @@ class GatewaySettings(BaseSettings):
             ):
                 raise ValueError(f"CORS origin {origin!r} is not an origin: write scheme://host[:port], no path or '/'")
         return value
+
+
+class DashboardSettings(BaseSettings):
+    """How much the dashboard's Kafka feed reads and keeps (env prefix
+    INFERMESH_GATEWAY_DASHBOARD_). Every gateway replica runs its own feed over every
+    partition of five topics, so its start and its memory are bounded here, not by the
+    topics' retention."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERMESH_GATEWAY_DASHBOARD_", extra="ignore")
+
+    history_records: NonNegativeInt = 1000
+    """Records per partition read back at start, on each followed topic: the feed starts at
+    each partition's high watermark less this (never at the earliest offset), then follows
+    new records. 0: new records only."""
+
+    windows_per_ticker: PositiveInt = 96
+    """Newest windows kept per ticker."""
+
+    max_tickers: PositiveInt = 500
+    """Tickers kept at once; past it the ticker whose newest window is oldest is dropped."""
+
+    alerts: PositiveInt = 20
+    """Newest alerts kept."""
+
+    fetch_max_bytes: PositiveInt = 4 * 1024 * 1024
+    """Largest fetch response the feed's consumer asks for (also its per-partition limit
+    when smaller than 1 MiB): the buffer its poll may hold at once."""
 
 
 def check_text_count(count: int, max_texts: int) -> None:

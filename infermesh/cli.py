@@ -619,8 +619,8 @@ def produce(
 
     from shared.kafka import KafkaSettings
     from shared.kafka_tracing import inject_headers
+    from shared.messages import NEWS_TOPIC, PoisonRecord, decode_news
     from shared.telemetry import configure_tracing
-    from workers.sentiment_monitor.messages import NEWS_TOPIC, PoisonRecord, decode_news
 
     configure_tracing("infermesh-cli")
     tracer = trace.get_tracer(__name__)
@@ -668,8 +668,8 @@ def tail(
     """Print a topic's records as JSON lines (dead letters with their reason headers)."""
     from kafka import KafkaConsumer
 
+    from shared import messages
     from shared.kafka import KafkaSettings
-    from workers.sentiment_monitor import messages
 
     name = {
         Topic.news: messages.NEWS_TOPIC,
@@ -707,7 +707,7 @@ def tail(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of finance.news.v1 items."""
-    from workers.sentiment_monitor.messages import news_json_schema
+    from shared.messages import news_json_schema
 
     typer.echo(json.dumps(news_json_schema(), indent=2))
 

@@ -81,9 +81,12 @@ class ModelNotFound(InfermeshError):
     title = "Model not found"
 
     @classmethod
-    def named(cls, name: str, version: str | None = None) -> ModelNotFound:
+    def named(cls, name: str, version: str | None = None, available: Iterable[str] | None = None) -> ModelNotFound:
+        """`available`: the models there are, named in the detail so the caller can pick one."""
         what = f"model {name!r} version {version!r}" if version else f"model {name!r}"
-        return cls(f"{what} is not in the model repository")
+        listed = sorted(available) if available is not None else None
+        known = f"; models: {', '.join(listed) if listed else 'none'}" if listed is not None else ""
+        return cls(f"{what} is not in the model repository{known}")
 
 
 class ModelNotReady(InfermeshError):

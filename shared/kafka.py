@@ -141,8 +141,13 @@ def unread_partitions(
     marks it reads are all newer than the call, never one cached from an earlier fetch
     (`end_offsets()` would be one request, but the embedded broker answers it wrongly).
     Raises on any failure or past the timeout: an unknown answer is not an empty one."""
+    timeout_ms = int(timeout_seconds * 1000)
     consumer = KafkaConsumer(
-        **client_config, enable_auto_commit=False, auto_offset_reset="earliest", max_partition_fetch_bytes=16 * 1024
+        **{**client_config, "bootstrap_timeout_ms": timeout_ms, "request_timeout_ms": timeout_ms},
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=16 * 1024,  # one record would do
+        fetch_max_wait_ms=10,  # an empty partition answers now, not after the default 500 ms
     )
     try:
         starts = dict(offsets)
@@ -166,7 +171,7 @@ def unread_partitions(
         while pending:
             if time.monotonic() > deadline:
                 raise KafkaTimeoutError(f"no fetch answered for {sorted(pending)}")
-            returned = {p for p, records in consumer.poll(timeout_ms=100, max_records=1).items() if records}
+            returned = {p for p, records in consumer.poll(timeout_ms=20, max_records=1).items() if records}
             for partition in list(pending):
                 highwater = consumer.highwater(partition)
                 if partition in returned:

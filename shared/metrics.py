@@ -162,11 +162,12 @@ WORKER_IDLE_CLOSED_WINDOWS = Counter(
 )
 WORKER_DROPPED_ITEMS = Counter(
     "infermesh_worker_dropped_items",
-    "Scored items the windowing stage left out of every window: late (their window had closed) "
-    "or future (stamped further ahead of the worker's clock than the skew allowance)",
+    "Scored items the windowing stage left out of every window: late (their window had closed), "
+    "future (stamped further ahead of the worker's clock than the skew allowance) or emitted "
+    "(their window was already emitted, e.g. read again after a rebalance)",
     ["reason"],
 )
-for _reason in ("late", "future"):  # exported at 0 from the start, so rate() and alerts see them
+for _reason in ("late", "future", "emitted"):  # exported at 0 from the start, so rate() and alerts see them
     WORKER_DROPPED_ITEMS.labels(_reason)
 WORKER_INTERNAL_DEAD_LETTERED = Counter(
     "infermesh_worker_internal_dead_lettered_records",

@@ -86,6 +86,10 @@ class ModelConfig(BaseModel):
     """Languages the version is meant for (BCP 47 codes), as its maker declared them."""
     pad_token_id: int = Field(default=0, ge=0)
     """The tokenizer's padding id: the explainer's baseline token."""
+    scores: dict[str, float] = Field(default_factory=dict)
+    """Label -> its weight in the monitor's score, score = sum of p(label) * weight
+    ({"negative": -1, "positive": 1} for sentiment); empty: the version has no score. The
+    post-processor computes it (`shared.classification.score`)."""
 
     @model_validator(mode="after")
     def _thresholds_name_labels(self) -> ModelConfig:
@@ -94,6 +98,9 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"threshold for unknown label {label!r}; labels are {self.labels}")
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"threshold for {label!r} is {value}; it must be within [0, 1]")
+        for label in self.scores:
+            if label not in self.labels:
+                raise ValueError(f"score for unknown label {label!r}; labels are {self.labels}")
         return self
 
 
@@ -135,7 +142,10 @@ class ModelRepository:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
 
     def versions(self, name: str) -> list[str]:
-        """Versions with a config file, oldest first."""
+        """Versions with a config file, oldest first; none for a name that is not one
+        folder's name (names come from callers: "../x" must not leave the repository)."""
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            return []
         folder = self.root / name
         if not folder.is_dir():
             return []
@@ -146,12 +156,18 @@ class ModelRepository:
         """The version to use: the one asked for, else the latest."""
         versions = self.versions(name)
         if not versions:
-            raise ModelNotFound.named(name)
+            raise ModelNotFound.named(name, available=self.model_names())
         if not version:
             return versions[-1]
         if version not in versions:
             raise ModelNotFound.named(name, version)
         return version
+
+    def serving_version(self, name: str) -> str:
+        """The version answering unpinned requests: the rollout rule's, else the latest."""
+        latest = self.resolve(name)
+        rule = self.rollout(name)
+        return rule.serving if rule is not None else latest
 
     def path(self, name: str, version: str) -> Path:
         return self.root / name / version

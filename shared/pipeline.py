@@ -34,7 +34,7 @@ from shared.pb import tokenizer_pb2 as tok_pb
 from shared.pb import tokenizer_pb2_grpc as tok_grpc
 
 DEFAULT_MODEL = "finance-sentiment"
-#: Distinct (version, thresholds) option sets that get a shared round; others run alone.
+#: Distinct (model, version, thresholds) option sets that get a shared round; others run alone.
 MAX_ROUND_KEYS = 16
 
 
@@ -57,6 +57,9 @@ class Classification:
     deciding_chunk: int
     labels: list[str] = field(default_factory=list)
     """Every label that holds (several for a multi-label version); empty when abstained."""
+    score: float | None = None
+    """The version's score, computed by the post-processor from its label -> weight mapping
+    (`shared.classification.score`); None when the version has none."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,20 @@ class ClassifyResult:
     model_name: str
     model_version: str
     results: list[Classification] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model in the repository, as its serving version describes it (the
+    post-processor's ListModels)."""
+
+    name: str
+    versions: list[str]
+    serving_version: str
+    labels: list[str]
+    activation: str
+    languages: list[str]
+    scores: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -106,7 +123,7 @@ class PipelineClient:
             max_concurrent_batches=concurrent_rounds,
             padded_cost=False,
         )
-        self._rounds: dict[tuple[str, tuple[tuple[str, float], ...]], DynamicBatcher[_Call, ClassifyResult]] = {}
+        self._rounds: dict[tuple[str, str, tuple[tuple[str, float], ...]], DynamicBatcher[_Call, ClassifyResult]] = {}
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         self._channels = [
             channel(target, options=options)
@@ -134,9 +151,12 @@ class PipelineClient:
         model_version: str = "",
         thresholds: Mapping[str, float] | None = None,
         timeout_seconds: float | None = None,
+        model_name: str = "",
     ) -> ClassifyResult:
         """Labels and calibrated probabilities for each text; long texts are chunked and
-        their chunks aggregated. Raises `shared.errors` types, never raw gRPC errors."""
+        their chunks aggregated. `model_name` empty: the client's model. Raises
+        `shared.errors` types (ModelNotFound naming the models there are), never raw gRPC
+        errors."""
         if not texts:
             raise InvalidInput("texts is empty; send at least one text")
         for index, text in enumerate(texts):
@@ -145,15 +165,16 @@ class PipelineClient:
             except UnicodeEncodeError:
                 raise InvalidInput(f"text {index} is not valid Unicode (it holds a lone surrogate)") from None
         timeout = timeout_seconds or self.timeout_seconds
-        key = (model_version, tuple(sorted((thresholds or {}).items())))
+        model_name = model_name or self.model_name
+        key = (model_name, model_version, tuple(sorted((thresholds or {}).items())))
         batcher = self._rounds.get(key)
         if len(texts) >= self._round_policy.max_batch_size or (batcher is None and len(self._rounds) >= MAX_ROUND_KEYS):
             # Big calls gain nothing from sharing; rare option sets must not grow the table.
-            return await self._classify_now(list(texts), model_version, thresholds, timeout)
+            return await self._classify_now(list(texts), model_name, model_version, thresholds, timeout)
         if batcher is None:
 
             async def run_round(calls: list[_Call]) -> list[ClassifyResult | BaseException]:
-                return await self._run_round(calls, model_version, thresholds)
+                return await self._run_round(calls, model_name, model_version, thresholds)
 
             # Each round's span continues the first caller's trace and links the others'.
             batcher = DynamicBatcher(
@@ -172,23 +193,24 @@ class PipelineClient:
         return result
 
     async def _run_round(
-        self, calls: list[_Call], model_version: str, thresholds: Mapping[str, float] | None
+        self, calls: list[_Call], model_name: str, model_version: str, thresholds: Mapping[str, float] | None
     ) -> list[ClassifyResult | BaseException]:
         merged = [text for call in calls for text in call.texts]
         # The round lives as long as its most patient caller; the others stop waiting on their own.
         timeout = max(0.001, max(call.deadline for call in calls) - time.monotonic())
-        return await self._round(calls, merged, model_version, thresholds, timeout)
+        return await self._round(calls, merged, model_name, model_version, thresholds, timeout)
 
     async def _round(
         self,
         calls: list[_Call],
         merged: list[str],
+        model_name: str,
         model_version: str,
         thresholds: Mapping[str, float] | None,
         timeout: float,
     ) -> list[ClassifyResult | BaseException]:
         try:
-            result = await self._classify_now(merged, model_version, thresholds, timeout)
+            result = await self._classify_now(merged, model_name, model_version, thresholds, timeout)
         except (InvalidInput, InputTooLarge):
             if len(calls) == 1:
                 raise
@@ -197,7 +219,11 @@ class PipelineClient:
                 await asyncio.gather(
                     *(
                         self._classify_now(
-                            call.texts, model_version, thresholds, max(0.001, call.deadline - time.monotonic())
+                            call.texts,
+                            model_name,
+                            model_version,
+                            thresholds,
+                            max(0.001, call.deadline - time.monotonic()),
                         )
                         for call in calls
                     ),
@@ -213,22 +239,28 @@ class PipelineClient:
         return results
 
     async def _classify_now(
-        self, texts: list[str], model_version: str, thresholds: Mapping[str, float] | None, timeout: float
+        self,
+        texts: list[str],
+        model_name: str,
+        model_version: str,
+        thresholds: Mapping[str, float] | None,
+        timeout: float,
     ) -> ClassifyResult:
         deadline = time.monotonic() + timeout
         try:
             tokenized = await self._tokenizer.Tokenize(
-                tok_pb.TokenizeRequest(texts=list(texts)), timeout=_remaining(deadline)
+                tok_pb.TokenizeRequest(texts=list(texts), model_name=model_name, model_version=model_version),
+                timeout=_remaining(deadline),
             )
             rows = [
                 _Row(document, index, chunk.input_ids, chunk.attention_mask)
                 for document, result in enumerate(tokenized.results)
                 for index, chunk in enumerate(result.chunks)
             ]
-            logits, version = await self._infer(rows, model_version, deadline)
+            logits, version = await self._infer(rows, model_name, model_version, deadline)
             post = await self._postprocessor.Postprocess(
                 post_pb.PostprocessRequest(
-                    model_name=self.model_name,
+                    model_name=model_name,
                     model_version=version,
                     logits=logits.reshape(-1).tolist(),
                     num_labels=logits.shape[1],
@@ -252,13 +284,14 @@ class PipelineClient:
                     num_tokens=tokens.num_tokens,
                     deciding_chunk=document.deciding_chunk,
                     labels=list(document.labels),
+                    score=document.score if document.HasField("score") else None,
                 )
                 for document, tokens in zip(post.results, tokenized.results, strict=True)
             ],
         )
 
     async def _infer(
-        self, rows: list[_Row], model_version: str, deadline: float
+        self, rows: list[_Row], model_name: str, model_version: str, deadline: float
     ) -> tuple[npt.NDArray[np.float32], str]:
         """Logits per row, in row order, from as few ModelInfer calls as the row limit
         allows. Rows are sorted by length so each call pads little."""
@@ -266,14 +299,19 @@ class PipelineClient:
         groups = [order[i : i + self.rows_per_infer_call] for i in range(0, len(order), self.rows_per_infer_call)]
         if not model_version:
             # Pin the version the first call gets, so every row is scored by one version.
-            first_logits, model_version = await self._infer_group([rows[i] for i in groups[0]], "", deadline)
+            first_logits, model_version = await self._infer_group(
+                [rows[i] for i in groups[0]], model_name, "", deadline
+            )
             rest = await asyncio.gather(
-                *(self._infer_group([rows[i] for i in group], model_version, deadline) for group in groups[1:])
+                *(
+                    self._infer_group([rows[i] for i in group], model_name, model_version, deadline)
+                    for group in groups[1:]
+                )
             )
             outputs = [first_logits, *(logits for logits, _ in rest)]
         else:
             results = await asyncio.gather(
-                *(self._infer_group([rows[i] for i in group], model_version, deadline) for group in groups)
+                *(self._infer_group([rows[i] for i in group], model_name, model_version, deadline) for group in groups)
             )
             outputs = [logits for logits, _ in results]
         stacked = np.concatenate(outputs)
@@ -282,11 +320,11 @@ class PipelineClient:
         return logits, model_version
 
     async def _infer_group(
-        self, rows: list[_Row], model_version: str, deadline: float
+        self, rows: list[_Row], model_name: str, model_version: str, deadline: float
     ) -> tuple[npt.NDArray[np.float32], str]:
         input_ids, attention_mask = pad_right([row.input_ids for row in rows])
         request = infer_pb.ModelInferRequest(
-            model_name=self.model_name,
+            model_name=model_name,
             model_version=model_version,
             inputs=[
                 infer_pb.ModelInferRequest.InferInputTensor(
@@ -303,6 +341,27 @@ class PipelineClient:
         output = response.outputs[0]
         logits = oip.decode_raw(output.name, output.datatype, list(output.shape), response.raw_output_contents[0])
         return np.asarray(logits, dtype=np.float32), response.model_version
+
+    async def models(self, timeout_seconds: float | None = None) -> list[ModelInfo]:
+        """Every model in the repository (the post-processor reads it), by name."""
+        try:
+            reply = await self._postprocessor.ListModels(
+                post_pb.ListModelsRequest(), timeout=timeout_seconds or self.timeout_seconds
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_grpc_error(error) from None
+        return [
+            ModelInfo(
+                name=m.name,
+                versions=list(m.versions),
+                serving_version=m.serving_version,
+                labels=list(m.labels),
+                activation=m.activation,
+                languages=list(m.languages),
+                scores=dict(m.scores),
+            )
+            for m in reply.models
+        ]
 
 
 def _remaining(deadline: float) -> float:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from infermesh.model.encoder import BASE_PACKAGE, base_encoder_path, base_package_version
+from shared.classification import sentiment_scores
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +249,7 @@ def build_model_repository(
             temperature=summary["temperature"],
             default_variant="int8",
             base_model=f"{BASE_PACKAGE}=={base_package_version()}",
+            scores=sentiment_scores(summary["labels"]),
         )
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if before_publish is not None:

@@ -316,6 +316,7 @@ def import_checkpoint(
     from services.inference.backends.onnxruntime import OnnxRuntimeBackend
     from services.tokenizer.core import Overflow, Tokenizer, TokenizerLimits
     from shared.calibration import fit_sigmoid_temperature, fit_temperature, sigmoid, softmax
+    from shared.classification import sentiment_scores
     from shared.model_repository import ModelConfig
     from shared.padding import pad_right
 
@@ -416,6 +417,7 @@ def import_checkpoint(
             thresholds=thresholds,
             languages=list(languages),
             pad_token_id=checkpoint.config.pad_token_id or 0,
+            scores=sentiment_scores(checkpoint.labels),
         )
         ModelConfig.model_validate(config)  # what every service will read must load
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -8,7 +8,7 @@ import time
 from services.explainer.admission import ExplainAdmission
 from services.explainer.core import Explanation, Method
 from services.explainer.versions import ExplainerVersions
-from shared.errors import DeadlineExceeded, InputTooLarge, ModelNotFound
+from shared.errors import DeadlineExceeded, InputTooLarge
 from shared.grpc_server import ServicerContext
 from shared.metrics import (
     EXPLAINER_ABANDONED,
@@ -71,10 +71,8 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
         self._admission = admission
 
     async def Explain(self, request: pb.ExplainRequest, context: ServicerContext) -> pb.ExplainResponse:
-        model_name = self._versions.settings.model_name
-        if request.model_name and request.model_name != model_name:
-            raise ModelNotFound(f"this explainer serves {model_name!r}, not {request.model_name!r}")
-        version, explainer = await self._versions.get(request.model_version)
+        model_name = request.model_name or self._versions.settings.model_name
+        version, explainer = await self._versions.get(request.model_version, model_name)
         method = _METHODS.get(request.method, Method.INTEGRATED_GRADIENTS)
         try:
             # Every limit, the cost one included, before the call takes a place in the queue.
@@ -99,7 +97,7 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
                 raise
         EXPLAINER_EXPLANATIONS.labels(method.value).inc(len(explanations))
         # Asked of the inference service (cached per version), never taken from configuration.
-        served = await self._versions.served_variant(version, deadline - time.monotonic())
+        served = await self._versions.served_variant(version, deadline - time.monotonic(), model_name)
         return pb.ExplainResponse(
             explanations=[explanation_to_pb(e) for e in explanations],
             model_name=model_name,

@@ -24,14 +24,16 @@ class ExplainerSettings(BaseServiceSettings):
     """Model repository: the tokenizer, the merged weights (hf/) and the labels come from here."""
 
     model_name: str = "finance-sentiment"
-    """Model to explain."""
+    """Default model: the one a request naming none gets (every model in the repository
+    can be explained)."""
 
     model_version: str = ""
     """Version for requests that name none; empty: the version the rollout rule serves, else
     the latest. Requests may name any version (the one their prediction came from)."""
 
     max_loaded_versions: int = 2
-    """Versions kept in memory (each holds its weights for integrated gradients)."""
+    """(model, version) explainers kept in memory (each holds its weights for integrated
+    gradients); the least recently used goes first."""
 
     inference: str = "127.0.0.1:8001"
     """Inference service address (occlusion and faithfulness are scored there)."""

@@ -56,50 +56,55 @@ def describe_served(headers: Sequence[tuple[str, str | bytes]]) -> str:
 
 
 class ExplainerVersions:
-    """Explainers by version, at most `max_loaded_versions` in memory (least recently used
-    goes first; a request already holding one finishes with it)."""
+    """Explainers by (model, version), at most `max_loaded_versions` in memory (least
+    recently used goes first; a request already holding one finishes with it). A request
+    naming no model gets the settings' `model_name`."""
 
     def __init__(self, settings: ExplainerSettings) -> None:
         self.settings = settings
         self.repository = ModelRepository(settings.model_repository)
         self._channel = channel(settings.inference, tls=settings.tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._loaded: OrderedDict[str, Explainer] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, str], Explainer] = OrderedDict()
         self._lock = asyncio.Lock()
-        self._served: dict[str, tuple[str, float]] = {}
+        self._served: dict[tuple[str, str], tuple[str, float]] = {}
         """What serves each version, as the inference service said, and when it said it."""
 
-    def default_version(self) -> str:
-        """The configured version, else the one the rollout rule serves, else the latest."""
-        name = self.settings.model_name
-        if self.settings.model_version:
+    def default_version(self, model_name: str = "") -> str:
+        """The configured version (default model), else the one the rollout rule serves,
+        else the latest."""
+        name = model_name or self.settings.model_name
+        if self.settings.model_version and name == self.settings.model_name:
             return self.repository.resolve(name, self.settings.model_version)
-        rule = self.repository.rollout(name)
-        return rule.serving if rule is not None else self.repository.resolve(name)
+        return self.repository.serving_version(name)
 
-    async def get(self, version: str = "") -> tuple[str, Explainer]:
-        """(the version, its explainer); ModelNotFound if the repository lacks it."""
-        version = self.repository.resolve(self.settings.model_name, version) if version else self.default_version()
+    async def get(self, version: str = "", model_name: str = "") -> tuple[str, Explainer]:
+        """(the version, its explainer); ModelNotFound (naming the models there are) if the
+        repository lacks it."""
+        name = model_name or self.settings.model_name
+        version = self.repository.resolve(name, version) if version else self.default_version(name)
+        key = (name, version)
         async with self._lock:
-            explainer = self._loaded.get(version)
+            explainer = self._loaded.get(key)
             if explainer is None:
-                explainer = await asyncio.to_thread(self._build, version)
-                self._loaded[version] = explainer
+                explainer = await asyncio.to_thread(self._build, name, version)
+                self._loaded[key] = explainer
                 while len(self._loaded) > self.settings.max_loaded_versions:
                     evicted, _ = self._loaded.popitem(last=False)
-                    logger.info("explainer dropped version %s", evicted)
-            self._loaded.move_to_end(version)
+                    logger.info("explainer dropped %s version %s", *evicted)
+            self._loaded.move_to_end(key)
             return version, explainer
 
-    async def served_variant(self, version: str, timeout: float = SERVED_TIMEOUT_SECONDS) -> str:
+    async def served_variant(self, version: str, timeout: float = SERVED_TIMEOUT_SECONDS, model_name: str = "") -> str:
         """What the inference service serves `version` with (`describe_served`), asked at
         most every SERVED_TTL_SECONDS per version; UNKNOWN, and asked again next time, when
         the call fails."""
+        name = model_name or self.settings.model_name
         now = time.monotonic()
-        cached = self._served.get(version)
+        cached = self._served.get((name, version))
         if cached is not None and now - cached[1] < SERVED_TTL_SECONDS:
             return cached[0]
-        request = pb.ModelMetadataRequest(name=self.settings.model_name, version=version)
+        request = pb.ModelMetadataRequest(name=name, version=version)
         try:
             call = self._stub.ModelMetadata(request, timeout=max(0.05, min(timeout, SERVED_TIMEOUT_SECONDS)))
             await call
@@ -108,23 +113,23 @@ class ExplainerVersions:
             logger.warning("could not ask the inference service what serves version %s: %s", version, error.code())
             return UNKNOWN
         served = describe_served(tuple(headers or ()))
-        self._served[version] = (served, now)
+        self._served[(name, version)] = (served, now)
         return served
 
-    def _build(self, version: str) -> Explainer:
+    def _build(self, name: str, version: str) -> Explainer:
         settings = self.settings
-        config = self.repository.config(settings.model_name, version)
-        folder = self.repository.path(settings.model_name, version)
+        config = self.repository.config(name, version)
+        folder = self.repository.path(name, version)
         tokenizer = Tokenizer(
             folder / config.tokenizer,
-            settings.model_name,
+            name,
             TokenizerLimits(config.max_sequence_length, 32, settings.max_texts, settings.max_text_bytes),
             masker=PiiMasker(settings.mask_pii_kinds) if settings.mask_pii else None,
         )
-        logger.info("explainer loaded %s version %s", settings.model_name, version)
+        logger.info("explainer loaded %s version %s", name, version)
         return Explainer(
             tokenizer,
-            OipProbabilities(self._stub, settings.model_name, version),
+            OipProbabilities(self._stub, name, version),
             IntegratedGradients(
                 folder / "hf",
                 config.temperature,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.calibration import calibrated
+from shared.classification import score
 from shared.errors import InputTooLarge, InvalidInput
 from shared.model_repository import ModelConfig, ModelRepository
 
@@ -45,6 +47,8 @@ class DocumentResult:
     labels: list[str]
     """The labels that hold: [label] for a single-label version, every label at or above
     its threshold (most probable first) for a multi-label one; empty when abstained."""
+    score: float | None = None
+    """The version's score (`shared.classification.score`); None when it has no mapping."""
 
 
 @dataclass(frozen=True)
@@ -57,24 +61,66 @@ class PostprocessResult:
     abstain_label: str
 
 
-class Postprocessor:
-    """Reads each model version's labels and temperature from the model repository."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """One model as ListModels describes it: its versions and its serving version's config."""
 
-    def __init__(self, repository: ModelRepository, abstain_label: str = "abstain", max_rows: int = 65536) -> None:
+    name: str
+    versions: list[str]
+    serving: ModelConfig
+    scores: dict[str, float]
+    """The serving version's score mapping (the service's override, if any, else the config's)."""
+
+
+class Postprocessor:
+    """Reads each model version's labels, temperature and score mapping from the model
+    repository; a request naming no model gets `default_model`."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        abstain_label: str = "abstain",
+        max_rows: int = 65536,
+        default_model: str = "finance-sentiment",
+        scores: Mapping[str, Mapping[str, float]] | None = None,
+        max_configs: int = 64,
+    ) -> None:
         self.repository = repository
         self.abstain_label = abstain_label
         self.max_rows = max_rows
-        self._configs: dict[tuple[str, str], ModelConfig] = {}
+        self.default_model = default_model
+        self.score_overrides = {name: dict(mapping) for name, mapping in (scores or {}).items()}
+        self.max_configs = max_configs
+        self._configs: OrderedDict[tuple[str, str], ModelConfig] = OrderedDict()
 
     def _config(self, name: str, version: str) -> ModelConfig:
         # A pinned version is immutable once built: no need to list the repository again.
-        if (name, version) in self._configs:
-            return self._configs[(name, version)]
-        resolved = self.repository.resolve(name, version)
+        config = self._configs.get((name, version))
+        if config is not None:
+            self._configs.move_to_end((name, version))
+            return config
+        resolved = self.repository.resolve(name, version) if version else self.repository.serving_version(name)
         key = (name, resolved)
-        if key not in self._configs:
-            self._configs[key] = self.repository.config(name, resolved)
-        return self._configs[key]
+        config = self._configs.get(key) or self.repository.config(name, resolved)
+        self._configs[key] = config
+        self._configs.move_to_end(key)
+        while len(self._configs) > self.max_configs:
+            self._configs.popitem(last=False)
+        return config
+
+    def scores(self, config: ModelConfig) -> dict[str, float]:
+        """The label -> weight mapping of the score: the service's override for the model,
+        else the version's config."""
+        override = self.score_overrides.get(config.name)
+        return dict(override) if override is not None else dict(config.scores)
+
+    def models(self) -> list[ModelFacts]:
+        """Every model in the repository, described by its serving version."""
+        facts = []
+        for name in self.repository.model_names():
+            serving = self._config(name, self.repository.serving_version(name))
+            facts.append(ModelFacts(name, self.repository.versions(name), serving, self.scores(serving)))
+        return facts
 
     def process(
         self,
@@ -87,10 +133,10 @@ class Postprocessor:
         thresholds: Mapping[str, float] | None = None,
         aggregation: Aggregation = Aggregation.MEAN,
     ) -> PostprocessResult:
-        if not model_name:
-            raise InvalidInput("model_name is empty")
+        model_name = model_name or self.default_model
         config = self._config(model_name, model_version)
         labels = config.labels
+        scores = self.scores(config)
         if num_labels != len(labels):
             raise InvalidInput(f"num_labels is {num_labels}; model {model_name!r} has {len(labels)} labels")
         flat = np.asarray(logits, dtype=np.float64)
@@ -141,6 +187,7 @@ class Postprocessor:
                     abstained=abstained,
                     num_chunks=len(rows_of_document),
                     deciding_chunk=int(chunk_probabilities[:, top].argmax()),
+                    score=score(dict(zip(labels, (float(p) for p in combined), strict=True)), scores),
                 )
             )
         return PostprocessResult(

@@ -9,6 +9,7 @@ import grpc
 from services.postprocessor.core import Postprocessor
 from services.postprocessor.servicer import PostprocessorServicer
 from services.postprocessor.settings import PostprocessorSettings
+from shared.errors import ModelLoadFailed
 from shared.grpc_server import (
     RunningServer,
     exit_on_startup_error,
@@ -26,7 +27,24 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PostprocessService"].full_na
 
 
 async def start(settings: PostprocessorSettings) -> RunningServer:
-    postprocessor = Postprocessor(ModelRepository(settings.model_repository), settings.abstain_label, settings.max_rows)
+    postprocessor = Postprocessor(
+        ModelRepository(settings.model_repository),
+        settings.abstain_label,
+        settings.max_rows,
+        default_model=settings.model_name,
+        scores=settings.scores,
+    )
+    repository = postprocessor.repository
+    for name, mapping in settings.scores.items():
+        if name not in repository.model_names():
+            continue
+        labels = repository.config(name, repository.serving_version(name)).labels
+        unknown = sorted(set(mapping) - set(labels))
+        if unknown:
+            # A typo in the override would score 0 for that label without a word: refuse.
+            raise ModelLoadFailed(
+                f"INFERMESH_POSTPROCESSOR_SCORES for {name!r} names {unknown}; its labels are {labels}"
+            )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_PostprocessServiceServicer_to_server(PostprocessorServicer(postprocessor), server)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from opentelemetry import trace
 
-from services.postprocessor.core import Aggregation, Postprocessor, PostprocessResult
+from services.postprocessor.core import Aggregation, ModelFacts, Postprocessor, PostprocessResult
+from shared.classification import response_fields
 from shared.grpc_server import ServicerContext
 from shared.metrics import POSTPROCESS_DOCUMENTS
 from shared.pb import postprocess_pb2 as pb
@@ -20,21 +23,29 @@ _AGGREGATION = {
 def result_to_pb(result: PostprocessResult) -> pb.PostprocessResponse:
     return pb.PostprocessResponse(
         labels=result.labels,
-        results=[
-            pb.DocumentResult(
-                label=r.label,
-                probabilities=r.probabilities,
-                abstained=r.abstained,
-                num_chunks=r.num_chunks,
-                deciding_chunk=r.deciding_chunk,
-                labels=r.labels,
-            )
-            for r in result.results
-        ],
+        results=[pb.DocumentResult(**response_fields(r), deciding_chunk=r.deciding_chunk) for r in result.results],
         model_name=result.model_name,
         model_version=result.model_version,
         temperature=result.temperature,
         abstain_label=result.abstain_label,
+    )
+
+
+def models_to_pb(models: list[ModelFacts], default_model: str) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        default_model=default_model,
+        models=[
+            pb.ModelDescription(
+                name=m.name,
+                versions=m.versions,
+                serving_version=m.serving.version,
+                labels=m.serving.labels,
+                activation=m.serving.activation,
+                languages=m.serving.languages,
+                scores=m.scores,
+            )
+            for m in models
+        ],
     )
 
 
@@ -64,3 +75,7 @@ class PostprocessorServicer(pb_grpc.PostprocessServiceServicer):
         for document in result.results:
             POSTPROCESS_DOCUMENTS.labels(result.model_name, result.model_version, document.label).inc()
         return result_to_pb(result)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: ServicerContext) -> pb.ListModelsResponse:
+        models = await asyncio.to_thread(self._postprocessor.models)
+        return models_to_pb(models, self._postprocessor.default_model)

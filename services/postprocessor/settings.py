@@ -21,6 +21,15 @@ class PostprocessorSettings(BaseServiceSettings):
     model_repository: Path = Path("models")
     """Model repository holding each version's labels and temperature."""
 
+    model_name: str = "finance-sentiment"
+    """Default model: the one a request naming none gets (every model in the repository
+    is served)."""
+
+    scores: dict[str, dict[str, float]] = {}
+    """Per model, a label -> weight score mapping used instead of its versions' own
+    (`scores` in config.json), as JSON: `{"my-model": {"bad": -1, "good": 1}}`; for models
+    whose config has none (an import whose labels are not recognisably sentiment)."""
+
     abstain_label: str = "abstain"
     """Label returned when the top probability is below its threshold."""
 

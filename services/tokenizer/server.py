@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from services.tokenizer.core import Tokenizer, TokenizerLimits
+from services.tokenizer.models import TokenizerDefaults, TokenizerModels
 from services.tokenizer.pii import PiiMasker
 from services.tokenizer.servicer import TokenizerServicer
 from services.tokenizer.settings import TokenizerSettings
@@ -26,30 +26,37 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TokenizerService"].full_name
 
 
-def build_tokenizer(settings: TokenizerSettings) -> Tokenizer:
-    repository = ModelRepository(settings.model_repository)
-    version = repository.resolve(settings.model_name, settings.model_version)
-    config = repository.config(settings.model_name, version)
-    limits = TokenizerLimits(
-        max_length=settings.max_length or config.max_sequence_length,
+def build_tokenizers(settings: TokenizerSettings) -> TokenizerModels:
+    """Every model's tokenizers; the default model's is loaded now, so a broken default
+    fails the start rather than the first request."""
+    masker = PiiMasker(settings.mask_pii_kinds) if settings.mask_pii else None
+    defaults = TokenizerDefaults(
+        max_length=settings.max_length,
         default_stride=settings.stride,
         max_texts=settings.max_texts,
         max_text_bytes=settings.max_text_bytes,
     )
-    path = repository.path(settings.model_name, version) / config.tokenizer
-    masker = PiiMasker(settings.mask_pii_kinds) if settings.mask_pii else None
-    return Tokenizer(path, model_name=settings.model_name, limits=limits, masker=masker)
+    models = TokenizerModels(
+        ModelRepository(settings.model_repository),
+        settings.model_name,
+        defaults,
+        masker=masker,
+        default_version=settings.model_version,
+        max_loaded=settings.max_loaded_models,
+    )
+    models.get()
+    return models
 
 
 async def start(settings: TokenizerSettings) -> RunningServer:
-    tokenizer = build_tokenizer(settings)
+    tokenizers = build_tokenizers(settings)
 
     def register(server: grpc.aio.Server) -> None:
-        pb_grpc.add_TokenizerServiceServicer_to_server(TokenizerServicer(tokenizer), server)
+        pb_grpc.add_TokenizerServiceServicer_to_server(TokenizerServicer(tokenizers), server)
 
     running = await start_server(settings, register, [SERVICE_NAME])
     await running.set_serving(True)
-    masking = ", ".join(sorted(k.value for k in tokenizer.masker.kinds)) if tokenizer.masker else "off"
+    masking = ", ".join(sorted(k.value for k in tokenizers.masker.kinds)) if tokenizers.masker else "off"
     logger.info("tokenizer serving on %s:%d (PII masking: %s)", settings.host, running.port, masking)
     return running
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from opentelemetry import trace
 
 from services.tokenizer.core import Overflow, TokenizedText, Tokenizer
+from services.tokenizer.models import TokenizerModels
 from shared.grpc_server import ServicerContext
 from shared.metrics import TOKENIZER_CHUNKS, TOKENIZER_TEXTS, TOKENIZER_TOKENS, TOKENIZER_TRUNCATED
 from shared.pb import tokenizer_pb2 as pb
@@ -32,11 +35,17 @@ def tokenized_to_pb(result: TokenizedText) -> pb.TokenizedText:
 
 
 class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, models: TokenizerModels) -> None:
+        self._models = models
+
+    async def _tokenizer(self, model_name: str, model_version: str) -> tuple[str, Tokenizer]:
+        if self._models.is_loaded(model_name, model_version):
+            return self._models.get(model_name, model_version)
+        return await asyncio.to_thread(self._models.get, model_name, model_version)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: ServicerContext) -> pb.TokenizeResponse:
-        results = await self._tokenizer.tokenize_async(
+        _, tokenizer = await self._tokenizer(request.model_name, request.model_version)
+        results = await tokenizer.tokenize_async(
             list(request.texts),
             max_length=request.max_length or None,
             stride=request.stride or None,
@@ -63,10 +72,12 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
     async def GetTokenizerInfo(
         self, request: pb.GetTokenizerInfoRequest, context: ServicerContext
     ) -> pb.GetTokenizerInfoResponse:
-        limits = self._tokenizer.limits
+        version, tokenizer = await self._tokenizer(request.model_name, request.model_version)
+        limits = tokenizer.limits
         return pb.GetTokenizerInfoResponse(
-            model_name=self._tokenizer.model_name,
-            vocab_size=self._tokenizer.vocab_size,
+            model_name=tokenizer.model_name,
+            model_version=version,
+            vocab_size=tokenizer.vocab_size,
             max_length=limits.max_length,
             default_stride=limits.default_stride,
             max_texts=limits.max_texts,

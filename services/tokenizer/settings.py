@@ -23,10 +23,15 @@ class TokenizerSettings(BaseServiceSettings):
     """Model repository the tokenizer file is read from."""
 
     model_name: str = "finance-sentiment"
-    """Model whose tokenizer this service runs."""
+    """Default model: the one a request naming none gets (every model in the repository
+    is served)."""
 
     model_version: str = ""
-    """Version to take the tokenizer from; empty means the latest."""
+    """The default model's version for requests pinning none; empty means the version the
+    rollout rule serves, else the latest."""
+
+    max_loaded_models: int = 8
+    """(model, version) tokenizers kept in memory; the least recently used goes first."""
 
     max_length: int = 0
     """Tokens per chunk, special tokens included; 0 means the model's max_sequence_length."""

@@ -49,7 +49,9 @@ class ClassifyRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     THRESHOLDS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
-    """Empty: the default model; empty version: the version the server's policy picks."""
+    """Empty: the default model; empty version: the version the server's policy picks. A
+    model not in the repository: NOT_FOUND naming the models there are.
+    """
     model_version: _builtins.str
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -100,12 +102,22 @@ class Classification(_message.Message):
     ABSTAINED_FIELD_NUMBER: _builtins.int
     NUM_CHUNKS_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     abstained: _builtins.bool
     num_chunks: _builtins.int
     num_tokens: _builtins.int
+    score: _builtins.float
+    """The version's score (its config's label-to-score mapping); unset when it has none."""
     @_builtins.property
     def probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every label that holds: the one label of a single-label model, each label at or above
+        its threshold for a multi-label one; empty when abstained.
+        """
+
     def __init__(
         self,
         *,
@@ -114,12 +126,16 @@ class Classification(_message.Message):
         abstained: _builtins.bool = ...,
         num_chunks: _builtins.int = ...,
         num_tokens: _builtins.int = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abstained", b"abstained", "label", b"label", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "probabilities", b"probabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "label", b"label", "labels", b"labels", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "probabilities", b"probabilities", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
+    _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
 
 Global___Classification: _TypeAlias = Classification  # noqa: Y015
 

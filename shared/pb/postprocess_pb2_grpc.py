@@ -39,6 +39,11 @@ class PostprocessServiceStub:
                 request_serializer=postprocess__pb2.PostprocessRequest.SerializeToString,
                 response_deserializer=postprocess__pb2.PostprocessResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/infermesh.postprocess.v1.PostprocessService/ListModels',
+                request_serializer=postprocess__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=postprocess__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class PostprocessServiceServicer:
@@ -50,6 +55,13 @@ class PostprocessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model in the repository with its versions and what its serving version says.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PostprocessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_PostprocessServiceServicer_to_server(servicer, server):
                     servicer.Postprocess,
                     request_deserializer=postprocess__pb2.PostprocessRequest.FromString,
                     response_serializer=postprocess__pb2.PostprocessResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=postprocess__pb2.ListModelsRequest.FromString,
+                    response_serializer=postprocess__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class PostprocessService:
             '/infermesh.postprocess.v1.PostprocessService/Postprocess',
             postprocess__pb2.PostprocessRequest.SerializeToString,
             postprocess__pb2.PostprocessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infermesh.postprocess.v1.PostprocessService/ListModels',
+            postprocess__pb2.ListModelsRequest.SerializeToString,
+            postprocess__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

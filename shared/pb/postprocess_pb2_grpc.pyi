@@ -34,11 +34,15 @@ class PostprocessServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PostprocessServiceAsyncStub: ...
     Postprocess: _grpc.UnaryUnaryMultiCallable[_postprocess_pb2.PostprocessRequest, _postprocess_pb2.PostprocessResponse]
+    ListModels: _grpc.UnaryUnaryMultiCallable[_postprocess_pb2.ListModelsRequest, _postprocess_pb2.ListModelsResponse]
+    """Every model in the repository with its versions and what its serving version says."""
 
 @_typing.type_check_only
 class PostprocessServiceAsyncStub(PostprocessServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Postprocess: _aio.UnaryUnaryMultiCallable[_postprocess_pb2.PostprocessRequest, _postprocess_pb2.PostprocessResponse]  # type: ignore[assignment]
+    ListModels: _aio.UnaryUnaryMultiCallable[_postprocess_pb2.ListModelsRequest, _postprocess_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Every model in the repository with its versions and what its serving version says."""
 
 class PostprocessServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -47,5 +51,13 @@ class PostprocessServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _postprocess_pb2.PostprocessRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_postprocess_pb2.PostprocessResponse, _abc.Awaitable[_postprocess_pb2.PostprocessResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _postprocess_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_postprocess_pb2.ListModelsResponse, _abc.Awaitable[_postprocess_pb2.ListModelsResponse]]:
+        """Every model in the repository with its versions and what its serving version says."""
 
 def add_PostprocessServiceServicer_to_server(servicer: PostprocessServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

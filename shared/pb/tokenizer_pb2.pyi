@@ -53,6 +53,8 @@ class TokenizeRequest(_message.Message):
     STRIDE_FIELD_NUMBER: _builtins.int
     OVERFLOW_FIELD_NUMBER: _builtins.int
     RETURN_OFFSETS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     max_length: _builtins.int
     """Tokens per chunk, special tokens included; 0 means the model's maximum."""
     stride: _builtins.int
@@ -60,6 +62,12 @@ class TokenizeRequest(_message.Message):
     overflow: Global___Overflow.ValueType
     return_offsets: _builtins.bool
     """Also return character offsets and word ids (needed for explanations)."""
+    model_name: _builtins.str
+    """The model whose tokenizer to use; empty: the service's default model. Unknown: NOT_FOUND
+    naming the models there are.
+    """
+    model_version: _builtins.str
+    """Empty: the version serving unpinned requests (the rollout rule's, else the latest)."""
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -70,10 +78,12 @@ class TokenizeRequest(_message.Message):
         stride: _builtins.int = ...,
         overflow: Global___Overflow.ValueType = ...,
         return_offsets: _builtins.bool = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_length", b"max_length", "overflow", b"overflow", "return_offsets", b"return_offsets", "stride", b"stride", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_length", b"max_length", "model_name", b"model_name", "model_version", b"model_version", "overflow", b"overflow", "return_offsets", b"return_offsets", "stride", b"stride", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -180,12 +190,20 @@ Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
 class GetTokenizerInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """As in TokenizeRequest."""
+    model_version: _builtins.str
     def __init__(
         self,
+        *,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "model_version", b"model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -201,12 +219,14 @@ class GetTokenizerInfoResponse(_message.Message):
     DEFAULT_STRIDE_FIELD_NUMBER: _builtins.int
     MAX_TEXTS_FIELD_NUMBER: _builtins.int
     MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     vocab_size: _builtins.int
     max_length: _builtins.int
     default_stride: _builtins.int
     max_texts: _builtins.int
     max_text_bytes: _builtins.int
+    model_version: _builtins.str
     def __init__(
         self,
         *,
@@ -216,10 +236,11 @@ class GetTokenizerInfoResponse(_message.Message):
         default_stride: _builtins.int = ...,
         max_texts: _builtins.int = ...,
         max_text_bytes: _builtins.int = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_stride", b"default_stride", "max_length", b"max_length", "max_text_bytes", b"max_text_bytes", "max_texts", b"max_texts", "model_name", b"model_name", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_stride", b"default_stride", "max_length", b"max_length", "max_text_bytes", b"max_text_bytes", "max_texts", b"max_texts", "model_name", b"model_name", "model_version", b"model_version", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,11 +14,11 @@ from kafka import KafkaProducer
 
 from infermesh.broker import EmbeddedBroker
 from shared.grpc_server import RunningServer
+from shared.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC
 from tests.faults.processes import ServiceProcess, worker_process
 from tests.faults.test_worker_faults import Tally
 from tests.reliability import Observed
 from tests.workers.test_scorer import news
-from workers.sentiment_monitor.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC
 
 MAX_RECORD_BYTES = 4096
 

@@ -19,10 +19,7 @@ from kafka.structs import TopicPartition
 
 from infermesh.broker import EmbeddedBroker
 from shared.grpc_server import RunningServer
-from tests.faults.processes import ServiceProcess, inference_process, worker_process
-from tests.reliability import Observed
-from tests.workers.test_scorer import news, produce, read_all
-from workers.sentiment_monitor.messages import (
+from shared.messages import (
     DLQ_TOPIC,
     NEWS_TOPIC,
     SENTIMENT_TOPIC,
@@ -30,6 +27,9 @@ from workers.sentiment_monitor.messages import (
     ScoredItem,
     WindowAggregate,
 )
+from tests.faults.processes import ServiceProcess, inference_process, worker_process
+from tests.reliability import Observed
+from tests.workers.test_scorer import news, produce, read_all
 from workers.sentiment_monitor.settings import MonitorSettings
 
 

@@ -16,10 +16,10 @@ from kafka import KafkaProducer
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from shared.kafka import KafkaSettings
+from shared.messages import ALERTS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC
 from tests.gateway.conftest import chromium, needs_chromium, serving
 from tests.workers.test_windowing import T0, episode_items
 from workers.sentiment_monitor.core import AlertRule, TumblingWindows
-from workers.sentiment_monitor.messages import ALERTS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC
 
 
 def publish_episode(kafka_config: dict[str, Any]) -> None:

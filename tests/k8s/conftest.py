@@ -26,3 +26,8 @@ def prod(rendered: dict[str, Manifests]) -> Manifests:
 @pytest.fixture
 def dev(rendered: dict[str, Manifests]) -> Manifests:
     return rendered["dev"]
+
+
+@pytest.fixture
+def gpu(rendered: dict[str, Manifests]) -> Manifests:
+    return rendered["gpu"]

@@ -29,7 +29,8 @@ from pydantic_settings import BaseSettings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-OVERLAYS = ("dev", "prod")
+#: overlays/gpu is prod with inference on NVIDIA GPUs (components/gpu); rendered, never run.
+OVERLAYS = ("dev", "prod", "gpu")
 FIRST_PARTY = frozenset({"shared", "services", "gateway", "workers", "infermesh"})
 
 #: Modules a process imports only when a setting chooses them, with that setting: the
@@ -38,6 +39,9 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "services.inference.backends.pytorch": ("INFERMESH_INFERENCE_BACKEND", "torch"),
     "services.inference.backends.tensorrt": ("INFERMESH_INFERENCE_BACKEND", "tensorrt"),
 }
+
+#: The image docker/Dockerfile.gpu builds: inference with every backend on CUDA.
+GPU_IMAGE = "infermesh-gpu"
 
 #: Where docker/Dockerfile puts the model repository in both images.
 IMAGE_MODEL_REPOSITORY = "/app/models"
@@ -242,16 +246,17 @@ def _type_checking_only(tree: ast.Module) -> set[int]:
 
 
 @cache
-def import_graph(entry: str) -> tuple[frozenset[str], frozenset[str]]:
+def import_graph(entry: str, optional: bool = False) -> tuple[frozenset[str], frozenset[str]]:
     """(first-party modules, third-party module names) that `entry` imports, directly or
     through first-party modules, found by reading the source: deferred imports inside
-    functions count, since the process may run them."""
+    functions count, since the process may run them. OPTIONAL_MODULES are followed only
+    with `optional` (an image that serves every backend)."""
     first_party: set[str] = set()
     third_party: set[str] = set()
     pending = [entry]
     while pending:
         module = pending.pop()
-        if module in first_party or module in OPTIONAL_MODULES:
+        if module in first_party or (module in OPTIONAL_MODULES and not optional):
             continue
         path = module_file(module)
         if path is None:  # an attribute (`from x import name`), not a module
@@ -316,14 +321,18 @@ def settings_classes(module: str) -> tuple[type[BaseSettings], ...]:
 
 
 def own_settings(module: str) -> type[BaseSettings]:
-    """The process's own settings class: the one defined in `<package>.settings`."""
+    """The process's own settings class: the one defined in `<package>.settings` whose env
+    prefix starts every other's there (GatewaySettings, INFERMESH_GATEWAY_, beside its
+    section DashboardSettings, INFERMESH_GATEWAY_DASHBOARD_)."""
     loaded = importlib.import_module(f"{module}.settings")
-    own = [
+    defined = [
         value
         for value in vars(loaded).values()
         if isinstance(value, type) and issubclass(value, BaseSettings) and value.__module__ == loaded.__name__
     ]
-    assert len(own) == 1, f"{module}.settings should define one settings class, not {own}"
+    prefixes = {settings: str(settings.model_config.get("env_prefix") or "") for settings in defined}
+    own = [s for s in defined if all(other.startswith(prefixes[s]) for other in prefixes.values())]
+    assert len(own) == 1, f"{module}.settings should define one settings class (and its sections), not {defined}"
     return own[0]
 
 

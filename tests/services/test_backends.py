@@ -4,9 +4,12 @@ stated tolerance on the logits; a backend that cannot run says why."""
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import subprocess
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
@@ -21,6 +24,7 @@ from typer.testing import CliRunner
 
 from infermesh.cli import app
 from infermesh.model.build import INT8_WEIGHT_LIMIT
+from services.inference.backends import tensorrt as tensorrt_backend
 from services.inference.backends.base import BackendUnavailable
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.backends.pytorch import TorchBackend, cuda_available, padded_rows
@@ -165,6 +169,24 @@ def test_a_cached_engine_is_read_not_rebuilt(tmp_path: Path) -> None:
     (tmp_path / spec.file_name()).write_bytes(b"serialized engine")
     engine, path, built = cached_engine(tmp_path / "model.fp32.onnx", spec, tmp_path)
     assert (engine, path, built) == (b"serialized engine", tmp_path / spec.file_name(), False)
+
+
+def test_replicas_building_one_engine_on_a_shared_cache_leave_a_whole_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas share the engine cache on one volume (the GPU overlay): several may build the
+    same engine at once. Each must write under its own temporary name, or one's rename
+    takes the file another is still writing."""
+    spec = EngineSpec("cd" * 32, "10.9.0", "gpu", "9.0", tuple(length_profiles((16,), 8, 128)), True, 1 << 30)
+    engines = [bytes([n]) * (4 << 20) for n in range(4)]
+    start = threading.Barrier(len(engines))
+    monkeypatch.setattr(tensorrt_backend, "build_engine", lambda *_: engines[start.wait()])
+    with ThreadPoolExecutor(len(engines)) as pool:
+        results = list(pool.map(lambda _: cached_engine(tmp_path / "m.onnx", spec, tmp_path), engines))
+    assert all(built for _, _, built in results)
+    assert (tmp_path / spec.file_name()).read_bytes() in engines
+    assert json.loads((tmp_path / spec.file_name()).with_suffix(".json").read_text())["workspace_bytes"] == 1 << 30
+    assert not list(tmp_path.glob("*.partial"))
 
 
 @pytest.mark.skipif(find_spec("tensorrt") is not None, reason="TensorRT is installed here")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from shared.messages import ScoredItem
 from workers.sentiment_monitor.core import AlertRule, TumblingWindows, WindowSettings
 from workers.sentiment_monitor.demo import NEGATIVE, POSITIVE, TICKERS, WINDOW, replay_records
-from workers.sentiment_monitor.messages import ScoredItem
 
 NEGATIVE_HEADLINES = {t.format(name=n, t=k) for t in NEGATIVE for k, n in TICKERS.items()}
 POSITIVE_HEADLINES = {t.format(name=n, t=k) for t in POSITIVE for k, n in TICKERS.items()}

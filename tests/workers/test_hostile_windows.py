@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from shared.messages import NewsItem, PoisonRecord, ScoredItem, decode_news
 from tests.properties import hypothesis_settings
 from tests.reliability import Observed
 from workers.sentiment_monitor.core import TumblingWindows, WindowSettings
-from workers.sentiment_monitor.messages import NewsItem, PoisonRecord, ScoredItem, decode_news
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 """The wall clock the windowing stage passes in."""

@@ -94,14 +94,38 @@ def test_a_quiet_partition_closes_its_last_window_by_the_clock() -> None:
     for n in range(4):
         assert windows.add(scored(f"q{n}", "AAPL", 3 + n * 0.25), live)
     assert windows.close_due() == []
-    assert windows.close_idle(live + timedelta(seconds=30)) == []  # not idle for a minute yet
+    assert windows.close_idle(live + timedelta(seconds=30), caught_up=True) == []  # not idle for a minute yet
     # The watermark goes on at the clock's pace from the newest item (03:45, arrived at
     # 04:00): the window [00:00, 05:00) closes when 05:00 + 1 min lateness is reached, at
     # 06:15 by the clock, without another record.
-    assert windows.close_idle(T0 + timedelta(minutes=6, seconds=10)) == []
-    (closed,) = windows.close_idle(T0 + timedelta(minutes=6, seconds=20))
+    assert windows.close_idle(T0 + timedelta(minutes=6, seconds=10), caught_up=True) == []
+    # Not while the caller cannot tell that everything published has reached it.
+    assert windows.awaits_idle_close(T0 + timedelta(minutes=6, seconds=20))
+    assert windows.close_idle(T0 + timedelta(minutes=6, seconds=20), caught_up=False) == []
+    (closed,) = windows.close_idle(T0 + timedelta(minutes=6, seconds=20), caught_up=True)
     assert (closed.ticker, closed.count) == ("AAPL", 4)
     assert windows.watermark == T0 + timedelta(minutes=5, seconds=5)
+    assert not windows.awaits_idle_close(T0 + timedelta(minutes=7))  # nothing open
+
+
+def test_an_upstream_stall_longer_than_the_idle_time_drops_none_of_its_backlog() -> None:
+    # Default settings. Live items until 09:02, then inference is down for ten minutes:
+    # nothing reaches the stage, exactly as if the partition had gone quiet. The stage
+    # polls all along, but the pipeline is not caught up (news waits unscored), so the
+    # clock must not move the watermark; then the backlog arrives.
+    windows = TumblingWindows()
+    for n in range(10):
+        assert windows.add(scored(f"live{n}", "AAPL", n * 0.2), T0 + timedelta(minutes=2))
+    for second in range(0, 10 * 60 + 1, 10):
+        assert windows.close_idle(T0 + timedelta(minutes=2, seconds=second), caught_up=False) == []
+    back = T0 + timedelta(minutes=12)
+    backlog = [scored(f"b{n}", "AAPL", 2 + n / 6) for n in range(60)]  # published 09:02 to 09:11:50
+    assert all(windows.add(item, back) for item in backlog)
+    assert windows.dropped_late == 0
+    assert [(w.window_start, w.count) for w in windows.close_due()] == [(T0, 10 + 18), (T0 + timedelta(minutes=5), 30)]
+    # Caught up again and quiet: the last window closes by the clock.
+    (last,) = windows.close_idle(T0 + timedelta(minutes=16, seconds=30), caught_up=True)
+    assert (last.window_start, last.count, windows.dropped_late) == (T0 + timedelta(minutes=10), 12, 0)
 
 
 def test_a_stamp_inside_the_skew_allowance_does_not_make_on_time_items_late() -> None:
@@ -124,10 +148,11 @@ def test_late_items_are_counted_even_when_their_window_was_emitted() -> None:
     emitted = {closed.id}
     assert not windows.add(scored("late", "AAPL", 2), NOW, emitted)
     assert windows.dropped_late == 1
-    # Read again after a restart (watermark not yet past it): a duplicate, not a drop.
+    # Read again after a restart (watermark not yet past it): not late, but not silently
+    # left out either (it may be an item the previous owner never counted).
     fresh = TumblingWindows(WindowSettings(allowed_lateness=timedelta(minutes=1)))
     assert not fresh.add(scored("a", "AAPL", 1), NOW, emitted)
-    assert (fresh.dropped_late, fresh.dropped_future) == (0, 0)
+    assert (fresh.dropped_late, fresh.dropped_future, fresh.dropped_emitted) == (0, 0, 1)
 
 
 def test_internal_records_that_cannot_be_read_name_their_reason() -> None:

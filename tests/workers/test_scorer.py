@@ -16,11 +16,11 @@ from opentelemetry import trace
 from shared.errors import Unavailable
 from shared.grpc_server import RunningServer
 from shared.kafka_tracing import extract_context, inject_headers
+from shared.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from shared.pipeline import ClassifyResult, PipelineTargets
 from tests.conftest import SPANS
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import NewsScorer
-from workers.sentiment_monitor.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from workers.sentiment_monitor.scoring import BlockingPipeline
 from workers.sentiment_monitor.settings import MonitorSettings
 

@@ -1,17 +1,21 @@
 """The windowing stage against the real embedded broker: windows, one alert per episode,
-no duplicate alert or window after a restart, quiet partitions, hostile stamps, unreadable
-records on the stage's own topics, and a bounded read-back on assignment."""
+no duplicate alert or window after a restart, quiet partitions, an upstream stall longer
+than the idle time, hostile stamps, unreadable records on the stage's own topics, and a
+bounded read-back on assignment."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from opentelemetry import trace
 from prometheus_client import REGISTRY
@@ -20,18 +24,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.kafka import read_to_end
 from shared.kafka_tracing import extract_context, inject_headers
 from shared.metrics import MetricsServer
-from tests.conftest import SPANS
+from shared.pipeline import Classification, ClassifyResult
+from tests.conftest import SPANS, free_port
+from workers.sentiment_monitor.attribution import TickerAttributor
+from workers.sentiment_monitor.consumer import NewsScorer
 from workers.sentiment_monitor.core import window_id
 from workers.sentiment_monitor.messages import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
+    NEWS_TOPIC,
     SENTIMENT_TOPIC,
     WINDOWS_TOPIC,
     Alert,
     WindowAggregate,
 )
 from workers.sentiment_monitor.settings import MonitorSettings
-from workers.sentiment_monitor.windowing import WindowStage
+from workers.sentiment_monitor.windowing import PipelineCaughtUp, WindowStage, restore_reader
 
 from .test_monitor_core import scored
 
@@ -239,6 +247,152 @@ async def test_a_quiet_partition_closes_its_last_window_and_alerts_without_new_r
     assert alert.ticker == "ACME" and alert.window.window_start == T0 + timedelta(minutes=40)
     assert sample("infermesh_worker_idle_closed_windows_total") == idle_before + 2
 
+    # An item for the idle-closed window reaches the next owner: the window comes back as
+    # emitted from the read-back, so the item is left out, and counted.
+    produce(kafka_config, [scored("after", "ACME", 44.5)])
+    emitted_before = sample("infermesh_worker_dropped_items_total", reason="emitted")
+    replacement = stage(kafka_config, clock=clock)
+    try:
+        await run_until_idle(replacement, 1)
+    finally:
+        close(replacement)
+    assert sample("infermesh_worker_dropped_items_total", reason="emitted") == emitted_before + 1
+
+
+def news_record(item_id: str, ticker: str, minute: float, label: str) -> bytes:
+    published = (T0 + timedelta(minutes=minute)).isoformat()
+    headline = f"{ticker} shares {'fall' if label == 'negative' else 'hold'} ({item_id})"
+    return json.dumps(
+        {"id": item_id, "published_at": published, "source": "test", "headline": headline, "tickers": [ticker]}
+    ).encode()
+
+
+class KeywordScorer:
+    """Stands in for the mesh: "fall" is negative, anything else neutral."""
+
+    def classify(self, texts: Sequence[str], timeout_seconds: float) -> ClassifyResult:
+        results = []
+        for text in texts:
+            label = "negative" if " fall " in text else "neutral"
+            probabilities = {"negative": 0.9 if label == "negative" else 0.05, "neutral": 0.05, "positive": 0.05}
+            probabilities["neutral"] = 1 - probabilities["negative"] - probabilities["positive"]
+            score = probabilities["positive"] - probabilities["negative"]
+            results.append(Classification(label, probabilities, False, 1, 8, 0, [label], score=score))
+        return ClassifyResult("m", "1", results)
+
+    def submit(self, texts: Sequence[str], timeout_seconds: float) -> Future[ClassifyResult]:
+        future: Future[ClassifyResult] = Future()
+        future.set_result(self.classify(texts, timeout_seconds))
+        return future
+
+
+async def score_all(kafka_config: dict[str, Any], settings: MonitorSettings, expected: int) -> None:
+    """Runs the scoring stage (the real one, in its real group) until `expected` news
+    records are scored and committed, then stops it."""
+    consumer = KafkaConsumer(
+        **kafka_config,
+        group_id=settings.scorer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1500,
+    )
+    consumer.subscribe([NEWS_TOPIC])
+    producer = KafkaProducer(**kafka_config, acks="all", enable_idempotence=True)
+    scorer = NewsScorer(consumer, producer, KeywordScorer(), TickerAttributor.from_csv(), settings)
+    seen = 0
+    try:
+        for _ in range(60):
+            seen += (await asyncio.to_thread(scorer.run_once, 500)).records
+            if seen >= expected:
+                return
+        raise AssertionError(f"scored {seen} of {expected} news records")
+    finally:
+        consumer.close(autocommit=False)
+        producer.close()
+
+
+def produce_news(kafka_config: dict[str, Any], items: list[tuple[str, str, float, str]]) -> None:
+    # One news partition: the scorer then emits the backlog in publication order (across
+    # partitions it emits one partition's backlog after another's; not what this tests).
+    producer = KafkaProducer(**kafka_config, acks="all")
+    for item in items:
+        producer.send(NEWS_TOPIC, key=item[0].encode(), value=news_record(*item), partition=0)
+    producer.flush()
+    producer.close()
+
+
+async def test_a_scoring_stall_longer_than_the_idle_time_drops_nothing_of_its_backlog(
+    kafka_config: dict[str, Any],
+) -> None:
+    settings = MonitorSettings(caught_up_check_seconds=0)  # default windows, lateness and idle time
+    live = [
+        (f"{t}-live{n}", t, n * 0.2, "negative" if n < 2 else "neutral") for n in range(10) for t in ("ACME", "STDY")
+    ]
+    # Inference is down from 09:02 to 09:12: news keeps arriving and waits, unscored.
+    backlog = [
+        (f"{t}-b{n}", t, 2 + n / 6, "negative" if n % 5 == 0 else "neutral")
+        for n in range(60)
+        for t in ("ACME", "STDY")
+    ]
+    clock = Clock(T0 + timedelta(minutes=2))
+    drops = {reason: sample("infermesh_worker_dropped_items_total", reason=reason) for reason in ("late", "emitted")}
+    produce_news(kafka_config, live)
+    await score_all(kafka_config, settings, len(live))
+    window_stage = stage(kafka_config, settings, clock=clock)
+    try:
+        await run_until_idle(window_stage, len(live))
+        produce_news(kafka_config, backlog)
+        # Ten minutes without a scored item: far past the idle time, but the scoring group
+        # has not committed the news, so no window may close by the clock.
+        for minute in (4, 8, 12):
+            clock.now = T0 + timedelta(minutes=minute)
+            for _ in range(3):
+                await asyncio.to_thread(window_stage.run_once, 100)
+        assert window_stage.windows_closed == 0
+        # Inference is back: the backlog is scored and windowed, none of it late.
+        await score_all(kafka_config, settings, len(backlog))
+        await run_until_idle(window_stage, len(backlog))
+        assert window_stage.windows_closed == 2 * 2
+        # Caught up and quiet: the last windows close by the clock.
+        clock.now = T0 + timedelta(minutes=17)
+        await asyncio.to_thread(window_stage.run_once, 100)
+        assert window_stage.windows_closed == 2 * 3
+    finally:
+        close(window_stage)
+    for reason, before in drops.items():
+        assert sample("infermesh_worker_dropped_items_total", reason=reason) == before, reason
+    windows, _ = outputs(kafka_config)
+    expected: dict[tuple[str, datetime], int] = {}
+    for _item_id, ticker, published, _label in [*live, *backlog]:
+        key = (ticker, T0 + timedelta(minutes=5 * int(published // 5)))
+        expected[key] = expected.get(key, 0) + 1
+    assert {(w.ticker, w.window_start): w.count for w in windows} == expected
+
+
+async def test_the_pipeline_is_caught_up_only_when_everything_published_is_scored_and_read(
+    kafka_config: dict[str, Any],
+) -> None:
+    check = PipelineCaughtUp(kafka_config, "test-scorer")
+    assert check({0: 0, 1: 0}) == {0, 1}  # nothing anywhere: a quiet pipeline
+    produce_news(kafka_config, [(f"n{n}", "ACME", n, "neutral") for n in range(3)])
+    assert check({0: 0, 1: 0}) == set()  # news that no scorer has committed
+    scorer_group = KafkaConsumer(**kafka_config, group_id="test-scorer", enable_auto_commit=False)
+    try:
+        scorer_group.commit({TopicPartition(NEWS_TOPIC, 0): OffsetAndMetadata(2, "", -1)})
+        assert check({0: 0, 1: 0}) == set()  # one still unscored
+        scorer_group.commit({TopicPartition(NEWS_TOPIC, 0): OffsetAndMetadata(3, "", -1)})
+        assert check({0: 0, 1: 0}) == {0, 1}
+    finally:
+        scorer_group.close(autocommit=False)
+    produce(kafka_config, [scored("x", "ACME", 1)])
+    (partition,) = {r.partition for r in read_to_end(kafka_config, SENTIMENT_TOPIC, [0, 1])}
+    assert check({0: 0, 1: 0}) == {0, 1} - {partition}  # a scored item this stage has not read
+    assert check({0: 0, 1: 0} | {partition: 1}) == {0, 1}
+    nowhere = [f"127.0.0.1:{free_port()}"]
+    unreachable = PipelineCaughtUp({**kafka_config, "bootstrap_servers": nowhere}, "g", timeout_seconds=1)
+    assert unreachable({0: 0, 1: 0}) == set()  # doubt is "not caught up"
+
 
 def scrape(server: MetricsServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as reply:
@@ -276,6 +430,32 @@ async def test_a_stamp_half_an_hour_ahead_is_dropped_and_counted_and_real_items_
     ]
     assert after[future_key] == before[future_key] + 1
     assert after[late_key] == before[late_key] + 1  # the one really late item
+
+
+class Refused:
+    """The acknowledgement of a send the broker refused."""
+
+    def get(self, timeout: float | None = None) -> None:
+        raise KafkaTimeoutError("refused")
+
+
+class RefusingDeadLetters:
+    """A producer whose dead letters the broker refuses (until `refuse` is cleared)."""
+
+    def __init__(self, real: KafkaProducer) -> None:
+        self.real = real
+        self.refuse = True
+
+    def send(self, topic: str, **options: Any) -> Any:
+        if topic == DLQ_TOPIC and self.refuse:
+            return Refused()
+        return self.real.send(topic, **options)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.real.flush(timeout)
+
+    def close(self) -> None:
+        self.real.close()
 
 
 def dead_letters(kafka_config: dict[str, Any]) -> list[dict[str, str]]:
@@ -330,6 +510,37 @@ async def test_unreadable_records_on_internal_topics_are_dead_lettered_and_the_s
         )
 
 
+async def test_a_dead_letter_sent_on_assignment_counts_only_once_the_broker_has_it(
+    kafka_config: dict[str, Any],
+) -> None:
+    producer = KafkaProducer(**kafka_config, acks="all")
+    producer.send(WINDOWS_TOPIC, key=b"ACME", value=b"\x00 not a window", partition=0).get(timeout=10)
+    producer.close()
+    window_stage = stage(kafka_config)
+    refusing = RefusingDeadLetters(window_stage.producer)
+    window_stage.producer = refusing
+    partitions = [TopicPartition(SENTIMENT_TOPIC, n) for n in (0, 1)]
+    try:
+        with pytest.raises(KafkaTimeoutError):
+            window_stage.on_partitions_assigned(partitions)
+        # Not remembered as sent: the next assignment dead-letters it again, and now it lands.
+        refusing.refuse = False
+        window_stage.on_partitions_assigned(partitions)
+    finally:
+        close(window_stage)
+    assert [(h["source-topic"], h["error-type"]) for h in dead_letters(kafka_config)] == [(WINDOWS_TOPIC, "not-json")]
+
+
+def test_the_read_back_resets_to_the_earliest_offset_like_the_group() -> None:
+    # A committed offset the log no longer holds: the group's consumer re-reads from the log
+    # start, so the read-back must find that record's time, not fall back to the lookback.
+    reader = restore_reader({"bootstrap_servers": [f"127.0.0.1:{free_port()}"], "api_version": (3, 0)}, "g")
+    try:
+        assert reader.config["auto_offset_reset"] == "earliest"
+    finally:
+        reader.close(autocommit=False)
+
+
 def old_window(ticker: str, index: int) -> bytes:
     start = T0 + timedelta(minutes=5 * index)
     window = WindowAggregate(
@@ -352,7 +563,7 @@ async def test_a_rebalance_reads_back_the_lookback_not_the_whole_retention(kafka
     two_days_ago = [(old_window("OLD", index), wall - timedelta(days=2)) for index in range(2000)]
     last_hour = [(old_window("ACME", index), wall - timedelta(minutes=30)) for index in range(12)]
     produce_windows(kafka_config, [*two_days_ago, *last_hour])
-    window_stage = stage(kafka_config, MonitorSettings(restore_lookback_hours=6))
+    window_stage = stage(kafka_config, MonitorSettings(restore_lookback_hours=6), clock=lambda: datetime.now(UTC))
     try:
         await until_assigned(window_stage)
         emitted = window_stage.states[0].emitted
@@ -383,7 +594,20 @@ async def test_a_rebalance_reads_back_every_window_emitted_since_the_first_recor
     committer.commit({TopicPartition(SENTIMENT_TOPIC, 0): OffsetAndMetadata(0, "", -1)})
     committer.close(autocommit=False)
     produce_windows(kafka_config, [(old_window("OLD", index), wall - timedelta(days=2)) for index in range(1, 2001)])
-    window_stage = stage(kafka_config, MonitorSettings(restore_lookback_hours=6))
+    window_stage = stage(kafka_config, MonitorSettings(restore_lookback_hours=6), clock=lambda: datetime.now(UTC))
+    try:
+        await until_assigned(window_stage)
+        emitted = window_stage.states[0].emitted
+    finally:
+        close(window_stage)
+    assert sum(key.startswith("OLD:") for key in emitted) == 2000
+
+
+async def test_the_read_back_lookback_follows_the_stage_clock(kafka_config: dict[str, Any]) -> None:
+    two_days_ago = datetime.now(UTC) - timedelta(days=2)
+    produce_windows(kafka_config, [(old_window("OLD", index), two_days_ago) for index in range(2000)])
+    clock = Clock(two_days_ago + timedelta(hours=1))  # by the stage's clock, they are an hour old
+    window_stage = stage(kafka_config, MonitorSettings(restore_lookback_hours=6), clock=clock)
     try:
         await until_assigned(window_stage)
         emitted = window_stage.states[0].emitted

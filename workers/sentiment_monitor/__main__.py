@@ -19,7 +19,7 @@ from shared.tls import TlsMisconfigured, environment_tls
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import NewsScorer
 from workers.sentiment_monitor.runner import StageRunner
-from workers.sentiment_monitor.scoring import BlockingPipeline
+from workers.sentiment_monitor.scoring import BlockingPipeline, check_score_mapping
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
 from workers.sentiment_monitor.windowing import WindowStage
@@ -73,6 +73,11 @@ def main() -> None:
         pipeline = BlockingPipeline(
             PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor), settings.model_name
         )
+        refusal = check_score_mapping(pipeline, settings.model_name)
+        if refusal is not None:
+            logger.error("worker cannot score: %s", refusal)
+            pipeline.close()
+            sys.exit(1)
         scoring = pipeline
         attributor = TickerAttributor.from_csv(settings.companies_csv)
 

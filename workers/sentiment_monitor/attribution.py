@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from workers.sentiment_monitor.messages import NewsItem
+from shared.messages import NewsItem
 
 DEFAULT_COMPANIES = Path(__file__).parent / "data" / "companies.csv"
 

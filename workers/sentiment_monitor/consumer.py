@@ -28,10 +28,7 @@ from opentelemetry import trace
 from shared.errors import DeadlineExceeded, InfermeshError, InputTooLarge, InvalidInput, Overloaded, Unavailable
 from shared.kafka import observe_lag
 from shared.kafka_tracing import extract_context, inject_headers
-from shared.metrics import KAFKA_CONSUMED, KAFKA_PRODUCED, WORKER_BATCH_DURATION, WORKER_DEAD_LETTERED, WORKER_RETRIES
-from shared.pipeline import ClassifyResult
-from workers.sentiment_monitor.attribution import TickerAttributor
-from workers.sentiment_monitor.messages import (
+from shared.messages import (
     DLQ_TOPIC,
     NEWS_TOPIC,
     SENTIMENT_TOPIC,
@@ -40,6 +37,10 @@ from workers.sentiment_monitor.messages import (
     ScoredItem,
     decode_news,
 )
+from shared.metrics import KAFKA_CONSUMED, KAFKA_PRODUCED, WORKER_BATCH_DURATION, WORKER_DEAD_LETTERED, WORKER_RETRIES
+from shared.pipeline import ClassifyResult
+from workers.sentiment_monitor.attribution import TickerAttributor
+from workers.sentiment_monitor.scoring import MissingScoreMapping, no_score_message
 from workers.sentiment_monitor.settings import MonitorSettings
 
 logger = logging.getLogger(__name__)
@@ -268,6 +269,10 @@ class NewsScorer:
         result, index = outcome
         classification = result.results[index]
         probabilities = classification.probabilities
+        if classification.score is None:
+            # Not the record's fault: no record of this model can be scored, so stop
+            # (uncommitted) rather than dead-letter the whole stream.
+            raise MissingScoreMapping(no_score_message(result.model_name, result.model_version))
         base = {
             "item_id": item.id,
             "published_at": item.published_at,
@@ -275,7 +280,7 @@ class NewsScorer:
             "headline": item.headline,
             "label": classification.label,
             "probabilities": probabilities,
-            "score": probabilities.get("positive", 0.0) - probabilities.get("negative", 0.0),
+            "score": classification.score,
             "model_name": result.model_name,
             "model_version": result.model_version,
         }

@@ -1,8 +1,12 @@
 """Per-ticker event-time tumbling windows and the negative-spike alert rule.
 
 Pure and deterministic: no Kafka, no clock reads (callers pass times in), so the rules
-are tested directly and a restarted worker that replays the same scored records
-rebuilds the same windows and raises the same alerts (with the same ids).
+are tested directly: the same items, in the same order, at the same times give the same
+windows and alerts (with the same ids). A restarted worker does not always raise the
+alerts the first one would have: it rebuilds a ticker's baseline only from the windows
+emitted within the restore lookback (windowing.py), so a ticker with fewer windows than
+the baseline needs in that time starts a new baseline and stays quiet until it has
+`min_baseline_windows` again.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class WindowSettings:
     `dropped_future`): an allowance for producers' clock skew, not for wrong stamps."""
     idle_timeout: timedelta = timedelta(minutes=1)
     """After this long (caller's clock) without a newer event time, `close_idle` lets the
-    watermark follow the clock from the newest event time seen."""
+    watermark follow the clock from the newest event time seen, if the caller says every
+    item published meanwhile has reached it (`caught_up`)."""
     top_headlines: int = 3
 
 
@@ -69,7 +74,10 @@ class TumblingWindows:
       as an item published this instant would: a stamp inside the skew allowance cannot
       close a window earlier than real news could.
     A partition that goes quiet keeps its windows open until `close_idle` (called on every
-    poll) advances its watermark with the clock, like a processing-time timer in Flink.
+    poll) advances its watermark with the clock, like a processing-time timer in Flink, and
+    only when the caller knows nothing is still on its way: a stalled upstream (inference
+    down, a scorer behind) looks exactly like a quiet partition, and moving the watermark
+    on through the stall would drop its whole backlog as late.
     """
 
     def __init__(self, settings: WindowSettings | None = None) -> None:
@@ -82,6 +90,8 @@ class TumblingWindows:
         """The caller's clock when `_stream_time` last moved."""
         self.dropped_late = 0
         self.dropped_future = 0
+        self.dropped_emitted = 0
+        """Items whose window is in `emitted` but not behind the watermark."""
 
     def window_of(self, item: ScoredItem) -> str | None:
         """Id of the window the item belongs to (None without a ticker)."""
@@ -91,9 +101,10 @@ class TumblingWindows:
 
     def add(self, item: ScoredItem, now: datetime, emitted: Container[str] = frozenset()) -> bool:
         """Adds an item with a ticker; False (and counted) when it is too late or too far
-        ahead of `now`, the caller's clock (processing time). False and not counted when
-        its window is in `emitted` but not behind the watermark: an item read again after
-        a restart, already counted by the owner that emitted the window."""
+        ahead of `now`, the caller's clock (processing time), or when its window is in
+        `emitted` but not behind the watermark (`dropped_emitted`): usually an item read
+        again after a restart, already counted by the owner that emitted the window, but
+        it may be one that owner never saw, so it is counted too, never dropped silently."""
         if item.ticker is None:
             return False
         if item.published_at > now + self.settings.max_future:
@@ -105,6 +116,7 @@ class TumblingWindows:
             self.dropped_late += 1
             return False
         if window_id(item.ticker, start) in emitted:
+            self.dropped_emitted += 1
             return False
         window = self._open.setdefault((item.ticker, start), _OpenWindow(item.ticker, start, end))
         window.scores[item.item_id] = item
@@ -124,17 +136,30 @@ class TumblingWindows:
         )
         return [self._aggregate(self._open.pop(key)) for key in due]
 
-    def close_idle(self, now: datetime) -> list[WindowAggregate]:
+    def is_idle(self, now: datetime) -> bool:
+        """Whether the newest event time has not moved for `idle_timeout` of the clock."""
+        return self._stream_time_at is not None and now - self._stream_time_at >= self.settings.idle_timeout
+
+    def awaits_idle_close(self, now: datetime) -> bool:
+        """Whether `close_idle` has windows to close if the caller can say `caught_up`."""
+        return bool(self._open) and self.is_idle(now)
+
+    def close_idle(self, now: datetime, *, caught_up: bool) -> list[WindowAggregate]:
         """Closes what is due once the newest event time has not moved for `idle_timeout`
         of the caller's clock: the watermark then goes on from it at the clock's pace, so
         a quiet partition's last window closes at most size + allowed lateness (or the
         idle timeout, if longer) after its last item, as if newer items kept arriving.
-        It never passes the clock minus the allowed lateness."""
-        if self._stream_time is None or self._stream_time_at is None:
+        It never passes the clock minus the allowed lateness.
+
+        Only when `caught_up`: the caller has read everything published upstream so far
+        (every stage before it has processed its input, and this partition has no lag).
+        A quiet partition and a stalled upstream look the same from here; on any doubt the
+        caller passes False and the windows wait, late rather than lost. Once caught up
+        again, the backlog has been added and moved the watermark itself."""
+        if not caught_up or self._stream_time is None or not self.is_idle(now):
             return []
+        assert self._stream_time_at is not None
         idle = now - self._stream_time_at
-        if idle < self.settings.idle_timeout:
-            return []
         self._advance(min(self._stream_time + idle, now) - self.settings.allowed_lateness)
         return self.close_due()
 

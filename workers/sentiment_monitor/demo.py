@@ -18,8 +18,8 @@ from kafka import KafkaProducer
 from opentelemetry import trace
 
 from shared.kafka_tracing import inject_headers
+from shared.messages import NEWS_TOPIC
 from workers.sentiment_monitor.core import window_start
-from workers.sentiment_monitor.messages import NEWS_TOPIC
 
 TICKERS = {
     "AAPL": "Apple",

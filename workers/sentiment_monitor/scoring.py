@@ -4,14 +4,31 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from shared.pipeline import ClassifyResult, PipelineClient, PipelineTargets
+from shared.errors import InfermeshError
+from shared.pipeline import ClassifyResult, ModelInfo, PipelineClient, PipelineTargets
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+class MissingScoreMapping(RuntimeError):
+    """The model's version has no label -> score mapping, so the monitor has no score."""
+
+
+def no_score_message(model_name: str, model_version: str = "") -> str:
+    which = f"{model_name!r} version {model_version}" if model_version else repr(model_name)
+    return (
+        f"model {which} has no score mapping (`scores` in its config.json: label -> weight, e.g."
+        ' {"negative": -1, "positive": 1}); add one there, or set INFERMESH_POSTPROCESSOR_SCORES='
+        f"'{{\"{model_name}\": {{...}}}}' for the post-processor"
+    )
 
 
 class BlockingPipeline:
@@ -39,7 +56,29 @@ class BlockingPipeline:
             self._client.classify(list(texts), timeout_seconds=timeout_seconds), self._loop
         )
 
+    def models(self, timeout_seconds: float) -> list[ModelInfo]:
+        """The models in the repository, as the post-processor lists them."""
+        return self._call(self._client.models(timeout_seconds=timeout_seconds))
+
     def close(self) -> None:
         self._call(self._client.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+def check_score_mapping(pipeline: BlockingPipeline, model_name: str, timeout_seconds: float = 5.0) -> str | None:
+    """Why the worker must not start scoring `model_name` (its serving version has no score
+    mapping, or the repository lacks it), or None. A mesh that cannot be asked yet is no
+    reason: the scoring stage stops on the first result without a score anyway."""
+    try:
+        models = pipeline.models(timeout_seconds)
+    except InfermeshError as error:
+        logger.warning("could not ask the post-processor for %r's score mapping (%s)", model_name, error.detail)
+        return None
+    named = {model.name: model for model in models}
+    model = named.get(model_name)
+    if model is None:
+        return f"model {model_name!r} is not in the model repository; models: {', '.join(sorted(named)) or 'none'}"
+    if not model.scores:
+        return no_score_message(model.name, model.serving_version)
+    return None

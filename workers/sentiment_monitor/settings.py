@@ -91,13 +91,24 @@ class MonitorSettings(BaseSettings):
     """A partition whose newest event time has not moved for this long (worker's clock)
     has its watermark go on with the clock, so a quiet ticker's last window closes (and
     alerts) at most a window plus the allowed lateness after its last item (or this long,
-    if longer) without waiting for new records."""
+    if longer) without waiting for new records; but only while the pipeline is caught up
+    (the scoring group has committed all of finance.news.v1 and this stage has read all of
+    the partition), never during an upstream stall, whose backlog would then be late."""
+
+    caught_up_check_seconds: float = 5.0
+    """How often at most the windowing stage asks the broker whether the pipeline is caught
+    up (scoring group's committed offsets, high-water marks), while a partition waits for
+    idle closing. Keep it well below the allowed lateness: news arriving between two checks
+    is protected only by that."""
 
     restore_lookback_hours: float = 6.0
     """On assignment, windows and alerts emitted this long ago at most (and any emitted
     since the first record the stage will read again) are read back to rebuild baselines,
-    cooldowns and the ids of emitted windows; a ticker with no window in it starts a new
-    baseline. Bounds the read-back, which used to be the topics' whole retention."""
+    cooldowns and the ids of emitted windows. A ticker with fewer than
+    `alert_baseline_windows` windows in it loses part of its baseline at every rebalance
+    or restart, and one with fewer than three cannot alert until it has three again: raise
+    this for sparse tickers (the read-back grows with it). Bounds the read-back, which used
+    to be the topics' whole retention."""
 
     alert_min_items: int = 5
     """A window needs this many items to raise an alert."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.kafka import TopicSpec
-from workers.sentiment_monitor.messages import ALERTS_TOPIC, DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC
+from shared.messages import ALERTS_TOPIC, DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, WINDOWS_TOPIC
 
 
 def monitor_topics(partitions: int = 4, replication: int = 1) -> list[TopicSpec]:

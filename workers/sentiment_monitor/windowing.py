@@ -13,8 +13,11 @@ member of the group owns its windows. State survives restarts and rebalances:
 
 Every poll closes what is due in every assigned partition, including partitions that
 returned nothing (`TumblingWindows.close_idle`): a quiet ticker's last window and its
-alert do not wait for the next record. Unreadable records of the stage's topics go to
-the dead-letter topic with their reason; the stage goes on.
+alert do not wait for the next record, as long as the pipeline is caught up
+(`PipelineCaughtUp`: the scoring group has committed all of the news topic and this stage
+has read all of the partition). During an upstream stall the windows wait instead, so the
+backlog is counted when it comes rather than dropped as late. Unreadable records of the
+stage's topics go to the dead-letter topic with their reason; the stage goes on.
 
 Each closed window gets a span linking the traces of (up to MAX_WINDOW_LINKS of) the
 items in it; the window and any alert carry that span's context in their headers.
@@ -26,17 +29,17 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from opentelemetry import trace
 
-from shared.kafka import observe_lag
+from shared.kafka import observe_lag, unread_partitions
 from shared.kafka_tracing import extract_context, inject_headers
 from shared.metrics import (
     KAFKA_CONSUMED,
@@ -54,6 +57,7 @@ from workers.sentiment_monitor.core import AlertRule, AlertSettings, TumblingWin
 from workers.sentiment_monitor.messages import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
+    NEWS_TOPIC,
     SENTIMENT_TOPIC,
     WINDOWS_TOPIC,
     Alert,
@@ -101,6 +105,65 @@ class PartitionState:
         return min(self.first_offset.values(), default=self.next_offset)
 
 
+@dataclass(frozen=True)
+class _DeadLetter:
+    source: tuple[str, int, int]
+    """Topic, partition and offset of the unreadable record."""
+    ack: Any
+
+
+CaughtUpCheck = Callable[[Mapping[int, int]], set[int]]
+"""Given this stage's positions on its partitions of the scored topic, the partitions whose
+watermark may follow the clock (idle closing); an empty set on any doubt."""
+
+
+class PipelineCaughtUp:
+    """Whether everything published upstream of this stage has reached it, per partition:
+    the scoring group has committed every partition of the news topic up to its high-water
+    mark (it commits only after the broker acknowledged the scored outputs, so everything
+    scored is on the scored topic), and the scored topic holds nothing at or after this
+    stage's position. A quiet partition passes; one whose upstream is stalled (inference
+    down, a scorer behind or not running) does not.
+
+    The committed offsets are read first, the high-water marks after them (by a new
+    group-less consumer, so none is older than the call): a record scored after the
+    offsets were read is then on the scored topic in time to count as unread. Any error is
+    "not caught up"."""
+
+    def __init__(self, client_config: dict[str, Any], scorer_group: str, timeout_seconds: float = 5.0) -> None:
+        self.client_config = client_config
+        self.scorer_group = scorer_group
+        self.timeout_seconds = timeout_seconds
+        self._failing = False
+
+    def __call__(self, positions: Mapping[int, int]) -> set[int]:
+        try:
+            timeout_ms = int(self.timeout_seconds * 1000)
+            admin = KafkaAdminClient(
+                **{**self.client_config, "bootstrap_timeout_ms": timeout_ms, "request_timeout_ms": timeout_ms}
+            )
+            try:
+                committed = admin.list_group_offsets({self.scorer_group: None}).get(self.scorer_group, {})
+            finally:
+                admin.close()
+            offsets: dict[TopicPartition, int | None] = {
+                partition: meta.offset
+                for partition, meta in committed.items()
+                if partition.topic == NEWS_TOPIC and meta.offset >= 0
+            }
+            offsets.update({TopicPartition(SENTIMENT_TOPIC, n): position for n, position in positions.items()})
+            unread = unread_partitions(self.client_config, offsets, [NEWS_TOPIC], self.timeout_seconds)
+        except Exception as error:  # never idle-close on doubt
+            if not self._failing:
+                logger.warning("cannot tell whether the pipeline is caught up (%s); no idle closing", error)
+            self._failing = True
+            return set()
+        self._failing = False
+        if any(partition.topic == NEWS_TOPIC for partition in unread):
+            return set()  # news not yet scored (or scored but not acknowledged and committed)
+        return {n for n in positions if TopicPartition(SENTIMENT_TOPIC, n) not in unread}
+
+
 def window_settings(settings: MonitorSettings) -> WindowSettings:
     return WindowSettings(
         size=timedelta(minutes=settings.window_minutes),
@@ -128,7 +191,11 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         client_config: dict[str, Any],
         settings: MonitorSettings,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        caught_up: CaughtUpCheck | None = None,
     ) -> None:
+        """`caught_up` tells which partitions may be closed by the clock when quiet
+        (default: `PipelineCaughtUp` on the broker, asked at most every
+        `caught_up_check_seconds`)."""
         self.consumer = consumer
         self.producer = producer
         self.client_config = client_config
@@ -143,6 +210,12 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.read_back_records = 0
         """Window and alert records read back at the last assignment."""
         self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+        self._caught_up_check = caught_up or PipelineCaughtUp(client_config, settings.scorer_group)
+        self._caught_up: set[int] = set()
+        self._caught_up_at: float | None = None
+        """When `_caught_up` was asked (monotonic); None: ask before using it."""
+        self._holding: set[int] = set()
+        """Partitions whose idle closing waits for the pipeline to catch up (for the log)."""
         for topic in (SENTIMENT_TOPIC, WINDOWS_TOPIC, ALERTS_TOPIC):
             WORKER_INTERNAL_DEAD_LETTERED.labels(topic)  # exported at 0 from the start
 
@@ -150,19 +223,23 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for partition in revoked:
             self.states.pop(partition.partition, None)
+        self._caught_up_at = None
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         numbers = sorted(p.partition for p in assigned)
+        self._caught_up_at = None
         for number in numbers:
             self.states[number] = PartitionState(
                 TumblingWindows(window_settings(self.settings)), AlertRule(alert_settings(self.settings))
             )
         if not numbers:
             return
-        # A consumer of its own: the group's consumer is inside poll() here.
-        reader = KafkaConsumer(
-            **self.client_config, group_id=self.consumer.config["group_id"], enable_auto_commit=False
-        )
+        # A consumer of its own: the group's consumer is inside poll() here. It resets to
+        # the earliest offset, as the group's consumer does: a committed offset the log no
+        # longer holds means the group re-reads from the log start, so the read-back must
+        # reach back to that record's time too (with "latest" it found no record and fell
+        # back to the lookback, and older windows and alerts were emitted again).
+        reader = restore_reader(self.client_config, str(self.consumer.config["group_id"]))
         try:
             since = self._read_back_since(reader, numbers)
             windows = read_back(reader, WINDOWS_TOPIC, since)
@@ -191,14 +268,13 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 dead_letters.append(self._dead_letter(record, poison.reason, poison.detail))
             except OverflowError:  # a window end near year 9999 plus the cooldown
                 dead_letters.append(self._dead_letter(record, "schema", "window.window_end: out of range"))
-        if any(ack is not None for ack in dead_letters):
-            self.producer.flush()
+        confirmed = self._confirm(dead_letters)
         logger.info(
             "windowing partitions %s (%d emitted windows and %d alerts read back, %d dead-lettered)",
             numbers,
             restored,
             len(alerts),
-            sum(ack is not None for ack in dead_letters),
+            confirmed,
         )
 
     def _read_back_since(self, reader: KafkaConsumer, numbers: list[int]) -> dict[int, int]:
@@ -206,7 +282,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         the lookback, or earlier when the first scored record this stage will read again
         is older (the windows emitted since then must be known, or they would be emitted
         again)."""
-        lookback = datetime.now(UTC) - timedelta(hours=self.settings.restore_lookback_hours)
+        lookback = self.clock() - timedelta(hours=self.settings.restore_lookback_hours)
         since = {}
         for number in numbers:
             partition = TopicPartition(SENTIMENT_TOPIC, number)
@@ -229,7 +305,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.assigned_partitions = observe_lag(self.consumer)
         started = time.perf_counter()
         window_acks = []
-        other_acks = []
+        dead_letters = []
         touched: set[int] = set()
         now = self.clock()
         for partition, records in polled.items():
@@ -238,13 +314,14 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue  # revoked meanwhile
             touched.add(partition.partition)
             KAFKA_CONSUMED.labels(SENTIMENT_TOPIC).inc(len(records))
-            late, future = state.windows.dropped_late, state.windows.dropped_future
+            windows = state.windows
+            late, future, emitted = windows.dropped_late, windows.dropped_future, windows.dropped_emitted
             for record in records:
                 state.next_offset = record.offset + 1
                 try:
                     item = decode_internal(ScoredItem, record.value)
                 except PoisonRecord as poison:
-                    other_acks.append(self._dead_letter(record, poison.reason, poison.detail))
+                    dead_letters.append(self._dead_letter(record, poison.reason, poison.detail))
                     continue
                 window = state.windows.window_of(item)
                 if window is None:
@@ -252,14 +329,19 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 if state.windows.add(item, now, state.emitted):
                     state.first_offset.setdefault(window, record.offset)
                     self._link(state, window, record.headers)
-            WORKER_DROPPED_ITEMS.labels("late").inc(state.windows.dropped_late - late)
-            WORKER_DROPPED_ITEMS.labels("future").inc(state.windows.dropped_future - future)
+            WORKER_DROPPED_ITEMS.labels("late").inc(windows.dropped_late - late)
+            WORKER_DROPPED_ITEMS.labels("future").inc(windows.dropped_future - future)
+            WORKER_DROPPED_ITEMS.labels("emitted").inc(windows.dropped_emitted - emitted)
             for closed in state.windows.close_due():
                 window_acks.append(self._emit(state, closed))
         # Every assigned partition, polled or not: a quiet one must not hold its last
-        # windows (and their alerts) until its next record, which may be hours away.
+        # windows (and their alerts) until its next record, which may be hours away; but
+        # only once the pipeline is caught up, or a stall's backlog would all be late.
+        awaiting = {number for number, state in self.states.items() if state.windows.awaits_idle_close(now)}
+        caught_up = self._caught_up_partitions() if awaiting else set()
+        self._log_holding(awaiting - caught_up)
         for number, state in self.states.items():
-            idle_closed = state.windows.close_idle(now)
+            idle_closed = state.windows.close_idle(now, caught_up=number in caught_up)
             if idle_closed:
                 touched.add(number)
                 WORKER_IDLE_CLOSED_WINDOWS.inc(len(idle_closed))
@@ -268,9 +350,9 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if not touched:
             return 0
         self.producer.flush()
-        for ack in [*window_acks, *other_acks]:
-            if ack is not None:
-                ack.get(timeout=30)
+        for ack in window_acks:
+            ack.get(timeout=30)
+        self._confirm(dead_letters)
         KAFKA_PRODUCED.labels(WINDOWS_TOPIC).inc(len(window_acks))
         offsets = {}
         for number in touched:
@@ -282,23 +364,69 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         WORKER_BATCH_DURATION.labels("windows").observe(time.perf_counter() - started)
         return sum(len(r) for r in polled.values())
 
-    def _dead_letter(self, record: Any, reason: str, detail: str) -> Any | None:
+    def _caught_up_partitions(self) -> set[int]:
+        """The assigned partitions that may be closed by the clock: caught up at the last
+        check (at most `caught_up_check_seconds` old) and with nothing fetched since that
+        this stage has not read."""
+        checked = self._caught_up_at
+        if checked is None or time.monotonic() - checked >= self.settings.caught_up_check_seconds:
+            positions = {}
+            for number in self.states:
+                position = self.consumer.position(TopicPartition(SENTIMENT_TOPIC, number), timeout_ms=100)
+                if position is not None:
+                    positions[number] = position
+            self._caught_up = self._caught_up_check(positions)
+            self._caught_up_at = time.monotonic()
+        caught_up = set()
+        for number in self._caught_up & self.states.keys():
+            partition = TopicPartition(SENTIMENT_TOPIC, number)
+            highwater = self.consumer.highwater(partition)
+            position = self.consumer.position(partition, timeout_ms=100)
+            if position is not None and (highwater is None or position >= highwater):
+                caught_up.add(number)
+        return caught_up
+
+    def _log_holding(self, holding: set[int]) -> None:
+        if holding - self._holding:
+            logger.info(
+                "partitions %s are quiet but the pipeline is not caught up (scoring behind or stalled, "
+                "or records not read yet): their windows wait rather than close by the clock",
+                sorted(holding),
+            )
+        elif self._holding and not holding:
+            logger.info("pipeline caught up: quiet partitions close their windows by the clock again")
+        self._holding = holding
+
+    def _dead_letter(self, record: Any, reason: str, detail: str) -> _DeadLetter | None:
         """Sends an unreadable record of the stage's topics to the dead-letter topic (the
-        scorer's headers: reason, source topic, partition, offset); returns the ack, or
-        None when this process already dead-lettered that record."""
+        scorer's headers: reason, source topic, partition, offset); returns it for
+        `_confirm`, or None when this process already dead-lettered that record."""
         source = (record.topic, record.partition, record.offset)
         if source in self._dead_lettered:
             return None
-        self._dead_lettered[source] = None
-        while len(self._dead_lettered) > REMEMBERED_DEAD_LETTERS:
-            self._dead_lettered.popitem(last=False)
         logger.error("dead-lettering %s[%d]@%d: %s (%s)", record.topic, record.partition, record.offset, reason, detail)
         WORKER_DEAD_LETTERED.labels(reason).inc()
         WORKER_INTERNAL_DEAD_LETTERED.labels(record.topic).inc()
         KAFKA_PRODUCED.labels(DLQ_TOPIC).inc()
-        return self.producer.send(
+        ack = self.producer.send(
             DLQ_TOPIC, key=record.key, value=record.value or b"", headers=dead_letter_headers(record, reason, detail)
         )
+        return _DeadLetter(source, ack)
+
+    def _confirm(self, letters: list[_DeadLetter | None]) -> int:
+        """Waits until the broker has acknowledged the dead letters, then remembers their
+        sources (a send that failed raises, and the record is dead-lettered when read
+        again); returns how many there were."""
+        sent = [letter for letter in letters if letter is not None]
+        if not sent:
+            return 0
+        self.producer.flush()
+        for letter in sent:
+            letter.ack.get(timeout=30)
+            self._dead_lettered[letter.source] = None
+        while len(self._dead_lettered) > REMEMBERED_DEAD_LETTERS:
+            self._dead_lettered.popitem(last=False)
+        return len(sent)
 
     @staticmethod
     def _link(state: PartitionState, window: str, headers: list[tuple[str, bytes]] | None) -> None:
@@ -346,6 +474,12 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.windows_closed += 1
         WORKER_WINDOWS_CLOSED.inc()
         return ack
+
+
+def restore_reader(client_config: dict[str, Any], group_id: str) -> KafkaConsumer:
+    """The consumer that reads windows and alerts back on assignment (and the group's
+    committed offsets, without joining it)."""
+    return KafkaConsumer(**client_config, group_id=group_id, enable_auto_commit=False, auto_offset_reset="earliest")
 
 
 def timestamp_at(

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,10 +180,14 @@ def cached_engine(
         return path.read_bytes(), path, False
     engine = build_engine(onnx_path, spec, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    # Replicas may share the cache on one volume: each writes its own temporary file and
+    # renames it whole, so a reader sees no engine or a complete one, never a mix.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
     partial.write_bytes(engine)
     partial.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    described = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.json.partial")
+    described.write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    described.replace(path.with_suffix(".json"))
     return engine, path, True
 
 

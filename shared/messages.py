@@ -1,0 +1,180 @@
+"""The records the monitor reads and writes, and the rules for poison input.
+
+Topics (all JSON, UTF-8):
+- `finance.news.v1`: NewsItem, produced by users; key optional (the item id is a good one).
+- `finance.sentiment.v1`: ScoredItem, one per (item, ticker), keyed by ticker.
+- `finance.sentiment.windows.v1`: WindowAggregate, keyed by ticker.
+- `finance.alerts.v1`: Alert, keyed by ticker.
+- `finance.news.v1.dlq`: the original bytes of poison records, reasons in headers (also
+  unreadable records of the monitor's own topics, with their source topic).
+Every output carries a deterministic `id`, so consumers can drop duplicates that
+at-least-once delivery may produce.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+NEWS_TOPIC = "finance.news.v1"
+SENTIMENT_TOPIC = "finance.sentiment.v1"
+WINDOWS_TOPIC = "finance.sentiment.windows.v1"
+ALERTS_TOPIC = "finance.alerts.v1"
+DLQ_TOPIC = f"{NEWS_TOPIC}.dlq"
+
+Ticker = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9.\-]{0,9}$")]
+
+EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+"""Windows align to the Unix epoch, and Kafka's own timestamps start there."""
+
+
+def _not_before_epoch(moment: datetime) -> datetime:
+    # Year 1 overflowed the window arithmetic and stopped the windowing stage, which
+    # then read the same record again on restart.
+    if moment < EARLIEST_EVENT_TIME:
+        raise ValueError(f"{moment.isoformat()} is before {EARLIEST_EVENT_TIME.isoformat()}")
+    return moment
+
+
+EventTime = Annotated[AwareDatetime, AfterValidator(_not_before_epoch)]
+
+
+class NewsItem(BaseModel):
+    """One piece of finance news or a post, as producers send it to `finance.news.v1`."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", title="finance.news.v1")
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    """Producer-chosen unique id; duplicates are scored once per worker batch and can be
+    dropped downstream by it."""
+    published_at: EventTime
+    """RFC 3339 timestamp with a zone, not before 1970; the event time windows use."""
+    source: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    headline: Annotated[str, StringConstraints(min_length=1, max_length=2000, strip_whitespace=True)]
+    body: Annotated[str, StringConstraints(max_length=100_000)] | None = None
+    tickers: list[Ticker] = Field(default_factory=list, max_length=50)
+    """Tickers the producer already knows the item is about (upper case, no `$`)."""
+
+    def text(self) -> str:
+        """What gets scored: the headline, then the body if any."""
+        return f"{self.headline}\n\n{self.body}" if self.body else self.headline
+
+
+class ScoredItem(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    """`<item id>:<ticker>`, or the item id when no ticker was found."""
+    item_id: str
+    ticker: str | None
+    published_at: EventTime
+    source: str
+    headline: str
+    label: str
+    probabilities: dict[str, float]
+    score: float
+    """The model version's score: sum of p(label) * weight over its label-to-score mapping
+    (`scores` in its config.json); P(positive) - P(negative), in [-1, 1], for sentiment."""
+    model_name: str
+    model_version: str
+
+
+class HeadlineEvidence(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    item_id: str
+    headline: str
+    negative_probability: float
+
+
+class WindowAggregate(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    """`<ticker>:<window start, RFC 3339>`."""
+    ticker: str
+    # With a zone: the alert rule compares them with aware times, and a naive one read
+    # back from the topic raised TypeError inside the windowing stage.
+    window_start: EventTime
+    window_end: EventTime
+    count: Annotated[int, Field(ge=0)]
+    mean_score: float
+    share_negative: Annotated[float, Field(ge=0.0, le=1.0)]
+    top_negative: list[HeadlineEvidence]
+
+
+class Alert(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    """`<ticker>:<window start>`: one window raises at most one alert."""
+    ticker: str
+    window: WindowAggregate
+    baseline_share_negative: float
+    baseline_stddev: float
+    baseline_windows: int
+    z_score: float
+
+
+class PoisonRecord(Exception):
+    """A record that can never be processed; it goes to the dead-letter topic."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_news(value: bytes | None, max_bytes: int) -> NewsItem:
+    """Parses one `finance.news.v1` record value or raises PoisonRecord with the reason."""
+    if not value:  # a tombstone (None) or zero bytes
+        raise PoisonRecord("empty", "record has no value")
+    if len(value) > max_bytes:
+        raise PoisonRecord("too-large", f"record has {len(value)} bytes; max is {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PoisonRecord("invalid-utf8", f"byte {error.start} is not valid UTF-8") from None
+    try:
+        document: Any = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PoisonRecord("not-json", f"{error.msg} at line {error.lineno} column {error.colno}") from None
+    except RecursionError:
+        # "[[[[..." a few thousand deep: uncaught, it stopped the scoring stage, which then
+        # read the same record again on restart.
+        raise PoisonRecord("not-json", "nested too deeply") from None
+    try:
+        return NewsItem.model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "record"
+        raise PoisonRecord("schema", f"{where}: {first['msg']}") from None
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def decode_internal(model: type[Model], value: bytes | None) -> Model:
+    """Parses a record of one of the monitor's own topics (scored items, windows, alerts)
+    or raises PoisonRecord with the reason, as `decode_news` does for the input."""
+    if not value:
+        raise PoisonRecord("empty", "record has no value")
+    try:
+        return model.model_validate_json(value)
+    except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            raise PoisonRecord("not-json", first["msg"]) from None
+        where = ".".join(str(part) for part in first["loc"]) or "record"
+        raise PoisonRecord("schema", f"{where}: {first['msg']}") from None
+
+
+def news_json_schema() -> dict[str, Any]:
+    """The published JSON Schema of `finance.news.v1` (docs/schemas/finance.news.v1.json)."""
+    schema = NewsItem.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://infermesh.dev/schemas/finance.news.v1.json"
+    return schema
