@@ -40,12 +40,12 @@ import numpy.typing as npt
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from tokenizers import Tokenizer
 
-from benchmarks.cpu import read_cpu
 from gateway.traces import TraceStore, start_receiver
 from infermesh.broker import EmbeddedBroker
 from infermesh.mesh import SERVICES, LocalMesh
 from services.inference.backends.base import Backend
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+from shared.cpu import read_cpu
 from shared.kafka import KafkaSettings, ensure_topics
 from shared.messages import NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from shared.model_repository import ModelRepository

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.cpu import read_cpu
 from benchmarks.e2e import (
     REST_ROW,
     Workload,
@@ -45,6 +44,7 @@ from benchmarks.e2e import (
     workload_name,
 )
 from infermesh.mesh import LocalMesh
+from shared.cpu import read_cpu
 from shared.model_repository import ModelRepository
 
 #: (clients, headlines per request), as the REST rows.

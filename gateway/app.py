@@ -59,7 +59,9 @@ def create_app(settings: GatewaySettings, kafka: KafkaSettings | None = None) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         targets = PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor)
-        app.state.pipeline = PipelineClient(targets, model_name=settings.model_name)
+        app.state.pipeline = PipelineClient(
+            targets, model_name=settings.model_name, routing=settings.language_routing()
+        )
         inference_channel = channel(settings.inference)
         app.state.inference = inference_grpc.GRPCInferenceServiceStub(inference_channel)
         explainer_channel = channel(settings.explainer)

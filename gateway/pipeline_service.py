@@ -5,18 +5,20 @@ same MAX_TEXTS limit (`gateway.settings.check_text_count`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from gateway.admission import Admission
 from gateway.settings import check_text_count
-from shared.classification import response_fields
+from shared.classification import response_fields, routed_fields
 from shared.errors import from_grpc_error
 from shared.grpc_server import ServicerContext
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
 from shared.pb import pipeline_pb2 as pb
 from shared.pb import pipeline_pb2_grpc as pb_grpc
-from shared.pipeline import PipelineClient
+from shared.pipeline import Classification, PipelineClient
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Pipeline"].full_name
 
@@ -59,7 +61,9 @@ class PipelineServicer(pb_grpc.PipelineServicer):
         return pb.ClassifyResponse(
             model_name=result.model_name,
             model_version=result.model_version,
-            results=[pb.Classification(**response_fields(r), num_tokens=r.num_tokens) for r in result.results],
+            results=[
+                pb.Classification(**response_fields(r), **_routed(r), num_tokens=r.num_tokens) for r in result.results
+            ],
         )
 
     async def Explain(
@@ -70,6 +74,12 @@ class PipelineServicer(pb_grpc.PipelineServicer):
             return await self._explainer.Explain(request, timeout=_deadline(context, self._explain_timeout))
         except grpc.aio.AioRpcError as error:
             raise from_grpc_error(error) from None
+
+
+def _routed(result: Classification) -> dict[str, Any]:
+    fields = routed_fields(result)
+    fields["status"] = pb.ResultStatus.Value(f"RESULT_STATUS_{fields['status'].upper()}")
+    return fields
 
 
 def _deadline(context: ServicerContext, default: float) -> float:

@@ -26,7 +26,7 @@ from gateway.schemas import (
     WordAttribution,
 )
 from gateway.settings import GatewaySettings, check_text_count
-from shared.classification import response_fields
+from shared.classification import response_fields, routed_fields
 from shared.errors import from_grpc_error
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
@@ -56,7 +56,9 @@ def classify_response(result: ClassifyResult) -> SentimentResponse:
     return SentimentResponse(
         model_name=result.model_name,
         model_version=result.model_version,
-        results=[SentimentResult(**response_fields(r), num_tokens=r.num_tokens) for r in result.results],
+        results=[
+            SentimentResult(**response_fields(r), **routed_fields(r), num_tokens=r.num_tokens) for r in result.results
+        ],
     )
 
 

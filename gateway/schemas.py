@@ -31,6 +31,22 @@ class SentimentResult(BaseModel):
         description="sum of p(label) * weight over the version's label-to-score mapping (its config's `scores`,"
         " e.g. P(positive) - P(negative)); null when the version has none.",
     )
+    status: Literal["ok", "unsupported_language"] = Field(
+        "ok",
+        description="`unsupported_language`: no served model can read this text (no model for its `language`, or"
+        " too many of its tokens unknown to its model); then `label` is `abstain`, `labels` and `probabilities`"
+        " are empty. Never a confident label.",
+    )
+    language: str = Field("", description="The detected language (ISO 639-1; `und` when undetermined).")
+    language_confidence: float = Field(0.0, description="The language identifier's probability of `language`.")
+    unknown_token_share: float = Field(
+        0.0,
+        description="Share of the text's tokens unknown to its model's tokenizer (0 for byte-level BPE tokenizers).",
+    )
+    model_name: str = Field(
+        "", description="The model that classified this text (routed by language); empty when unsupported."
+    )
+    model_version: str = ""
 
 
 class SentimentResponse(BaseModel):

@@ -8,9 +8,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.apikeys import check_key_name, digest_of
 from shared.errors import InputTooLarge
+from shared.routing import RoutingSettings
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(RoutingSettings):
     """Settings of the REST gateway (env prefix INFERMESH_GATEWAY_)."""
 
     # hide_input_in_errors: a refused api_keys value may be a plaintext key pasted by

@@ -1,7 +1,8 @@
 """What a classification means beyond its labels, in one place: the monitor's score from a
 version's label-to-score mapping, and the fields every classification response carries
 (the post-processor's gRPC DocumentResult, the pipeline's gRPC Classification and the
-gateway's REST results are all built with `response_fields`)."""
+gateway's REST results are all built with `response_fields`), and what the gateway's
+results add per text about its language and the model that read it (`routed_fields`)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,34 @@ def response_fields(result: Classified) -> dict[str, Any]:
     if result.score is not None:
         fields["score"] = result.score
     return fields
+
+
+class Routed(Protocol):
+    """A pipeline result: what routing by language decided for one text."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def language(self) -> str: ...
+    @property
+    def language_confidence(self) -> float: ...
+    @property
+    def unknown_token_share(self) -> float: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
+
+
+def routed_fields(result: Routed) -> dict[str, Any]:
+    """The gateway's per-text fields beside `response_fields` (REST and the gRPC Pipeline):
+    `status` (`ok` or `unsupported_language`, as text; the Pipeline maps it to its enum),
+    `language`, `language_confidence`, `unknown_token_share`, `model_name`, `model_version`."""
+    return {
+        "status": str(result.status),
+        "language": result.language,
+        "language_confidence": result.language_confidence,
+        "unknown_token_share": result.unknown_token_share,
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+    }

@@ -25,7 +25,18 @@ WINDOWS_TOPIC = "finance.sentiment.windows.v1"
 ALERTS_TOPIC = "finance.alerts.v1"
 DLQ_TOPIC = f"{NEWS_TOPIC}.dlq"
 
-Ticker = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9.\-]{0,9}$")]
+TICKER_PATTERN = (
+    r"^(?:[A-Z][A-Z0-9.\-]{0,9}"  # US symbols and classes (BRK.B), letter codes anywhere (VOD.L)
+    r"|[0-9]{6}\.(?:SH|SS|SZ|BJ)"  # Shanghai (SH, or Yahoo's SS), Shenzhen, Beijing: 600519.SH
+    r"|[0-9]{4,5}\.HK"  # Hong Kong: 0700.HK, 00700.HK
+    r"|[0-9]{3}[0-9A-Z]\.T"  # Tokyo: 7203.T, and the alphanumeric codes issued since 2024 (130A.T)
+    r"|[0-9][0-9A-Z]{2,4}\.L"  # London codes that start with a digit (0YP5.L)
+    r"|[0-9]{6}\.(?:KS|KQ)"  # Korea: 005930.KS
+    r"|[0-9]{4,6}\.(?:TW|TWO))$"  # Taiwan: 2330.TW
+)
+"""A ticker as `tickers` carries it (upper case, no `$`): a US symbol, or an exchange code
+with the exchange's suffix; a code that starts with a digit needs a known suffix."""
+Ticker = Annotated[str, StringConstraints(pattern=TICKER_PATTERN)]
 
 EARLIEST_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 """Windows align to the Unix epoch, and Kafka's own timestamps start there."""

@@ -47,6 +47,14 @@ TOKENIZER_TOKENS = Counter("infermesh_tokenizer_tokens", "Tokens produced (befor
 TOKENIZER_CHUNKS = Counter("infermesh_tokenizer_chunks", "Model-sized chunks produced")
 TOKENIZER_TRUNCATED = Counter("infermesh_tokenizer_truncated_texts", "Texts cut to the model's length")
 
+# Routing by language (shared.routing, applied by the pipeline client in the gateway and worker).
+UNSUPPORTED_LANGUAGE_TEXTS = Counter(
+    "infermesh_unsupported_language_texts",
+    "Texts no served model can read, answered `unsupported_language`, by detected language and reason"
+    " (no_model: none routed for the language; unknown_tokens: over the unknown-token limit)",
+    ["language", "reason"],
+)
+
 # Inference.
 INFERENCE_QUEUE_DEPTH = Gauge(
     "infermesh_inference_queue_depth_sequences", "Sequences waiting for a batch", ["model", "version"]

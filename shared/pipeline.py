@@ -24,7 +24,7 @@ from shared import oip
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput, from_grpc_error
 from shared.grpc_client import channel
-from shared.metrics import PIPELINE_BATCHER_METRICS
+from shared.metrics import PIPELINE_BATCHER_METRICS, UNSUPPORTED_LANGUAGE_TEXTS
 from shared.padding import pad_right
 from shared.pb import grpc_predict_v2_pb2 as infer_pb
 from shared.pb import grpc_predict_v2_pb2_grpc as infer_grpc
@@ -32,10 +32,13 @@ from shared.pb import postprocess_pb2 as post_pb
 from shared.pb import postprocess_pb2_grpc as post_grpc
 from shared.pb import tokenizer_pb2 as tok_pb
 from shared.pb import tokenizer_pb2_grpc as tok_grpc
+from shared.routing import Detection, LanguageRouting, Refusal, TextStatus, readable, route
 
 DEFAULT_MODEL = "finance-sentiment"
 #: Distinct (model, version, thresholds) option sets that get a shared round; others run alone.
 MAX_ROUND_KEYS = 16
+#: How long the default model's declared languages (the routing table's base) are reused.
+ROUTING_TABLE_TTL_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,18 @@ class Classification:
     score: float | None = None
     """The version's score, computed by the post-processor from its label -> weight mapping
     (`shared.classification.score`); None when the version has none."""
+    status: TextStatus = TextStatus.OK
+    """`unsupported_language`: no served model can read the text; then `label` is `abstain`,
+    `labels` and `probabilities` are empty and `model_name` is empty."""
+    language: str = ""
+    """The detected language (ISO 639-1, `und` when undetermined, empty when not detected)."""
+    language_confidence: float = 0.0
+    unknown_token_share: float = 0.0
+    """Of the text's tokens under its model's tokenizer (0 for byte-level BPE)."""
+    model_name: str = ""
+    """The model that classified the text: routing by language may choose another than the
+    call's."""
+    model_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,9 +125,15 @@ class PipelineClient:
         timeout_seconds: float = 30.0,
         texts_per_round: int = 64,
         concurrent_rounds: int = 4,
+        routing: LanguageRouting | None = None,
     ) -> None:
+        """`routing`: send each text to the model for its detected language and answer
+        `unsupported_language` for text no model can read (`shared.routing`); None: every text
+        goes to the named or default model, whatever its language."""
         self.targets = targets or PipelineTargets()
         self.model_name = model_name
+        self.routing = routing
+        self._table: tuple[dict[str, str], float] | None = None
         self.rows_per_infer_call = rows_per_infer_call
         self.timeout_seconds = timeout_seconds
         self._round_policy = BatchPolicy(
@@ -154,7 +175,10 @@ class PipelineClient:
         model_name: str = "",
     ) -> ClassifyResult:
         """Labels and calibrated probabilities for each text; long texts are chunked and
-        their chunks aggregated. `model_name` empty: the client's model. Raises
+        their chunks aggregated. `model_name` empty: the client's model, or with `routing`
+        the model for each text's language; named: that model for every text (it must still
+        read them: `unsupported_language` otherwise). `model_version` and `thresholds` apply
+        to the named or default model's texts only. Raises
         `shared.errors` types (ModelNotFound naming the models there are), never raw gRPC
         errors."""
         if not texts:
@@ -165,7 +189,6 @@ class PipelineClient:
             except UnicodeEncodeError:
                 raise InvalidInput(f"text {index} is not valid Unicode (it holds a lone surrogate)") from None
         timeout = timeout_seconds or self.timeout_seconds
-        model_name = model_name or self.model_name
         key = (model_name, model_version, tuple(sorted((thresholds or {}).items())))
         batcher = self._rounds.get(key)
         if len(texts) >= self._round_policy.max_batch_size or (batcher is None and len(self._rounds) >= MAX_ROUND_KEYS):
@@ -241,54 +264,156 @@ class PipelineClient:
     async def _classify_now(
         self,
         texts: list[str],
-        model_name: str,
+        requested_model: str,
         model_version: str,
         thresholds: Mapping[str, float] | None,
         timeout: float,
     ) -> ClassifyResult:
         deadline = time.monotonic() + timeout
+        model_name = requested_model or self.model_name
         try:
-            tokenized = await self._tokenizer.Tokenize(
-                tok_pb.TokenizeRequest(texts=list(texts), model_name=model_name, model_version=model_version),
-                timeout=_remaining(deadline),
-            )
-            rows = [
-                _Row(document, index, chunk.input_ids, chunk.attention_mask)
-                for document, result in enumerate(tokenized.results)
-                for index, chunk in enumerate(result.chunks)
-            ]
-            logits, version = await self._infer(rows, model_name, model_version, deadline)
-            post = await self._postprocessor.Postprocess(
-                post_pb.PostprocessRequest(
-                    model_name=model_name,
-                    model_version=version,
-                    logits=logits.reshape(-1).tolist(),
-                    num_labels=logits.shape[1],
-                    document_index=[row.document for row in rows],
-                    row_weights=[float(sum(row.attention_mask)) for row in rows],
-                    thresholds=dict(thresholds or {}),
-                ),
-                timeout=_remaining(deadline),
+            first = await self._tokenize(texts, model_name, model_version, deadline)
+            # Which model reads each text, and each text's tokens under that model.
+            tokens: list[tok_pb.TokenizedText] = list(first)
+            refused: dict[int, Refusal] = {}
+            groups: dict[str, list[int]] = {}
+            if self.routing is None:
+                groups[model_name] = list(range(len(texts)))
+            else:
+                table = await self._routing_table(deadline)
+                for index, result in enumerate(first):
+                    target = route(
+                        Detection(result.language, result.language_confidence),
+                        table,
+                        self.model_name,
+                        self.routing.min_language_confidence,
+                        requested_model,
+                    )
+                    if target is None:
+                        refused[index] = Refusal.NO_MODEL
+                    else:
+                        groups.setdefault(target, []).append(index)
+                others = [model for model in groups if model != model_name]
+                retokenized = await asyncio.gather(
+                    *(self._tokenize([texts[i] for i in groups[model]], model, "", deadline) for model in others)
+                )
+                for model, group_results in zip(others, retokenized, strict=True):
+                    for index, text_result in zip(groups[model], group_results, strict=True):
+                        tokens[index] = text_result
+                limit = self.routing.max_unknown_token_share
+                for model in list(groups):
+                    readable_texts = [i for i in groups[model] if readable(tokens[i].unknown_token_share, limit)]
+                    refused.update(dict.fromkeys(set(groups[model]) - set(readable_texts), Refusal.UNKNOWN_TOKENS))
+                    if readable_texts:
+                        groups[model] = readable_texts
+                    else:
+                        del groups[model]
+            scored = await asyncio.gather(
+                *(
+                    self._score_group(
+                        [tokens[i] for i in indices],
+                        model,
+                        model_version if model == model_name else "",
+                        thresholds if model == model_name else None,
+                        deadline,
+                    )
+                    for model, indices in groups.items()
+                )
             )
         except grpc.aio.AioRpcError as error:
             raise from_grpc_error(error) from None
-        return ClassifyResult(
-            model_name=post.model_name,
-            model_version=post.model_version,
-            results=[
-                Classification(
+        results: list[Classification | None] = [None] * len(texts)
+        version = model_version
+        for (model, indices), (post, group_tokens) in zip(groups.items(), scored, strict=True):
+            if model == model_name:
+                version = post.model_version
+            for index, document, text_tokens in zip(indices, post.results, group_tokens, strict=True):
+                results[index] = Classification(
                     label=document.label,
                     probabilities=dict(zip(post.labels, document.probabilities, strict=True)),
                     abstained=document.abstained,
                     num_chunks=document.num_chunks,
-                    num_tokens=tokens.num_tokens,
+                    num_tokens=text_tokens.num_tokens,
                     deciding_chunk=document.deciding_chunk,
                     labels=list(document.labels),
                     score=document.score if document.HasField("score") else None,
+                    language=text_tokens.language,
+                    language_confidence=text_tokens.language_confidence,
+                    unknown_token_share=text_tokens.unknown_token_share,
+                    model_name=post.model_name,
+                    model_version=post.model_version,
                 )
-                for document, tokens in zip(post.results, tokenized.results, strict=True)
-            ],
+        for index, reason in refused.items():
+            UNSUPPORTED_LANGUAGE_TEXTS.labels(tokens[index].language or "und", reason.value).inc()
+            results[index] = Classification(
+                label="abstain",
+                probabilities={},
+                abstained=True,
+                num_chunks=len(tokens[index].chunks),
+                num_tokens=tokens[index].num_tokens,
+                deciding_chunk=0,
+                status=TextStatus.UNSUPPORTED_LANGUAGE,
+                language=tokens[index].language,
+                language_confidence=tokens[index].language_confidence,
+                unknown_token_share=tokens[index].unknown_token_share,
+            )
+        return ClassifyResult(
+            model_name=model_name,
+            model_version=version,
+            results=[result for result in results if result is not None],
         )
+
+    async def _tokenize(
+        self, texts: list[str], model_name: str, model_version: str, deadline: float
+    ) -> list[tok_pb.TokenizedText]:
+        tokenized = await self._tokenizer.Tokenize(
+            tok_pb.TokenizeRequest(texts=texts, model_name=model_name, model_version=model_version),
+            timeout=_remaining(deadline),
+        )
+        return list(tokenized.results)
+
+    async def _score_group(
+        self,
+        tokens: list[tok_pb.TokenizedText],
+        model_name: str,
+        model_version: str,
+        thresholds: Mapping[str, float] | None,
+        deadline: float,
+    ) -> tuple[post_pb.PostprocessResponse, list[tok_pb.TokenizedText]]:
+        """Infers and post-processes texts one model reads; its answer, and `tokens` back."""
+        rows = [
+            _Row(document, index, chunk.input_ids, chunk.attention_mask)
+            for document, result in enumerate(tokens)
+            for index, chunk in enumerate(result.chunks)
+        ]
+        logits, version = await self._infer(rows, model_name, model_version, deadline)
+        post = await self._postprocessor.Postprocess(
+            post_pb.PostprocessRequest(
+                model_name=model_name,
+                model_version=version,
+                logits=logits.reshape(-1).tolist(),
+                num_labels=logits.shape[1],
+                document_index=[row.document for row in rows],
+                row_weights=[float(sum(row.attention_mask)) for row in rows],
+                thresholds=dict(thresholds or {}),
+            ),
+            timeout=_remaining(deadline),
+        )
+        return post, tokens
+
+    async def _routing_table(self, deadline: float) -> dict[str, str]:
+        """Language -> model: the default model's declared languages (asked of the
+        post-processor, reused for a few seconds) under the settings' routes."""
+        if self.routing is None:
+            return {}
+        now = time.monotonic()
+        if self._table is not None and now - self._table[1] < ROUTING_TABLE_TTL_SECONDS:
+            return self._table[0]
+        listed = await self.models(timeout_seconds=_remaining(deadline))
+        languages = next((m.languages for m in listed if m.name == self.model_name), [])
+        table = self.routing.table(self.model_name, languages)
+        self._table = (table, now)
+        return table
 
     async def _infer(
         self, rows: list[_Row], model_name: str, model_version: str, deadline: float

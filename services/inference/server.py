@@ -9,12 +9,14 @@ from pathlib import Path
 
 import grpc
 
+from services.inference.autotune import AutotuneConfig, autotune_version, log_choice, report_choice
 from services.inference.backends.base import Backend
 from services.inference.control import ModelControl
 from services.inference.core import InferenceCore, Limits, VersionPolicy
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 from shared.batching import BatchPolicy
+from shared.cpu import read_cpu
 from shared.grpc_server import (
     RunningServer,
     exit_on_startup_error,
@@ -38,7 +40,8 @@ STATIC_SHAPE_BUCKETS = (16, 32, 64, 128)
 
 def resolve_backend(settings: InferenceSettings) -> tuple[str, str]:
     """(backend, device) for this machine: `auto` is ONNX Runtime, the backend the tests
-    and benchmarks run; device `auto` picks CUDA where the backend can.
+    and benchmarks run; device `auto` picks CUDA where the backend can. On CPU, `auto`
+    then measures per version which backend and variant to run (`measures_cpu_backends`).
 
     `auto` never picks TensorRT, even where it is installed: that backend has never run
     (see docs/backends.md), and a path that never ran must not become a default because
@@ -57,8 +60,36 @@ def resolve_backend(settings: InferenceSettings) -> tuple[str, str]:
     return backend, "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
 
 
+def measures_cpu_backends(settings: InferenceSettings, backend: str, device: str) -> bool:
+    """Whether each version's CPU backend is chosen by measurement (autotune.py): backend
+    `auto` landing on CPU, autotune on, and no variant named (a named variant is a choice)."""
+    return (
+        settings.backend == "auto"
+        and backend == "onnxruntime"
+        and device == "cpu"
+        and settings.autotune
+        and not settings.variant
+    )
+
+
+def autotune_settings(settings: InferenceSettings) -> AutotuneConfig:
+    return AutotuneConfig(
+        budget_seconds=settings.autotune_budget_seconds,
+        objective=settings.autotune_objective,
+        margin=settings.autotune_margin,
+        agreement_floor=settings.autotune_agreement_floor,
+        min_trials=settings.autotune_min_trials,
+        max_trials=settings.autotune_max_trials,
+        cache_dir=settings.autotune_cache_dir,
+        intra_op_threads=settings.intra_op_threads,
+        allow_spinning=settings.allow_spinning,
+    )
+
+
 def build_core(settings: InferenceSettings) -> InferenceCore:
     backend, device = resolve_backend(settings)
+    measured = measures_cpu_backends(settings, backend, device)
+    cpu = read_cpu() if measured else None
     static_shapes = backend == "tensorrt" or (backend == "torch" and device == "cuda" and settings.cuda_graphs)
     buckets = tuple(settings.length_buckets) or (STATIC_SHAPE_BUCKETS if static_shapes else ())
     logger.info("backend %s on %s, length buckets %s", backend, device, list(buckets) or "none")
@@ -73,6 +104,35 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
     )
 
     def make_backend(config: ModelConfig, path: Path) -> Backend:
+        if cpu is not None:
+            choice = autotune_version(path, config, cpu, autotune_settings(settings))
+            log_choice(choice.record)
+            report_choice(config.name, config.version, choice.backend, choice.variant, choice.source)
+            if choice.loaded is not None:
+                return choice.loaded
+            if choice.backend == "torch":
+                from services.inference.backends.pytorch import TorchBackend
+
+                return TorchBackend(path / "hf", device="cpu", dtype=choice.variant, threads=settings.intra_op_threads)
+            return make_onnxruntime(config, path, choice.variant)
+        chosen = make_named_backend(config, path)
+        variant = getattr(chosen, "dtype", "") if backend == "torch" else settings.variant or config.default_variant
+        report_choice(config.name, config.version, backend, variant if backend != "tensorrt" else "fp16", "setting")
+        return chosen
+
+    def make_onnxruntime(config: ModelConfig, path: Path, variant: str) -> Backend:
+        from services.inference.backends.onnxruntime import OnnxRuntimeBackend
+
+        if variant not in config.variants:
+            raise ValueError(f"model {config.name} has no variant {variant!r}; it has {sorted(config.variants)}")
+        return OnnxRuntimeBackend(
+            path / config.variants[variant],
+            intra_op_threads=settings.intra_op_threads,
+            allow_spinning=settings.allow_spinning,
+            device=device,
+        )
+
+    def make_named_backend(config: ModelConfig, path: Path) -> Backend:
         if backend == "tensorrt":
             from services.inference.backends.tensorrt import (
                 TensorRTBackend,
@@ -105,17 +165,7 @@ def build_core(settings: InferenceSettings) -> InferenceCore:
                 cuda_graphs=settings.cuda_graphs,
                 threads=settings.intra_op_threads,
             )
-        from services.inference.backends.onnxruntime import OnnxRuntimeBackend
-
-        variant = settings.variant or config.default_variant
-        if variant not in config.variants:
-            raise ValueError(f"model {config.name} has no variant {variant!r}; it has {sorted(config.variants)}")
-        return OnnxRuntimeBackend(
-            path / config.variants[variant],
-            intra_op_threads=settings.intra_op_threads,
-            allow_spinning=settings.allow_spinning,
-            device=device,
-        )
+        return make_onnxruntime(config, path, settings.variant or config.default_variant)
 
     return InferenceCore(
         ModelRepository(settings.model_repository),

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import BaseServiceSettings
@@ -52,8 +52,39 @@ class InferenceSettings(BaseServiceSettings):
     characters; from a secret, never a manifest). Send it over TLS (INFERMESH_TLS_*)."""
 
     backend: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
-    """Execution backend. auto: ONNX Runtime (on CUDA when onnxruntime-gpu sees a GPU).
-    auto never picks TensorRT, which has never run (docs/backends.md); name it to use it."""
+    """Execution backend. auto: ONNX Runtime on CUDA when onnxruntime-gpu sees a GPU; on
+    CPU, what `autotune` measures fastest there (ONNX Runtime int8 unless another is faster
+    by `autotune_margin`). auto never picks TensorRT, which has never run (docs/backends.md);
+    name it to use it."""
+
+    autotune: bool = True
+    """backend auto on CPU: time the candidates (ONNX Runtime int8 and fp32, torch bf16 where
+    the CPU has AMX) when a version loads and run the fastest (docs/backends.md). False:
+    ONNX Runtime with the version's default variant, unmeasured."""
+
+    autotune_budget_seconds: float = Field(default=10.0, gt=0)
+    """Longest a version's measurement may take, loading included; the decision is cached."""
+
+    autotune_objective: Literal["latency", "throughput", "balanced"] = "latency"
+    """What the measurement weighs: latency (mostly batch 1: a person waiting on one
+    headline), throughput (mostly batch 32: bulk scoring), or balanced (all shapes alike)."""
+
+    autotune_margin: float = Field(default=0.10, ge=0)
+    """How much faster than the default (ONNX Runtime int8) another candidate must be to
+    replace it: 0.10 means 1.10x on the weighted shapes."""
+
+    autotune_agreement_floor: float = Field(default=0.99, ge=0, le=1)
+    """Least share of inputs a candidate must label as ONNX Runtime fp32 does."""
+
+    autotune_min_trials: int = Field(default=3, ge=1)
+    """Interleaved rounds needed before anything but the default may be chosen."""
+
+    autotune_max_trials: int = Field(default=15, ge=1)
+    """Rounds after which the measurement stops even with budget left."""
+
+    autotune_cache_dir: Path | None = None
+    """Where decisions are cached, one small JSON file per (version files, CPU model and
+    kernel flags, settings); default `$XDG_CACHE_HOME/infermesh/autotune` (~/.cache/...)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backend runs; auto picks CUDA when the backend can use it here."""

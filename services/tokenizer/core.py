@@ -10,7 +10,9 @@ text is tokenized; offsets still index the caller's text (see `Chunk.offsets`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from pathlib import Path
 from tokenizers import Encoding
 from tokenizers import Tokenizer as RustTokenizer
 
+from services.tokenizer.languages import DetectedLanguage, LanguageDetector
 from services.tokenizer.pii import MaskedText, PiiMasker
 from shared.errors import InputTooLarge, InvalidInput
 
@@ -57,6 +60,12 @@ class TokenizedText:
     truncated: bool
     masked: int = 0
     """PII spans replaced by placeholders before tokenizing."""
+    language: DetectedLanguage | None = None
+    """The text's detected language; None when the tokenizer has no detector."""
+    unknown_token_share: float = 0.0
+    """Share of the chunks' tokens (special tokens not counted) that are the tokenizer's
+    unknown token: how much of the text the model cannot read. Always 0 for a tokenizer
+    without one (byte-level BPE spells every text in bytes)."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +84,21 @@ class Tokenizer:
     """The tokenizer service's core: validation, truncation and chunking, no transport."""
 
     def __init__(
-        self, tokenizer_json: Path, model_name: str, limits: TokenizerLimits, masker: PiiMasker | None = None
+        self,
+        tokenizer_json: Path,
+        model_name: str,
+        limits: TokenizerLimits,
+        masker: PiiMasker | None = None,
+        detector: LanguageDetector | None = None,
     ) -> None:
         self.model_name = model_name
         self.limits = limits
         self.masker = masker
+        self.detector = detector
         self._definition = tokenizer_json.read_text(encoding="utf-8")
         base = RustTokenizer.from_str(self._definition)
         self.vocab_size = base.get_vocab_size()
+        self.unk_token_id = unknown_token_id(base)
         # A Rust tokenizer carries its truncation settings, so each (max_length, stride)
         # gets its own instance; building one takes ~10 ms, so they are kept.
         self._by_window: OrderedDict[tuple[int, int], RustTokenizer] = OrderedDict()
@@ -153,11 +169,30 @@ class Tokenizer:
             if len(encoding.ids) <= SPECIAL_TOKENS_PER_CHUNK:
                 raise InvalidInput(f"text {index} has no tokens (only invisible or control characters)")
         return [
-            self._to_result(
-                encoding, texts[index], stride, overflow, return_offsets, masked[index] if masked is not None else None
+            self._with_language(
+                self._to_result(
+                    encoding,
+                    texts[index],
+                    stride,
+                    overflow,
+                    return_offsets,
+                    masked[index] if masked is not None else None,
+                ),
+                texts[index],
             )
             for index, encoding in enumerate(encodings)
         ]
+
+    def _with_language(self, result: TokenizedText, text: str) -> TokenizedText:
+        unknown = 0.0
+        if self.unk_token_id is not None:
+            # Special tokens ([CLS], [SEP]) are never the unknown token, so counting them out
+            # of the total is enough; an overlap's tokens count once per chunk they are in.
+            content = sum(len(chunk.input_ids) - SPECIAL_TOKENS_PER_CHUNK for chunk in result.chunks)
+            unknowns = sum(chunk.input_ids.count(self.unk_token_id) for chunk in result.chunks)
+            unknown = unknowns / content if content > 0 else 0.0
+        language = self.detector.detect(text) if self.detector is not None else None
+        return dataclasses.replace(result, language=language, unknown_token_share=unknown)
 
     async def tokenize_async(
         self,
@@ -188,6 +223,20 @@ class Tokenizer:
             truncated=overflow is Overflow.TRUNCATE and len(encoding.overflowing) > 0,
             masked=len(masked.replacements) if masked is not None else 0,
         )
+
+
+def unknown_token_id(tokenizer: RustTokenizer) -> int | None:
+    """The id of the tokenizer's unknown token (WordPiece's and BPE's `unk_token`, Unigram's
+    `unk_id`), or None when it has none: byte-level BPE can spell any text in bytes."""
+    model = json.loads(tokenizer.to_str()).get("model", {})
+    if model.get("type") == "Unigram":
+        unk_id = model.get("unk_id")
+        return int(unk_id) if unk_id is not None else None
+    token = model.get("unk_token")
+    if not token:
+        return None
+    token_id = tokenizer.token_to_id(token)
+    return int(token_id) if token_id is not None else None
 
 
 def _placeholder_words(windows: list[Encoding], masked: MaskedText) -> dict[int, int]:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from services.tokenizer.core import Tokenizer, TokenizerLimits
+from services.tokenizer.languages import LanguageDetector
 from services.tokenizer.pii import PiiMasker
 from shared.model_repository import ModelRepository
 
@@ -44,12 +45,14 @@ class TokenizerModels:
         masker: PiiMasker | None = None,
         default_version: str = "",
         max_loaded: int = 8,
+        detector: LanguageDetector | None = None,
     ) -> None:
         self.repository = repository
         self.default_model = default_model
         self.default_version = default_version
         self.defaults = defaults
         self.masker = masker
+        self.detector = detector
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[tuple[str, str], Tokenizer] = OrderedDict()
         self._lock = threading.Lock()
@@ -107,4 +110,10 @@ class TokenizerModels:
             max_text_bytes=defaults.max_text_bytes,
         )
         logger.info("tokenizer loaded %s version %s", name, version)
-        return Tokenizer(self.repository.path(name, version) / config.tokenizer, name, limits, masker=self.masker)
+        return Tokenizer(
+            self.repository.path(name, version) / config.tokenizer,
+            name,
+            limits,
+            masker=self.masker,
+            detector=self.detector,
+        )

@@ -9,8 +9,16 @@ shape alone would be ambiguous:
   with that network's length, and passing the Luhn check;
 - ACCOUNT: an IBAN (country, check digits, up to 30 letters and digits, spaced in fours or
   not) passing its mod-97 check, or 6 to 20 digits right after "account", "acct" or "a/c";
-- PHONE: `+` and a country code with 8 to 15 digits in all, or North American shapes
-  `(212) 555-0100` and `212-555-0100` / `212.555.0100`.
+- PHONE: `+` and a country code with 8 to 15 digits in all, North American shapes
+  `(212) 555-0100` and `212-555-0100` / `212.555.0100`, or a mainland China mobile number
+  (`1[3-9]` and nine digits: with `+86`/`0086`, printed 3-4-4, or eleven bare digits
+  next to Chinese text or after a phone word, not as a bare figure in English text);
+- NATIONAL_ID: a mainland China resident identity number (18 characters: region, birth
+  date, sequence, and the ISO 7064 MOD 11-2 check character, digit or X) whose birth date
+  is a real date and whose check character is right.
+"Next to" is ASCII: a pattern's edges look only at ASCII letters, digits and `_`, never
+at regex word characters or word boundaries, for which a Chinese or Japanese character is
+a word character, so that `邮箱jane@example.com联系` and `电话13800138000` are masked too.
 Each match becomes a placeholder such as `[EMAIL]`; `MaskedText` maps the masked text's
 character offsets back to the original text.
 """
@@ -18,6 +26,7 @@ character offsets back to the original text.
 from __future__ import annotations
 
 import bisect
+import datetime
 import enum
 import functools
 import re
@@ -30,6 +39,7 @@ class PiiKind(enum.Enum):
     PHONE = "phone"
     CARD = "card"
     ACCOUNT = "account"
+    NATIONAL_ID = "national_id"
 
     @property
     def placeholder(self) -> str:
@@ -85,30 +95,53 @@ class MaskedText:
 #: Characters of an email's local part (RFC 5322 "atext").
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: What glues to a pattern's edge: ASCII only. `\w` (and `\b`) count CJK characters as word
+#: characters, so "邮箱a@b.com" or "电话+86 138..." would never match.
+_W = "A-Za-z0-9_"
 # Every pattern starts only where the previous character cannot continue it, and has one
 # way to match any text: no pattern backtracks more than a few steps on hostile input.
 _EMAIL = re.compile(
-    rf"(?<![{_ATEXT}.])[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@(?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?(?![\w-])"
+    rf"(?<![{_ATEXT}.])[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@(?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?(?![{_W}-])"
 )
 # Digits not glued to a word, a decimal point or a thousands separator on either side.
 _CARD = re.compile(
-    r"(?<![\w.,])"
+    rf"(?<![{_W}.,])"
     r"(?:[0-9]{13,19}|[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}(?:\1[0-9]{1,3})?|[0-9]{4}([ -])[0-9]{6}\2[0-9]{4,5})"
-    r"(?![\w]|[.,][0-9])"
+    rf"(?![{_W}]|[.,][0-9])"
 )
 # Compact, or printed in groups of four.
-_IBAN = re.compile(r"(?<![\w])[A-Z]{2}[0-9]{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?)(?![\w])")
+_IBAN = re.compile(
+    rf"(?<![{_W}])[A-Z]{{2}}[0-9]{{2}}(?:[A-Z0-9]{{11,30}}|(?: [A-Z0-9]{{4}}){{2,7}}(?: [A-Z0-9]{{1,3}})?)(?![{_W}])"
+)
 _ACCOUNT_NUMBER = re.compile(
-    r"\b(?:account|acct|a/c)(?:\s?(?:no\.?|number|num\.?|#))?\s?[:#]?\s?([0-9](?:[ -]?[0-9]){5,19})(?![\w]|[.,][0-9])",
+    rf"(?<![{_W}])(?:account|acct|a/c)(?:\s?(?:no\.?|number|num\.?|#))?\s?[:#]?\s?"
+    rf"([0-9](?:[ -]?[0-9]){{5,19}})(?![{_W}]|[.,][0-9])",
     re.IGNORECASE,
 )
 _PHONE = re.compile(
-    r"(?<![\w+])"
+    rf"(?<![{_W}+])"
     r"(?:\+[1-9][0-9]{0,2}(?:[0-9]{5,12}|(?:[ .-]?\([0-9]{1,4}\) ?[0-9]{1,5})?(?:[ .-][0-9]{1,5}){1,6})"
     r"|\([0-9]{3}\) ?[0-9]{3}[ .-][0-9]{4}"
     r"|[0-9]{3}([.-])[0-9]{3}\1[0-9]{4})"
-    r"(?![\w]|[.,][0-9])"
+    rf"(?![{_W}]|[.,][0-9])"
 )
+# Mainland China mobile: 1[3-9] and nine digits, run together or 3-4-4, after an optional
+# +86 / 0086; not part of a longer figure ("1,138..." or "0.138...").
+_CN_MOBILE = re.compile(
+    rf"(?<![{_W}+])(?<![0-9][.,])"
+    r"(?:(?:\+|00)86[ -]?)?1[3-9][0-9](?:[0-9]{8}|([ -])[0-9]{4}\1[0-9]{4})"
+    rf"(?![{_W}]|[.,][0-9])"
+)
+# Mainland China resident identity number (GB 11643): 6-digit region, birth date
+# YYYYMMDD, 3-digit sequence, check character.
+_CN_RESIDENT_ID = re.compile(
+    rf"(?<![{_W}])(?<![0-9][.,])"
+    r"[1-9][0-9]{5}(?:18|19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9Xx]"
+    rf"(?![{_W}]|[.,][0-9])"
+)
+_PHONE_WORD = re.compile(r"(?:tel|phone|mobile|cell|call|sms|whatsapp|wechat)\.?$", re.IGNORECASE)
+#: ISO 7064 MOD 11-2 weights of the first 17 digits (2^(17-i) mod 11).
+_RESIDENT_ID_WEIGHTS = tuple(pow(2, 17 - i, 11) for i in range(17))
 #: A signed figure with thousands separators ("+12 345 678"), not a phone number.
 _SIGNED_FIGURE = re.compile(r"\+[0-9]{1,3}(?:([ .])[0-9]{3})(?:\1[0-9]{3})*")
 
@@ -121,6 +154,19 @@ def luhn_valid(digits: str) -> bool:
             value = value * 2 - 9 if value > 4 else value * 2
         total += value
     return total % 10 == 0
+
+
+def resident_id_valid(candidate: str) -> bool:
+    """A mainland China resident identity number: 17 digits whose birth date (characters
+    7 to 14) is a real date, then the ISO 7064 MOD 11-2 check character (X for 10)."""
+    if len(candidate) != 18 or not candidate[:17].isascii() or not candidate[:17].isdigit():
+        return False
+    try:
+        datetime.date(int(candidate[6:10]), int(candidate[10:12]), int(candidate[12:14]))
+    except ValueError:
+        return False
+    check = (12 - sum(int(d) * w for d, w in zip(candidate[:17], _RESIDENT_ID_WEIGHTS, strict=True)) % 11) % 11
+    return candidate[17].upper() == ("X" if check == 10 else str(check))
 
 
 def iban_valid(candidate: str) -> bool:
@@ -183,17 +229,43 @@ def _phones(text: str) -> Iterable[tuple[int, int]]:
             yield match.span()
 
 
+def _cn_mobiles(text: str) -> Iterable[tuple[int, int]]:
+    for match in _CN_MOBILE.finditer(text):
+        # With +86 or printed 3-4-4 it is a phone number. Eleven bare digits are one in
+        # Chinese text ("电话13800138000") or after a phone word, but in English text may
+        # as well be a figure ("13000000000 shares").
+        if match.group(1) or not match.group()[0].isdigit() or _mobile_context(text, *match.span()):
+            yield match.span()
+
+
+def _mobile_context(text: str, start: int, end: int) -> bool:
+    before = text[max(0, start - 12) : start].rstrip(" :\uff1a")
+    after = text[end : end + 2].lstrip(" ")
+    return bool(
+        (before and not before[-1].isascii()) or (after and not after[0].isascii()) or _PHONE_WORD.search(before)
+    )
+
+
+def _resident_ids(text: str) -> Iterable[tuple[int, int]]:
+    for match in _CN_RESIDENT_ID.finditer(text):
+        if resident_id_valid(match.group()):
+            yield match.span()
+
+
 def _emails(text: str) -> Iterable[tuple[int, int]]:
     for match in _EMAIL.finditer(text):
         yield match.span()
 
 
-#: In this order: an email's digits are not a phone, an IBAN's are not a card's.
+#: In this order: an email's digits are not a phone, an IBAN's are not a card's, a
+#: resident ID (its own checksum and a birth date) is not a card that happens to pass Luhn.
 _FINDERS: tuple[tuple[PiiKind, Callable[[str], Iterable[tuple[int, int]]]], ...] = (
     (PiiKind.EMAIL, _emails),
     (PiiKind.ACCOUNT, _ibans),
+    (PiiKind.NATIONAL_ID, _resident_ids),
     (PiiKind.CARD, _cards),
     (PiiKind.ACCOUNT, _account_numbers),
+    (PiiKind.PHONE, _cn_mobiles),
     (PiiKind.PHONE, _phones),
 )
 

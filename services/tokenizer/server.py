@@ -6,6 +6,7 @@ import logging
 
 import grpc
 
+from services.tokenizer.languages import LanguageDetector
 from services.tokenizer.models import TokenizerDefaults, TokenizerModels
 from services.tokenizer.pii import PiiMasker
 from services.tokenizer.servicer import TokenizerServicer
@@ -43,6 +44,7 @@ def build_tokenizers(settings: TokenizerSettings) -> TokenizerModels:
         masker=masker,
         default_version=settings.model_version,
         max_loaded=settings.max_loaded_models,
+        detector=LanguageDetector(settings.language_candidates) if settings.detect_language else None,
     )
     models.get()
     return models

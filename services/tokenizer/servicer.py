@@ -21,7 +21,12 @@ _OVERFLOW = {
 
 
 def tokenized_to_pb(result: TokenizedText) -> pb.TokenizedText:
-    message = pb.TokenizedText(num_tokens=result.num_tokens, truncated=result.truncated)
+    message = pb.TokenizedText(
+        num_tokens=result.num_tokens, truncated=result.truncated, unknown_token_share=result.unknown_token_share
+    )
+    if result.language is not None:
+        message.language = result.language.language
+        message.language_confidence = result.language.confidence
     for chunk in result.chunks:
         out = message.chunks.add(char_start=chunk.char_start, char_end=chunk.char_end)
         out.input_ids.extend(chunk.input_ids)

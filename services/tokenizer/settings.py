@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic_settings import SettingsConfigDict
 
+from services.tokenizer.languages import DEFAULT_CANDIDATES
 from services.tokenizer.pii import PiiKind
 from shared.settings import BaseServiceSettings
 
@@ -51,3 +52,11 @@ class TokenizerSettings(BaseServiceSettings):
 
     mask_pii_kinds: list[PiiKind] = list(PiiKind)
     """What `mask_pii` masks, as JSON: `["email", "phone", "card", "account"]`."""
+
+    detect_language: bool = True
+    """Report each text's language (`TokenizedText.language`), which the gateway and worker
+    route by (docs/models.md, "Languages")."""
+
+    language_candidates: list[str] = list(DEFAULT_CANDIDATES)
+    """ISO 639-1 codes a text may be detected as, as JSON; a text in another language is
+    reported as the closest of these. Each must be one py3langid knows."""

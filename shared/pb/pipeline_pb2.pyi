@@ -9,6 +9,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ResultStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResultStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESULT_STATUS_UNSPECIFIED: _ResultStatus.ValueType  # 0
+    """Never sent; read as OK by old clients."""
+    RESULT_STATUS_OK: _ResultStatus.ValueType  # 1
+    """The text was classified: `label`, `labels` and `probabilities` hold."""
+    RESULT_STATUS_UNSUPPORTED_LANGUAGE: _ResultStatus.ValueType  # 2
+    """No served model can read the text (no model for its detected `language`, or too many of
+    its tokens unknown to its model's tokenizer): `label` is "abstain", `labels` and
+    `probabilities` empty. Never a confident label.
+    """
+
+class ResultStatus(_ResultStatus, metaclass=_ResultStatusEnumTypeWrapper): ...
+
+RESULT_STATUS_UNSPECIFIED: ResultStatus.ValueType  # 0
+"""Never sent; read as OK by old clients."""
+RESULT_STATUS_OK: ResultStatus.ValueType  # 1
+"""The text was classified: `label`, `labels` and `probabilities` hold."""
+RESULT_STATUS_UNSUPPORTED_LANGUAGE: ResultStatus.ValueType  # 2
+"""No served model can read the text (no model for its detected `language`, or too many of
+its tokens unknown to its model's tokenizer): `label` is "abstain", `labels` and
+`probabilities` empty. Never a confident label.
+"""
+Global___ResultStatus: _TypeAlias = ResultStatus  # noqa: Y015
 
 @_typing.final
 class ClassifyRequest(_message.Message):
@@ -104,12 +134,33 @@ class Classification(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    UNKNOWN_TOKEN_SHARE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     abstained: _builtins.bool
     num_chunks: _builtins.int
     num_tokens: _builtins.int
     score: _builtins.float
     """The version's score (its config's label-to-score mapping); unset when it has none."""
+    status: Global___ResultStatus.ValueType
+    language: _builtins.str
+    """The detected language (ISO 639-1, "und" when undetermined; empty when not detected)
+    and the identifier's probability of it.
+    """
+    language_confidence: _builtins.float
+    unknown_token_share: _builtins.float
+    """Share of the text's tokens unknown to the tokenizer of the model that read it (or
+    refused it); 0 for byte-level BPE tokenizers, which have no unknown token.
+    """
+    model_name: _builtins.str
+    """The model and version that classified this text (routing by language may pick another
+    model than the response's); empty when unsupported by language.
+    """
+    model_version: _builtins.str
     @_builtins.property
     def probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -128,10 +179,16 @@ class Classification(_message.Message):
         num_tokens: _builtins.int = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         score: _builtins.float | None = ...,
+        status: Global___ResultStatus.ValueType = ...,
+        language: _builtins.str = ...,
+        language_confidence: _builtins.float = ...,
+        unknown_token_share: _builtins.float = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "label", b"label", "labels", b"labels", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "probabilities", b"probabilities", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "label", b"label", "labels", b"labels", "language", b"language", "language_confidence", b"language_confidence", "model_name", b"model_name", "model_version", b"model_version", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "probabilities", b"probabilities", "score", b"score", "status", b"status", "unknown_token_share", b"unknown_token_share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015

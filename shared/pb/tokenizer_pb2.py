@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ftokenizer.proto\x12\x16infermesh.tokenizer.v1\"\xbb\x01\n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x0e\n\x06stride\x18\x03 \x01(\r\x12\x32\n\x08overflow\x18\x04 \x01(\x0e\x32 .infermesh.tokenizer.v1.Overflow\x12\x16\n\x0ereturn_offsets\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"\x96\x01\n\x05\x43hunk\x12\x11\n\tinput_ids\x18\x01 \x03(\x03\x12\x16\n\x0e\x61ttention_mask\x18\x02 \x03(\x03\x12\x15\n\roffset_starts\x18\x03 \x03(\r\x12\x13\n\x0boffset_ends\x18\x04 \x03(\r\x12\x10\n\x08word_ids\x18\x05 \x03(\x05\x12\x12\n\nchar_start\x18\x06 \x01(\r\x12\x10\n\x08\x63har_end\x18\x07 \x01(\r\"e\n\rTokenizedText\x12-\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1d.infermesh.tokenizer.v1.Chunk\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"J\n\x10TokenizeResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.infermesh.tokenizer.v1.TokenizedText\"D\n\x17GetTokenizerInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb0\x01\n\x18GetTokenizerInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_stride\x18\x04 \x01(\r\x12\x11\n\tmax_texts\x18\x05 \x01(\r\x12\x16\n\x0emax_text_bytes\x18\x06 \x01(\r\x12\x15\n\rmodel_version\x18\x07 \x01(\t*O\n\x08Overflow\x12\x18\n\x14OVERFLOW_UNSPECIFIED\x10\x00\x12\x12\n\x0eOVERFLOW_CHUNK\x10\x01\x12\x15\n\x11OVERFLOW_TRUNCATE\x10\x02\x32\xec\x01\n\x10TokenizerService\x12_\n\x08Tokenize\x12\'.infermesh.tokenizer.v1.TokenizeRequest\x1a(.infermesh.tokenizer.v1.TokenizeResponse\"\x00\x12w\n\x10GetTokenizerInfo\x12/.infermesh.tokenizer.v1.GetTokenizerInfoRequest\x1a\x30.infermesh.tokenizer.v1.GetTokenizerInfoResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ftokenizer.proto\x12\x16infermesh.tokenizer.v1\"\xbb\x01\n\x0fTokenizeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x0e\n\x06stride\x18\x03 \x01(\r\x12\x32\n\x08overflow\x18\x04 \x01(\x0e\x32 .infermesh.tokenizer.v1.Overflow\x12\x16\n\x0ereturn_offsets\x18\x05 \x01(\x08\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"\x96\x01\n\x05\x43hunk\x12\x11\n\tinput_ids\x18\x01 \x03(\x03\x12\x16\n\x0e\x61ttention_mask\x18\x02 \x03(\x03\x12\x15\n\roffset_starts\x18\x03 \x03(\r\x12\x13\n\x0boffset_ends\x18\x04 \x03(\r\x12\x10\n\x08word_ids\x18\x05 \x03(\x05\x12\x12\n\nchar_start\x18\x06 \x01(\r\x12\x10\n\x08\x63har_end\x18\x07 \x01(\r\"\xb1\x01\n\rTokenizedText\x12-\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1d.infermesh.tokenizer.v1.Chunk\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x10\n\x08language\x18\x04 \x01(\t\x12\x1b\n\x13language_confidence\x18\x05 \x01(\x02\x12\x1b\n\x13unknown_token_share\x18\x06 \x01(\x02\"J\n\x10TokenizeResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.infermesh.tokenizer.v1.TokenizedText\"D\n\x17GetTokenizerInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb0\x01\n\x18GetTokenizerInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_stride\x18\x04 \x01(\r\x12\x11\n\tmax_texts\x18\x05 \x01(\r\x12\x16\n\x0emax_text_bytes\x18\x06 \x01(\r\x12\x15\n\rmodel_version\x18\x07 \x01(\t*O\n\x08Overflow\x12\x18\n\x14OVERFLOW_UNSPECIFIED\x10\x00\x12\x12\n\x0eOVERFLOW_CHUNK\x10\x01\x12\x15\n\x11OVERFLOW_TRUNCATE\x10\x02\x32\xec\x01\n\x10TokenizerService\x12_\n\x08Tokenize\x12\'.infermesh.tokenizer.v1.TokenizeRequest\x1a(.infermesh.tokenizer.v1.TokenizeResponse\"\x00\x12w\n\x10GetTokenizerInfo\x12/.infermesh.tokenizer.v1.GetTokenizerInfoRequest\x1a\x30.infermesh.tokenizer.v1.GetTokenizerInfoResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OVERFLOW']._serialized_start=814
-  _globals['_OVERFLOW']._serialized_end=893
+  _globals['_OVERFLOW']._serialized_start=891
+  _globals['_OVERFLOW']._serialized_end=970
   _globals['_TOKENIZEREQUEST']._serialized_start=44
   _globals['_TOKENIZEREQUEST']._serialized_end=231
   _globals['_CHUNK']._serialized_start=234
   _globals['_CHUNK']._serialized_end=384
-  _globals['_TOKENIZEDTEXT']._serialized_start=386
-  _globals['_TOKENIZEDTEXT']._serialized_end=487
-  _globals['_TOKENIZERESPONSE']._serialized_start=489
-  _globals['_TOKENIZERESPONSE']._serialized_end=563
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=565
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=633
-  _globals['_GETTOKENIZERINFORESPONSE']._serialized_start=636
-  _globals['_GETTOKENIZERINFORESPONSE']._serialized_end=812
-  _globals['_TOKENIZERSERVICE']._serialized_start=896
-  _globals['_TOKENIZERSERVICE']._serialized_end=1132
+  _globals['_TOKENIZEDTEXT']._serialized_start=387
+  _globals['_TOKENIZEDTEXT']._serialized_end=564
+  _globals['_TOKENIZERESPONSE']._serialized_start=566
+  _globals['_TOKENIZERESPONSE']._serialized_end=640
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=642
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=710
+  _globals['_GETTOKENIZERINFORESPONSE']._serialized_start=713
+  _globals['_GETTOKENIZERINFORESPONSE']._serialized_end=889
+  _globals['_TOKENIZERSERVICE']._serialized_start=973
+  _globals['_TOKENIZERSERVICE']._serialized_end=1209
 # @@protoc_insertion_point(module_scope)

@@ -143,10 +143,24 @@ class TokenizedText(_message.Message):
     CHUNKS_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    UNKNOWN_TOKEN_SHARE_FIELD_NUMBER: _builtins.int
     num_tokens: _builtins.int
     """Tokens in the whole text, special tokens not counted."""
     truncated: _builtins.bool
     """True when OVERFLOW_TRUNCATE dropped part of the text."""
+    language: _builtins.str
+    """The detected language: ISO 639-1 ("en", "zh"), "und" when the text has nothing to go
+    on (only digits, symbols, URLs), empty when the service does not detect languages.
+    """
+    language_confidence: _builtins.float
+    """The language identifier's probability of `language`, in [0, 1]."""
+    unknown_token_share: _builtins.float
+    """Share of the chunks' tokens (special tokens not counted) that are this tokenizer's
+    unknown token (e.g. [UNK]): how much of the text the model cannot read. Always 0 for a
+    tokenizer without one (byte-level BPE spells any text in bytes).
+    """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Chunk]: ...
     def __init__(
@@ -155,10 +169,13 @@ class TokenizedText(_message.Message):
         chunks: _abc.Iterable[Global___Chunk] | None = ...,
         num_tokens: _builtins.int = ...,
         truncated: _builtins.bool = ...,
+        language: _builtins.str = ...,
+        language_confidence: _builtins.float = ...,
+        unknown_token_share: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "num_tokens", b"num_tokens", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "language", b"language", "language_confidence", b"language_confidence", "num_tokens", b"num_tokens", "truncated", b"truncated", "unknown_token_share", b"unknown_token_share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

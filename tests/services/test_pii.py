@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from datetime import date
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from services.explainer.server import start as start_explainer
 from services.explainer.settings import ExplainerSettings
 from services.tokenizer.core import Tokenizer, TokenizerLimits
-from services.tokenizer.pii import MaskedText, PiiKind, PiiMasker, iban_valid, luhn_valid
+from services.tokenizer.pii import MaskedText, PiiKind, PiiMasker, iban_valid, luhn_valid, resident_id_valid
 from services.tokenizer.server import start as start_tokenizer
 from services.tokenizer.settings import TokenizerSettings
 from shared.grpc_server import RunningServer
@@ -335,3 +336,124 @@ async def test_a_masking_explainer_explains_the_masked_text(
     touching = [(t.start, t.end) for t in chunk.tokens if t.start < span[1] and span[0] < t.end]
     assert touching and set(touching) == {span}  # placeholder tokens, each covering the whole email
     assert [w.text for w in chunk.words if (w.start, w.end) == span] == [email]
+
+
+# Mainland China: resident ID numbers, mobile numbers, bank cards, and PII next to CJK text.
+RESIDENT_ID = "11010519491231002X"  # the GB 11643 example: check character X
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "spans"),
+    [
+        ("身份证号11010519491231002X，请核实", "身份证号[NATIONAL_ID]，请核实", [("national_id", RESIDENT_ID)]),
+        ("ID 11010519491231002x on file", "ID [NATIONAL_ID] on file", [("national_id", "11010519491231002x")]),
+        ("电话13800138000咨询", "电话[PHONE]咨询", [("phone", "13800138000")]),
+        ("手机：+86 138 0013 8000。", "手机：[PHONE]。", [("phone", "+86 138 0013 8000")]),
+        (
+            "Call 0086-13912345678 or tel: 13800138000",
+            "Call [PHONE] or tel: [PHONE]",
+            [("phone", "0086-13912345678"), ("phone", "13800138000")],
+        ),
+        ("138-0013-8000 is his", "[PHONE] is his", [("phone", "138-0013-8000")]),
+        ("联系邮箱jane.doe@example.com联系人", "联系邮箱[EMAIL]联系人", [("email", "jane.doe@example.com")]),
+        ("卡号6222 0000 0000 0000 004转账", "卡号[CARD]转账", [("card", "6222 0000 0000 0000 004")]),
+        ("卡号4111111111111111已冻结", "卡号[CARD]已冻结", [("card", "4111111111111111")]),
+        ("致电+44 20 7946 0958或", "致电[PHONE]或", [("phone", "+44 20 7946 0958")]),
+        ("账户DE89370400440532013000转入", "账户[ACCOUNT]转入", [("account", "DE89370400440532013000")]),
+    ],
+)
+def test_chinese_personal_data_and_pii_next_to_cjk(text: str, expected: str, spans: list[tuple[str, str]]) -> None:
+    masked = MASKER.mask(text)
+    assert masked.text == expected
+    assert masked_spans(masked) == spans
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "11010519491231002X9 is longer than an ID",
+        "订单号110105194912310021的校验位不对",  # check character wrong
+        "序列号110105194913310029",  # month 13
+        "sold 13800138000 shares",  # eleven bare digits in English text: a figure
+        "营收12800000000元",  # not a mobile prefix (12)
+        "Revenue 1,380,013,800 vs 13,800,138,000",
+    ],
+)
+def test_chinese_shapes_that_are_not_personal_data_are_left_alone(text: str) -> None:
+    assert MASKER.mask(text).text == text
+
+
+def test_resident_id_check_character() -> None:
+    assert resident_id_valid(RESIDENT_ID)
+    assert resident_id_valid(RESIDENT_ID.lower())
+    assert not resident_id_valid("110105194912310021")
+    assert not resident_id_valid("110105190002290010")  # 1900 was no leap year
+
+
+def resident_id_check(body: str) -> str:
+    weights = [pow(2, 17 - i, 11) for i in range(17)]
+    check = (12 - sum(int(d) * w for d, w in zip(body, weights, strict=True)) % 11) % 11
+    return "X" if check == 10 else str(check)
+
+
+@st.composite
+def resident_ids(draw: st.DrawFn) -> str:
+    region = draw(st.integers(110000, 659999).map(str))
+    birth = draw(st.dates(min_value=date(1900, 1, 1), max_value=date(2025, 12, 31))).strftime("%Y%m%d")
+    sequence = draw(st.integers(0, 999).map(lambda n: f"{n:03d}"))
+    body = region + birth + sequence
+    return body + resident_id_check(body)
+
+
+@st.composite
+def cn_mobiles(draw: st.DrawFn) -> str:
+    digits = (
+        "1"
+        + draw(st.sampled_from("3456789"))
+        + "".join(draw(st.lists(st.sampled_from("0123456789"), min_size=9, max_size=9)))
+    )
+    shape = draw(st.sampled_from(["+86", "+86 ", "0086", "grouped", "bare"]))
+    if shape == "grouped":
+        return f"{digits[:3]} {digits[3:7]} {digits[7:]}"
+    return digits if shape == "bare" else shape + digits
+
+
+#: CJK text on both sides, no space: where `\b` found nothing.
+cjk_surroundings = st.text(st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), min_size=1, max_size=10)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kind"),
+    [
+        (resident_ids(), PiiKind.NATIONAL_ID),
+        (cn_mobiles(), PiiKind.PHONE),
+        (cards(), PiiKind.CARD),
+        (st.emails().filter(lambda e: e.isascii()), PiiKind.EMAIL),
+    ],
+    ids=["resident-id", "mobile", "card", "email"],
+)
+def test_generated_personal_data_glued_to_chinese_text_is_always_masked(
+    strategy: st.SearchStrategy[str], kind: PiiKind
+) -> None:
+    @hypothesis_settings(150)
+    @given(before=cjk_surroundings, secret=strategy, after=cjk_surroundings)
+    def check(before: str, secret: str, after: str) -> None:
+        masked = MASKER.mask(before + secret + after)
+        start = len(before)
+        assert any(r.kind is kind and r.start <= start and start + len(secret) <= r.end for r in masked.replacements), (
+            masked.text
+        )
+        assert secret not in masked.text
+
+    check()
+
+
+def test_random_eighteen_digit_numbers_are_masked_only_when_they_check_out() -> None:
+    @hypothesis_settings(300)
+    @given(digits=st.text("0123456789", min_size=18, max_size=18))
+    def check(digits: str) -> None:
+        masked = MASKER.mask(f"编号{digits}。")
+        is_id = any(r.kind is PiiKind.NATIONAL_ID for r in masked.replacements)
+        assert is_id == resident_id_valid(digits)
+
+    check()

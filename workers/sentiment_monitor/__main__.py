@@ -71,7 +71,9 @@ def main() -> None:
     pipeline = None
     if "score" in settings.stages:
         pipeline = BlockingPipeline(
-            PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor), settings.model_name
+            PipelineTargets(settings.tokenizer, settings.inference, settings.postprocessor),
+            settings.model_name,
+            settings.language_routing(),
         )
         refusal = check_score_mapping(pipeline, settings.model_name)
         if refusal is not None:

@@ -38,7 +38,8 @@ from shared.messages import (
     decode_news,
 )
 from shared.metrics import KAFKA_CONSUMED, KAFKA_PRODUCED, WORKER_BATCH_DURATION, WORKER_DEAD_LETTERED, WORKER_RETRIES
-from shared.pipeline import ClassifyResult
+from shared.pipeline import Classification, ClassifyResult
+from shared.routing import TextStatus
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.scoring import MissingScoreMapping, no_score_message
 from workers.sentiment_monitor.settings import MonitorSettings
@@ -85,6 +86,19 @@ class BatchOutcome:
     records: int
     scored: int
     dead_lettered: int
+
+
+#: The DLQ `error-type` of an item no served model can read (shared.routing).
+UNSUPPORTED_LANGUAGE_REASON = "unsupported-language"
+
+
+def unsupported_detail(classification: Classification) -> str:
+    """The DLQ `error-detail` of an unsupported-language item: what was detected and why."""
+    return (
+        f"detected language {classification.language or 'und'} ({classification.language_confidence:.2f});"
+        f" {classification.unknown_token_share:.0%} unknown tokens; no served model reads it"
+        " (INFERMESH_WORKER_LANGUAGE_ROUTES routes a language to a model)"
+    )
 
 
 def dead_letter_headers(record: Any, reason: str, detail: str) -> list[tuple[str, bytes]]:
@@ -189,6 +203,14 @@ class NewsScorer:
             if isinstance(outcome, InfermeshError):
                 batch.acks.append(self._dead_letter(record, "rejected", outcome.detail))
                 continue
+            classification = outcome[0].results[outcome[1]]
+            if classification.status is TextStatus.UNSUPPORTED_LANGUAGE:
+                # No served model reads it: a label would be a guess, so it waits on the DLQ
+                # (committed, not lost) for a model in its language to be routed.
+                batch.acks.append(
+                    self._dead_letter(record, UNSUPPORTED_LANGUAGE_REASON, unsupported_detail(classification))
+                )
+                continue
             # Each message's own trace continues here and onward in its outputs' headers.
             with _tracer.start_as_current_span(
                 "score news item",
@@ -272,7 +294,11 @@ class NewsScorer:
         if classification.score is None:
             # Not the record's fault: no record of this model can be scored, so stop
             # (uncommitted) rather than dead-letter the whole stream.
-            raise MissingScoreMapping(no_score_message(result.model_name, result.model_version))
+            raise MissingScoreMapping(
+                no_score_message(
+                    classification.model_name or result.model_name, classification.model_version or result.model_version
+                )
+            )
         base = {
             "item_id": item.id,
             "published_at": item.published_at,
@@ -281,8 +307,8 @@ class NewsScorer:
             "label": classification.label,
             "probabilities": probabilities,
             "score": classification.score,
-            "model_name": result.model_name,
-            "model_version": result.model_version,
+            "model_name": classification.model_name or result.model_name,
+            "model_version": classification.model_version or result.model_version,
         }
         tickers = self.attributor.tickers(item)
         if not tickers:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from shared.errors import InfermeshError
 from shared.pipeline import ClassifyResult, ModelInfo, PipelineClient, PipelineTargets
+from shared.routing import LanguageRouting
 
 T = TypeVar("T")
 
@@ -32,16 +33,18 @@ def no_score_message(model_name: str, model_version: str = "") -> str:
 
 
 class BlockingPipeline:
-    def __init__(self, targets: PipelineTargets, model_name: str) -> None:
+    def __init__(self, targets: PipelineTargets, model_name: str, routing: LanguageRouting | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pipeline-loop", daemon=True)
         self._thread.start()
-        self._client = self._call(self._make_client(targets, model_name))
+        self._client = self._call(self._make_client(targets, model_name, routing))
 
     @staticmethod
-    async def _make_client(targets: PipelineTargets, model_name: str) -> PipelineClient:
+    async def _make_client(
+        targets: PipelineTargets, model_name: str, routing: LanguageRouting | None
+    ) -> PipelineClient:
         # Channels bind to the loop they are created on, so create them on ours.
-        return PipelineClient(targets, model_name=model_name)
+        return PipelineClient(targets, model_name=model_name, routing=routing)
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

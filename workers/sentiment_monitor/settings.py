@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from shared.routing import RoutingSettings
 from workers.sentiment_monitor.attribution import DEFAULT_COMPANIES
 
 
-class MonitorSettings(BaseSettings):
+class MonitorSettings(RoutingSettings):
     """Settings of the sentiment monitor worker (env prefix INFERMESH_WORKER_)."""
 
     model_config = SettingsConfigDict(env_prefix="INFERMESH_WORKER_", extra="ignore")
@@ -67,7 +68,8 @@ class MonitorSettings(BaseSettings):
     """Partitions of the topics the worker creates when they are missing."""
 
     companies_csv: Path = DEFAULT_COMPANIES
-    """`ticker,name` dictionary for attribution by company name."""
+    """`ticker,name,alias,...` dictionary for attribution by company name (replaces the bundled
+    list and pytickersymbols; docs/monitoring.md, "Ticker attribution")."""
 
     windows_group: str = "infermesh-sentiment-windows"
     """Consumer group of the windowing stage (reads finance.sentiment.v1, keyed by ticker)."""
