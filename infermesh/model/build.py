@@ -15,7 +15,6 @@ same artifacts without touching the network.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -30,6 +29,7 @@ import torch
 
 from infermesh.model.encoder import BASE_PACKAGE, base_encoder_path, base_package_version
 from shared.classification import sentiment_scores
+from shared.model_store import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path, encoder_config: Any) -> None
             # Fused contrib ops defeat shape inference; their outputs are fp32.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager
