@@ -221,13 +221,20 @@ def train(
     train_file: Annotated[Path, typer.Option("--train", help="Training CSV (text,label; TFNS coding).")],
     valid_file: Annotated[Path, typer.Option("--valid", help="Validation CSV.")],
     out: Annotated[Path, typer.Option(help="Where to write the adapter weights.")] = DEFAULT_WEIGHTS,
+    topic_train: Annotated[
+        Path | None, typer.Option(help="Topic training CSV (Twitter Financial News Topic coding): adds the topic head.")
+    ] = None,
+    topic_valid: Annotated[Path | None, typer.Option(help="Topic validation CSV.")] = None,
 ) -> None:
-    """Fine-tune the finance classifier with LoRA on the packaged encoder."""
+    """Fine-tune the finance classifier with LoRA on the packaged encoder: sentiment, and
+    topic in the same pass when its files are given."""
     from infermesh.model.train import train as run_training
 
+    if (topic_train is None) != (topic_valid is None):
+        raise typer.BadParameter("give both --topic-train and --topic-valid, or neither")
     logging.basicConfig(level=logging.INFO)
-    summary = run_training(train_file, valid_file, out)
-    typer.echo(json.dumps(summary["validation_torch"], indent=2))
+    summary = run_training(train_file, valid_file, out, topic_train_csv=topic_train, topic_valid_csv=topic_valid)
+    typer.echo(json.dumps({head["name"]: head["validation_torch"] for head in summary["heads"]}, indent=2))
 
 
 @contextmanager

@@ -7,23 +7,30 @@ numbers the model card reports. The explainer's torch side applies the same rule
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
-if TYPE_CHECKING:
-    from shared.model_repository import ModelConfig
-
 FloatArray = npt.NDArray[np.floating]
 
 
-def calibrated(logits: FloatArray, config: ModelConfig) -> npt.NDArray[np.float64]:
-    """A version's calibrated probabilities: softmax(logits / T) over each row for a
-    single-label model, sigmoid(logits / T) per label for a multi-label one. Finite for
-    any finite logits, however large."""
+class Calibration(Protocol):
+    """What calibration needs of a head: a version's config (its primary head) or a
+    `shared.model_repository.Head`."""
+
+    @property
+    def activation(self) -> Literal["softmax", "sigmoid"]: ...
+    @property
+    def temperature(self) -> float: ...
+
+
+def calibrated(logits: FloatArray, config: Calibration) -> npt.NDArray[np.float64]:
+    """A head's calibrated probabilities: softmax(logits / T) over each row for a
+    single-label head, sigmoid(logits / T) per label for a multi-label one. Finite for
+    any finite logits, however large. `logits` are that head's columns only."""
     matrix = np.asarray(logits, dtype=np.float64)
     if config.activation == "sigmoid":
         return sigmoid(matrix, config.temperature)

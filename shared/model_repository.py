@@ -55,8 +55,72 @@ class BatchingConfig(BaseModel):
         return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]
 
 
+HEAD_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+"""A head's name: it prefixes the head's OIP outputs (`topic_logits`), so plain identifiers."""
+
+
+def _check_label_maps(labels: list[str], thresholds: dict[str, float], scores: dict[str, float]) -> None:
+    for label, value in thresholds.items():
+        if label not in labels:
+            raise ValueError(f"threshold for unknown label {label!r}; labels are {labels}")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"threshold for {label!r} is {value}; it must be within [0, 1]")
+    for label in scores:
+        if label not in labels:
+            raise ValueError(f"score for unknown label {label!r}; labels are {labels}")
+
+
+class HeadConfig(BaseModel):
+    """A further classification head over the version's encoder (`extra_heads` in
+    config.json): its own labels, activation, temperature, thresholds and score mapping.
+    The graph's `logits` carry every head's columns side by side, the version's own
+    (primary) head first, then these in order: one forward pass answers all of them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=HEAD_NAME_PATTERN)
+    labels: list[str] = Field(min_length=1)
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    temperature: float = Field(default=1.0, gt=0)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    scores: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _maps_name_labels(self) -> HeadConfig:
+        _check_label_maps(self.labels, self.thresholds, self.scores)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """One head as the services use it: its description and where its columns sit in the
+    graph's `logits`. The primary head answers the plain OIP outputs (`logits`,
+    `probabilities`, `label`); a further head answers `<name>_logits` and so on."""
+
+    name: str
+    labels: list[str]
+    activation: Literal["softmax", "sigmoid"]
+    temperature: float
+    thresholds: dict[str, float]
+    scores: dict[str, float]
+    start: int
+    primary: bool
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.labels)
+
+    def output_name(self, output: str) -> str:
+        """The OIP output name of this head's `output` (logits, probabilities, label)."""
+        return output if self.primary else f"{self.name}_{output}"
+
+
 class ModelConfig(BaseModel):
-    """One version's `config.json`, written by `infermesh build-model`."""
+    """One version's `config.json`, written by `infermesh build-model`.
+
+    The top-level `labels`, `activation`, `temperature`, `thresholds` and `scores` describe
+    the version's primary head (named `head`); `extra_heads` adds heads over the same
+    encoder. `heads` lists them all, in column order."""
 
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
@@ -91,17 +155,55 @@ class ModelConfig(BaseModel):
     ({"negative": -1, "positive": 1} for sentiment); empty: the version has no score. The
     post-processor computes it (`shared.classification.score`)."""
 
+    head: str = Field(default="label", pattern=HEAD_NAME_PATTERN)
+    """The primary head's name (`sentiment`), the key of its result among a response's heads."""
+    extra_heads: list[HeadConfig] = Field(default_factory=list)
+    """Further heads over the same encoder, in column order after the primary head's."""
+
     @model_validator(mode="after")
-    def _thresholds_name_labels(self) -> ModelConfig:
-        for label, value in self.thresholds.items():
-            if label not in self.labels:
-                raise ValueError(f"threshold for unknown label {label!r}; labels are {self.labels}")
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"threshold for {label!r} is {value}; it must be within [0, 1]")
-        for label in self.scores:
-            if label not in self.labels:
-                raise ValueError(f"score for unknown label {label!r}; labels are {self.labels}")
+    def _heads_are_consistent(self) -> ModelConfig:
+        _check_label_maps(self.labels, self.thresholds, self.scores)
+        names = [self.head, *(extra.name for extra in self.extra_heads)]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"head {duplicated[0]!r} is named twice; head names are {names}")
         return self
+
+    @property
+    def heads(self) -> list[Head]:
+        """Every head, primary first, with its columns in the graph's `logits`."""
+        heads = [
+            Head(
+                self.head, self.labels, self.activation, self.temperature, self.thresholds, self.scores, 0, True
+            )
+        ]
+        for extra in self.extra_heads:
+            heads.append(
+                Head(
+                    extra.name,
+                    extra.labels,
+                    extra.activation,
+                    extra.temperature,
+                    extra.thresholds,
+                    extra.scores,
+                    heads[-1].stop,
+                    False,
+                )
+            )
+        return heads
+
+    @property
+    def num_logits(self) -> int:
+        """Columns of the graph's `logits`: every head's labels."""
+        return self.heads[-1].stop
+
+    def head_named(self, name: str) -> Head:
+        """The head called `name` ("" is the primary head); ModelNotFound-free: a ValueError
+        naming the heads there are, for the caller to turn into its own error."""
+        for head in self.heads:
+            if head.name == name or (not name and head.primary):
+                return head
+        raise ValueError(f"model {self.name!r} has no head {name!r}; heads are {[h.name for h in self.heads]}")
 
 
 class RolloutRule(BaseModel):

@@ -51,6 +51,21 @@ class PipelineTargets:
 
 
 @dataclass(frozen=True)
+class HeadClassification:
+    """One head's answer for one text (a version may have several heads over one encoder,
+    e.g. `sentiment` and `topic`)."""
+
+    label: str
+    """The top label, or `abstain`."""
+    labels: list[str]
+    """Every label that holds; empty when abstained."""
+    probabilities: dict[str, float]
+    abstained: bool
+    score: float | None = None
+    """The head's score from its label -> weight mapping; None when it has none."""
+
+
+@dataclass(frozen=True)
 class Classification:
     label: str
     probabilities: dict[str, float]
@@ -75,6 +90,9 @@ class Classification:
     """The model that classified the text: routing by language may choose another than the
     call's."""
     model_version: str = ""
+    heads: dict[str, HeadClassification] = field(default_factory=dict)
+    """Every head of the version, primary first, by head name; the fields above repeat the
+    primary head's. Empty for an `unsupported_language` text."""
 
 
 @dataclass(frozen=True)

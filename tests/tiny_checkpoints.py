@@ -178,3 +178,40 @@ def build_checkpoint(
                 parameter.mul_(4.0)
     model.save_pretrained(folder)
     return folder
+
+
+#: The two-head tiny version's heads: the primary (softmax) and a multi-label one.
+TWO_HEAD_PRIMARY = ("sentiment", ["negative", "neutral", "positive"])
+TWO_HEAD_EXTRA = ("topic", ["earnings", "merger", "lawsuit", "macro"])
+
+
+def two_head_version(repository: Path, name: str, scratch: Path, family_name: str = "bert") -> Path:
+    """`repository/name/1`: a tiny BERT whose one output layer carries two heads side by
+    side, imported and then described as two heads (`sentiment`, softmax, with a score
+    mapping; `topic`, sigmoid, with its own temperature): what `make model` builds for the
+    default model, at test size. Returns the version folder."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from infermesh.cli import app
+
+    family = next(f for f in FAMILIES if f.name == family_name)
+    columns = TWO_HEAD_PRIMARY[1] + TWO_HEAD_EXTRA[1]
+    checkpoint = build_checkpoint(family, scratch / f"{name}-checkpoint", labels=columns)
+    result = CliRunner().invoke(app, ["import", str(checkpoint), "--model", name, "--repository", str(repository)])
+    assert result.exit_code == 0, result.output
+    folder = repository / name / "1"
+    config = json.loads((folder / "config.json").read_text())
+    config |= {
+        "head": TWO_HEAD_PRIMARY[0],
+        "labels": TWO_HEAD_PRIMARY[1],
+        "activation": "softmax",
+        "thresholds": {},
+        "scores": {"negative": -1.0, "positive": 1.0},
+        "extra_heads": [
+            {"name": TWO_HEAD_EXTRA[0], "labels": TWO_HEAD_EXTRA[1], "activation": "sigmoid", "temperature": 1.5}
+        ],
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -15,6 +15,30 @@ from pathlib import Path
 #: Our label order; the served model's logits follow it.
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 
+#: Twitter Financial News Topic's 20 labels, in the data set's code order (0..19).
+TOPIC_LABELS: tuple[str, ...] = (
+    "Analyst Update",
+    "Fed | Central Banks",
+    "Company | Product News",
+    "Treasuries | Corporate Debt",
+    "Dividend",
+    "Earnings",
+    "Energy | Oil",
+    "Financials",
+    "Currencies",
+    "General News | Opinion",
+    "Gold | Metals | Materials",
+    "IPO",
+    "Legal | Regulation",
+    "M&A | Investments",
+    "Macro",
+    "Markets",
+    "Politics",
+    "Personnel Change",
+    "Stock Commentary",
+    "Stock Movement",
+)
+
 #: Twitter Financial News Sentiment codes: 0 bearish, 1 bullish, 2 neutral.
 TFNS_TO_LABEL: dict[str, str] = {"0": "negative", "1": "positive", "2": "neutral"}
 
@@ -181,3 +205,9 @@ def to_examples(
 def read_tfns_csv(path: Path, labels: tuple[str, ...] = LABELS) -> list[Example]:
     """A `text,label` CSV in the TFNS coding (0 bearish, 1 bullish, 2 neutral)."""
     return to_examples(path, read_labelled(path), labels, TFNS_TO_LABEL)
+
+
+def read_topic_csv(path: Path) -> list[Example]:
+    """A `text,label` CSV in the Twitter Financial News Topic coding (0..19, TOPIC_LABELS)."""
+    codes = {str(code): name for code, name in enumerate(TOPIC_LABELS)}
+    return to_examples(path, read_labelled(path), TOPIC_LABELS, codes)

@@ -15,18 +15,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from infermesh.model.data import LABELS, Example, read_tfns_csv
+from infermesh.model.data import LABELS, TOPIC_LABELS, Example, read_topic_csv, read_tfns_csv
 from infermesh.model.encoder import BASE_PACKAGE, base_encoder_path, base_package_version
 from infermesh.model.metrics import classification_report
 from shared.calibration import expected_calibration_error, fit_temperature, softmax
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,16 +73,19 @@ def split_dev(examples: Sequence[Example], fraction: float, seed: int) -> tuple[
     return train, dev
 
 
-def build_lora_model(config: TrainConfig) -> Any:
-    """The base encoder with a fresh head and LoRA adapters, ready to train."""
+def build_lora_model(config: TrainConfig, columns: Sequence[str] = ()) -> Any:
+    """The base encoder with a fresh head and LoRA adapters, ready to train. `columns`: the
+    head's output columns (every head's labels side by side), default `config.labels`."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
+    columns = list(columns or config.labels)
     base = AutoModelForSequenceClassification.from_pretrained(
         base_encoder_path(),
-        num_labels=len(config.labels),
-        id2label=dict(enumerate(config.labels)),
-        label2id={name: i for i, name in enumerate(config.labels)},
+        num_labels=len(columns),
+        # Heads may share label names (two heads with "neutral"): ids keep them apart.
+        id2label=dict(enumerate(columns)),
+        label2id={f"{i}:{name}": i for i, name in enumerate(columns)},
     )
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -93,7 +98,7 @@ def build_lora_model(config: TrainConfig) -> Any:
     return get_peft_model(base, lora)
 
 
-def batches(examples: Sequence[Example], size: int, rng: random.Random | None) -> Iterator[list[Example]]:
+def batches(examples: Sequence[T], size: int, rng: random.Random | None) -> Iterator[list[T]]:
     order = list(range(len(examples)))
     if rng is not None:
         rng.shuffle(order)
@@ -113,6 +118,18 @@ def predict_logits(model: Any, tokenizer: Any, examples: Sequence[Example], max_
     return np.concatenate(chunks)
 
 
+@dataclass(frozen=True)
+class HeadTask:
+    """One head to train over the shared encoder: its labels and its data. Its columns
+    follow the heads before it in the output layer."""
+
+    name: str
+    labels: tuple[str, ...]
+    train: Sequence[Example]
+    select: Sequence[Example]
+    """Held out: picks the best epoch and fits the temperature."""
+
+
 @dataclass
 class Fitted:
     """What `fit` returns: the model at its best epoch and how it got there."""
@@ -124,29 +141,63 @@ class Fitted:
     best_epoch: int
     history: list[dict[str, float]]
     seconds: float
+    heads: list[HeadTask] = field(default_factory=list)
+
+    def columns(self, head: str) -> slice:
+        """Where `head`'s logits sit in the model's output."""
+        start = 0
+        for task in self.heads:
+            if task.name == head:
+                return slice(start, start + len(task.labels))
+            start += len(task.labels)
+        raise KeyError(head)
 
 
 def fit(train_set: Sequence[Example], select_set: Sequence[Example], config: TrainConfig) -> Fitted:
     """Trains LoRA adapters and the head on `train_set`; keeps the epoch with the best
     macro-F1 on `select_set` and stops after `config.patience` epochs without a gain."""
+    return fit_heads([HeadTask("label", config.labels, train_set, select_set)], config)
+
+
+def _joint_loss(logits: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor, spans: list[slice]) -> torch.Tensor:
+    """Mean cross-entropy of each example's own head, over the whole batch."""
+    total = logits.new_zeros(())
+    for index, columns in enumerate(spans):
+        rows = heads == index
+        if rows.any():
+            total = total + torch.nn.functional.cross_entropy(logits[rows, columns], labels[rows], reduction="sum")
+    return total / len(labels)
+
+
+def fit_heads(tasks: Sequence[HeadTask], config: TrainConfig) -> Fitted:
+    """Trains LoRA adapters, the pooler and one output layer for every head together: each
+    batch mixes the heads' examples, and each example's loss is its own head's
+    cross-entropy. Keeps the epoch with the best mean macro-F1 over the heads' `select`
+    sets; stops after `config.patience` epochs without a gain."""
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
     seed_everything(config.seed)
+    tasks = list(tasks)
+    spans: list[slice] = []
+    for task in tasks:
+        start = spans[-1].stop if spans else 0
+        spans.append(slice(start, start + len(task.labels)))
     tokenizer = AutoTokenizer.from_pretrained(base_encoder_path())
-    model = build_lora_model(config)
+    model = build_lora_model(config, [label for task in tasks for label in task.labels])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
+    # (head index, example): one pool, shuffled, so every batch trains every head in proportion.
+    pool = [(index, example) for index, task in enumerate(tasks) for example in task.train]
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    steps_per_epoch = (len(train_set) + config.batch_size - 1) // config.batch_size
+    steps_per_epoch = (len(pool) + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
         optimizer, int(config.warmup_fraction * total_steps), total_steps
     )
-    select_labels = np.array([e.label for e in select_set])
     rng = random.Random(config.seed)
     best_f1, best_state, best_epoch, stale = -1.0, None, 0, 0
     history: list[dict[str, float]] = []
@@ -154,29 +205,40 @@ def fit(train_set: Sequence[Example], select_set: Sequence[Example], config: Tra
     for epoch in range(1, config.epochs + 1):
         model.train()
         progress = tqdm(
-            batches(train_set, config.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}"
+            batches(pool, config.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}"
         )
         for batch in progress:
             encoded = tokenizer(
-                [e.text for e in batch],
+                [example.text for _, example in batch],
                 padding=True,
                 truncation=True,
                 max_length=config.max_length,
                 return_tensors="pt",
             )
-            labels = torch.tensor([e.label for e in batch])
-            loss = model(**encoded, labels=labels).loss
+            logits = model(**encoded).logits
+            loss = _joint_loss(
+                logits,
+                torch.tensor([head for head, _ in batch]),
+                torch.tensor([example.label for _, example in batch]),
+                spans,
+            )
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             progress.set_postfix(loss=f"{loss.item():.3f}")
-        logits = predict_logits(model, tokenizer, select_set, config.max_length)
-        report = classification_report(logits.argmax(-1), select_labels, config.labels)
-        history.append({"epoch": epoch, "dev_accuracy": report["accuracy"], "dev_macro_f1": report["macro_f1"]})
-        tqdm.write(f"epoch {epoch}: accuracy {report['accuracy']:.4f} macro-F1 {report['macro_f1']:.4f}")
-        if report["macro_f1"] > best_f1:
-            best_f1, best_epoch, stale = report["macro_f1"], epoch, 0
+        figures: dict[str, float] = {"epoch": epoch}
+        for task, columns in zip(tasks, spans, strict=True):
+            logits = predict_logits(model, tokenizer, task.select, config.max_length)[:, columns]
+            report = classification_report(logits.argmax(-1), np.array([e.label for e in task.select]), task.labels)
+            prefix = "" if len(tasks) == 1 else f"{task.name}_"
+            figures[f"{prefix}dev_accuracy"] = report["accuracy"]
+            figures[f"{prefix}dev_macro_f1"] = report["macro_f1"]
+        mean_f1 = float(np.mean([v for k, v in figures.items() if k.endswith("dev_macro_f1")]))
+        history.append(figures)
+        tqdm.write(f"epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in figures.items() if k != "epoch"))
+        if mean_f1 > best_f1:
+            best_f1, best_epoch, stale = mean_f1, epoch, 0
             best_state = {
                 k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k
             }
@@ -188,7 +250,7 @@ def fit(train_set: Sequence[Example], select_set: Sequence[Example], config: Tra
     seconds = time.perf_counter() - started
     assert best_state is not None
     model.load_state_dict(best_state, strict=False)
-    return Fitted(model, tokenizer, trainable, total, best_epoch, history, seconds)
+    return Fitted(model, tokenizer, trainable, total, best_epoch, history, seconds, tasks)
 
 
 def save_adapter(model: Any, out_dir: Path) -> None:
@@ -204,12 +266,26 @@ def save_adapter(model: Any, out_dir: Path) -> None:
 def calibrate_and_report(
     fitted: Fitted, calibration_set: Sequence[Example], report_set: Sequence[Example], config: TrainConfig
 ) -> tuple[float, dict[str, Any]]:
-    """The temperature fitted on `calibration_set`, and torch figures on `report_set`."""
-    calibration_logits = predict_logits(fitted.model, fitted.tokenizer, calibration_set, config.max_length)
+    """The temperature fitted on `calibration_set`, and torch figures on `report_set`
+    (the first head's)."""
+    return calibrate_head(fitted, fitted.heads[0], calibration_set, report_set, config)
+
+
+def calibrate_head(
+    fitted: Fitted,
+    head: HeadTask,
+    calibration_set: Sequence[Example],
+    report_set: Sequence[Example],
+    config: TrainConfig,
+) -> tuple[float, dict[str, Any]]:
+    """One head's temperature fitted on `calibration_set`, and its torch figures on
+    `report_set` (accuracy, macro-F1, per class, ECE before and after the temperature)."""
+    columns = fitted.columns(head.name)
+    calibration_logits = predict_logits(fitted.model, fitted.tokenizer, calibration_set, config.max_length)[:, columns]
     temperature = fit_temperature(calibration_logits, np.array([e.label for e in calibration_set]))
-    logits = predict_logits(fitted.model, fitted.tokenizer, report_set, config.max_length)
+    logits = predict_logits(fitted.model, fitted.tokenizer, report_set, config.max_length)[:, columns]
     expected = np.array([e.label for e in report_set])
-    report = classification_report(logits.argmax(-1), expected, config.labels)
+    report = classification_report(logits.argmax(-1), expected, head.labels)
     report["ece_uncalibrated"] = expected_calibration_error(softmax(logits), expected)
     report["ece_calibrated"] = expected_calibration_error(softmax(logits, temperature), expected)
     return temperature, report
@@ -235,17 +311,67 @@ def training_summary(
     }
 
 
-def train(train_csv: Path, valid_csv: Path, out_dir: Path, config: TrainConfig | None = None) -> dict[str, Any]:
-    """The default model: early stopping and temperature on a dev split held out from the
-    training file, so the validation file stays unseen for the model card's figures."""
-    config = config or TrainConfig()
-    train_set, dev_set = split_dev(read_tfns_csv(train_csv, config.labels), config.dev_fraction, config.seed)
-    valid_set = read_tfns_csv(valid_csv, config.labels)
-    fitted = fit(train_set, dev_set, config)
-    temperature, report = calibrate_and_report(fitted, dev_set, valid_set, config)
+#: The default model's settings: joint training asks more of the encoder than sentiment
+#: alone, so LoRA also adapts the attention output and feed-forward projections.
+DEFAULT_MODEL_CONFIG = TrainConfig(
+    epochs=4,
+    lora_rank=16,
+    lora_alpha=32,
+    lora_targets=("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+)
+
+#: The default model's heads: the primary head first (it answers the plain OIP outputs).
+SENTIMENT_HEAD = "sentiment"
+TOPIC_HEAD = "topic"
+
+
+def train(
+    train_csv: Path,
+    valid_csv: Path,
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    topic_train_csv: Path | None = None,
+    topic_valid_csv: Path | None = None,
+) -> dict[str, Any]:
+    """The default model: sentiment (TFNS), and topic (Twitter Financial News Topic) when
+    its files are given, trained together over one encoder. Early stopping and each head's
+    temperature come from dev splits held out from the training files, so the validation
+    files stay unseen for the model card's figures."""
+    config = config or DEFAULT_MODEL_CONFIG
+    sentiment_train, sentiment_dev = split_dev(
+        read_tfns_csv(train_csv, config.labels), config.dev_fraction, config.seed
+    )
+    tasks = [HeadTask(SENTIMENT_HEAD, config.labels, sentiment_train, sentiment_dev)]
+    valid_sets = {SENTIMENT_HEAD: read_tfns_csv(valid_csv, config.labels)}
+    if topic_train_csv is not None and topic_valid_csv is not None:
+        topic_train, topic_dev = split_dev(read_topic_csv(topic_train_csv), config.dev_fraction, config.seed)
+        tasks.append(HeadTask(TOPIC_HEAD, TOPIC_LABELS, topic_train, topic_dev))
+        valid_sets[TOPIC_HEAD] = read_topic_csv(topic_valid_csv)
+    fitted = fit_heads(tasks, config)
+    heads = []
+    for task in tasks:
+        temperature, report = calibrate_head(fitted, task, task.select, valid_sets[task.name], config)
+        heads.append(
+            {
+                "name": task.name,
+                "labels": list(task.labels),
+                "temperature": temperature,
+                "train_examples": len(task.train),
+                "dev_examples": len(task.select),
+                "validation_torch": report,
+            }
+        )
     save_adapter(fitted.model, out_dir)
+    primary = heads[0]
     summary = training_summary(
-        fitted, config, temperature, report, train_examples=len(train_set), dev_examples=len(dev_set)
+        fitted,
+        config,
+        primary["temperature"],
+        primary["validation_torch"],
+        train_examples=primary["train_examples"],
+        dev_examples=primary["dev_examples"],
+        head=SENTIMENT_HEAD,
+        heads=heads,
     )
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
