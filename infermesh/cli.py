@@ -195,7 +195,9 @@ def classify(
     inference: Annotated[str, typer.Option(help="Inference service address.")] = "127.0.0.1:8001",
     postprocessor: Annotated[str, typer.Option(help="Post-processor address.")] = "127.0.0.1:50052",
 ) -> None:
-    """Classify texts through the running services and print JSON."""
+    """Classify texts through the running services and print JSON: per text its label and
+    probabilities, and under `heads` every head of the version (e.g. sentiment and topic)
+    with its own label, labels, probabilities, abstained and score."""
     from shared.errors import InfermeshError
     from shared.pipeline import PipelineClient, PipelineTargets
 
@@ -597,9 +599,61 @@ def import_model(
     )
 
 
+@app.command("add-head")
+def add_head(
+    train_file: Annotated[Path, typer.Option("--train", help="Training data for the new head: .csv or .jsonl.")],
+    valid_file: Annotated[Path, typer.Option("--valid", help="Validation data, same format.")],
+    model: Annotated[str, typer.Option(help="Model in the repository whose encoder the head reads.")],
+    head: Annotated[str, typer.Option(help="The new head's name (e.g. topic); it names its outputs.")],
+    base_version: Annotated[str, typer.Option(help="Version to add to; default: the serving one.")] = "",
+    labels: Annotated[
+        str, typer.Option(help="Comma-separated label set in output order; default: the training labels, sorted.")
+    ] = "",
+    label_map: Annotated[str, typer.Option(help="Map file values to labels first, e.g. 0=Earnings,1=Macro.")] = "",
+    text_column: Annotated[str, typer.Option(help="Column (CSV) or key (JSONL) holding the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column or key holding the label.")] = "label",
+    repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
+    version: Annotated[str, typer.Option(help="Version to write; default: the next free one.")] = "",
+) -> None:
+    """Add a head for a new label set onto a version's encoder (head only): a new version whose
+    existing heads answer exactly as before, all from one forward pass."""
+    from infermesh.model.data import parse_label_map
+    from infermesh.model.finetune import DataSpec
+    from infermesh.model.heads import add_head as run_add_head
+
+    logging.basicConfig(level=logging.WARNING)
+    with refusals(2):
+        spec = DataSpec(
+            train_file,
+            valid_file,
+            text_column,
+            label_column,
+            tuple(name.strip() for name in labels.split(",") if name.strip()),
+            parse_label_map(label_map),
+        )
+        target = run_add_head(spec, repository, model, head, base_version, version)
+    metrics = json.loads((target / "metrics.json").read_text())
+    default = metrics["variants"][metrics["default_variant"]]
+    typer.echo(
+        json.dumps(
+            {
+                "version": str(target),
+                "head": head,
+                "accuracy": round(default["accuracy"], 4),
+                "macro_f1": round(default["macro_f1"], 4),
+                "default_variant": metrics["default_variant"],
+            },
+            indent=2,
+        )
+    )
+
+
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Option(help="Labelled CSV (text,label; TFNS coding).")],
+    topic_data: Annotated[
+        Path | None, typer.Option(help="Topic CSV (Twitter Financial News Topic coding) for the topic head.")
+    ] = None,
     repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
     name: Annotated[str, typer.Option(help="Model name.")] = "finance-sentiment",
     version: Annotated[str, typer.Option(help="Version; empty means the latest.")] = "",
@@ -610,10 +664,12 @@ def evaluate(
     from infermesh.model.card import write_model_card
     from infermesh.model.evaluate import evaluate_repository_model
 
-    metrics = evaluate_repository_model(repository, name, version, data)
+    metrics = evaluate_repository_model(repository, name, version, data, topic_data)
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(weights, card)
-    typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "variants"}, indent=2))
+    summaries = [metrics, *metrics.get("heads", {}).values()]
+    brief = [{k: v for k, v in figures.items() if k not in ("variants", "heads")} for figures in summaries]
+    typer.echo(json.dumps(brief, indent=2))
 
 
 @app.command()

@@ -1,8 +1,10 @@
 """What a classification means beyond its labels, in one place: the monitor's score from a
 version's label-to-score mapping, and the fields every classification response carries
 (the post-processor's gRPC DocumentResult, the pipeline's gRPC Classification and the
-gateway's REST results are all built with `response_fields`), and what the gateway's
-results add per text about its language and the model that read it (`routed_fields`)."""
+gateway's REST results are all built with `response_fields`), each head's answer within
+them (`head_fields`: a version may have several heads over one encoder), and what the
+gateway's results add per text about its language and the model that read it
+(`routed_fields`)."""
 
 from __future__ import annotations
 
@@ -61,6 +63,38 @@ def response_fields(result: Classified) -> dict[str, Any]:
         "probabilities": result.probabilities,
         "abstained": result.abstained,
         "num_chunks": result.num_chunks,
+    }
+    if result.score is not None:
+        fields["score"] = result.score
+    return fields
+
+
+class HeadClassified(Protocol):
+    """What one head's answer has, whatever carries it."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def labels(self) -> Sequence[str]: ...
+    @property
+    def probabilities(self) -> Mapping[str, float]: ...
+    @property
+    def abstained(self) -> bool: ...
+    @property
+    def score(self) -> float | None: ...
+
+
+def head_fields(result: HeadClassified) -> dict[str, Any]:
+    """The fields of one head's answer (the post-processor's and the Pipeline's gRPC
+    HeadResult, beside its `name`; the value under the head's name in REST's `heads`):
+    `label` (the head's top label, or abstain), `labels` (the head's labels that hold),
+    `probabilities` (label -> probability), `abstained`, and `score` only when the head
+    has a score mapping (an unset optional field on the wire, null on REST)."""
+    fields: dict[str, Any] = {
+        "label": result.label,
+        "labels": list(result.labels),
+        "probabilities": dict(result.probabilities),
+        "abstained": result.abstained,
     }
     if result.score is not None:
         fields["score"] = result.score

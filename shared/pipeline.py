@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from shared import oip
 from shared.batching import BatchPolicy, DynamicBatcher
-from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput, from_grpc_error
+from shared.errors import DeadlineExceeded, InfermeshError, InputTooLarge, InvalidInput, from_grpc_error
 from shared.grpc_client import channel
 from shared.metrics import PIPELINE_BATCHER_METRICS, UNSUPPORTED_LANGUAGE_TEXTS
 from shared.padding import pad_right
@@ -103,9 +103,22 @@ class ClassifyResult:
 
 
 @dataclass(frozen=True)
+class HeadInfo:
+    """One head of a model's serving version."""
+
+    name: str
+    labels: list[str]
+    activation: str
+    """softmax (one label per text) or sigmoid (multi-label)."""
+    scores: dict[str, float]
+    """Label -> weight in the head's score; empty: the head has no score."""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """One model in the repository, as its serving version describes it (the
-    post-processor's ListModels)."""
+    post-processor's ListModels). `labels`, `activation` and `scores` are its primary
+    head's."""
 
     name: str
     versions: list[str]
@@ -114,6 +127,8 @@ class ModelInfo:
     activation: str
     languages: list[str]
     scores: dict[str, float]
+    heads: list[HeadInfo] = field(default_factory=list)
+    """Every head of the serving version, primary first."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +375,16 @@ class PipelineClient:
                     unknown_token_share=text_tokens.unknown_token_share,
                     model_name=post.model_name,
                     model_version=post.model_version,
+                    heads={
+                        head.name: HeadClassification(
+                            label=head.label,
+                            labels=list(head.labels),
+                            probabilities=dict(head.probabilities),
+                            abstained=head.abstained,
+                            score=head.score if head.HasField("score") else None,
+                        )
+                        for head in document.heads
+                    },
                 )
         for index, reason in refused.items():
             UNSUPPORTED_LANGUAGE_TEXTS.labels(tokens[index].language or "und", reason.value).inc()
@@ -398,7 +423,8 @@ class PipelineClient:
         thresholds: Mapping[str, float] | None,
         deadline: float,
     ) -> tuple[post_pb.PostprocessResponse, list[tok_pb.TokenizedText]]:
-        """Infers and post-processes texts one model reads; its answer, and `tokens` back."""
+        """Infers and post-processes texts one model reads; its answer, and `tokens` back.
+        The logits carry every head's columns, so the post-processor answers every head."""
         rows = [
             _Row(document, index, chunk.input_ids, chunk.attention_mask)
             for document, result in enumerate(tokens)
@@ -436,8 +462,9 @@ class PipelineClient:
     async def _infer(
         self, rows: list[_Row], model_name: str, model_version: str, deadline: float
     ) -> tuple[npt.NDArray[np.float32], str]:
-        """Logits per row, in row order, from as few ModelInfer calls as the row limit
-        allows. Rows are sorted by length so each call pads little."""
+        """Logits per row (every head's columns), in row order, and the version that
+        scored them, from as few ModelInfer calls as the row limit allows. Rows are sorted
+        by length so each call pads little."""
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
         groups = [order[i : i + self.rows_per_infer_call] for i in range(0, len(order), self.rows_per_infer_call)]
         if not model_version:
@@ -477,13 +504,12 @@ class PipelineClient:
                     name="attention_mask", datatype="INT64", shape=list(attention_mask.shape)
                 ),
             ],
-            outputs=[infer_pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")],
+            # No outputs named: every head's, whatever heads the version that answers has
+            # (a rollout may move from a one-head version to a two-head one).
             raw_input_contents=[input_ids.tobytes(), attention_mask.tobytes()],
         )
         response = await self._inference.ModelInfer(request, timeout=_remaining(deadline))
-        output = response.outputs[0]
-        logits = oip.decode_raw(output.name, output.datatype, list(output.shape), response.raw_output_contents[0])
-        return np.asarray(logits, dtype=np.float32), response.model_version
+        return logits_of(response), response.model_version
 
     async def models(self, timeout_seconds: float | None = None) -> list[ModelInfo]:
         """Every model in the repository (the post-processor reads it), by name."""
@@ -502,9 +528,30 @@ class PipelineClient:
                 activation=m.activation,
                 languages=list(m.languages),
                 scores=dict(m.scores),
+                heads=[
+                    HeadInfo(name=h.name, labels=list(h.labels), activation=h.activation, scores=dict(h.scores))
+                    for h in m.heads
+                ],
             )
             for m in reply.models
         ]
+
+
+def logits_of(response: infer_pb.ModelInferResponse) -> npt.NDArray[np.float32]:
+    """A ModelInfer answer's logits, every head's columns side by side as the graph gives
+    them: the `logits` output (the primary head's) then each `<head>_logits`, in the
+    response's order (the version's head order)."""
+    parts = [
+        np.asarray(
+            oip.decode_raw(output.name, output.datatype, list(output.shape), response.raw_output_contents[index]),
+            dtype=np.float32,
+        )
+        for index, output in enumerate(response.outputs)
+        if output.name == "logits" or output.name.endswith("_logits")
+    ]
+    if not parts or parts[0].ndim != 2:
+        raise InfermeshError(f"model {response.model_name!r} answered without a [rows, labels] `logits` output")
+    return np.concatenate(parts, axis=1)
 
 
 def _remaining(deadline: float) -> float:

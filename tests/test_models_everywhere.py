@@ -214,6 +214,8 @@ async def test_rest_models_lists_both(gateway: httpx.AsyncClient) -> None:
         "activation": "sigmoid",
         "languages": ["en"],
         "scores": {},
+        # One head, under the name a version gets when its config names none.
+        "heads": [{"name": "label", "labels": TOPICS, "activation": "sigmoid", "scores": {}}],
     }
     assert models[MODEL]["scores"] == SENTIMENT and models[MODEL]["activation"] == "softmax"
     paths = (await gateway.get("/openapi.json")).json()["paths"]

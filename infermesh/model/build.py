@@ -56,18 +56,49 @@ class _LogitsOnly(torch.nn.Module):
         return logits
 
 
+def output_columns(summary: dict[str, Any]) -> list[str]:
+    """The output layer's columns from `training.json`: every head's labels side by side,
+    primary head first (one head: its labels)."""
+    heads = summary.get("heads")
+    if not heads:
+        return list(summary["labels"])
+    return [label for head in heads for label in head["labels"]]
+
+
+def head_fields(summary: dict[str, Any]) -> dict[str, Any]:
+    """config.json's head entries from `training.json`: the primary head's name, and the
+    further heads with their labels and temperatures (see shared.model_repository)."""
+    heads = summary.get("heads")
+    if not heads:
+        return {}
+    return {
+        "head": heads[0]["name"],
+        "extra_heads": [
+            {
+                "name": head["name"],
+                "labels": head["labels"],
+                "temperature": head["temperature"],
+                "scores": sentiment_scores(head["labels"]),
+            }
+            for head in heads[1:]
+        ],
+    }
+
+
 def load_merged_model(weights_dir: Path) -> Any:
-    """The base encoder with the LoRA adapters merged in: a plain BertForSequenceClassification."""
+    """The base encoder with the LoRA adapters merged in: a plain BertForSequenceClassification
+    whose output layer carries every head's columns."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     summary = json.loads((weights_dir / "training.json").read_text())
-    labels = summary["labels"]
+    columns = output_columns(summary)
     base = AutoModelForSequenceClassification.from_pretrained(
         base_encoder_path(),
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
+        num_labels=len(columns),
+        id2label=dict(enumerate(columns)),
+        # Heads may share a label name; ids keep the columns apart.
+        label2id={f"{i}:{name}": i for i, name in enumerate(columns)},
     )
     merged = PeftModel.from_pretrained(base, weights_dir).merge_and_unload()
     merged.eval()
@@ -179,7 +210,8 @@ def serving_config(
 ) -> dict[str, Any]:
     """A version's config.json contents (see shared.model_repository.ModelConfig) for the
     ONNX variants in `staging`, with their and the tokenizer's hashes; `fields` adds or
-    overrides entries (activation, thresholds, languages, base_model, ...)."""
+    overrides entries (activation, thresholds, languages, base_model, extra_heads, ...)."""
+    extra_columns = sum(len(head["labels"]) for head in fields.get("extra_heads", []))
     variants = {
         variant: file
         for variant, file in (("fp32", "model.fp32.onnx"), ("int8", "model.int8.onnx"))
@@ -198,7 +230,7 @@ def serving_config(
             {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
             {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
         ],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, len(labels)]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, len(labels) + extra_columns]}],
         "variants": variants,
         "default_variant": default_variant,
         "tokenizer": "tokenizer.json",
@@ -242,6 +274,7 @@ def build_model_repository(
             default_variant="int8",
             base_model=f"{BASE_PACKAGE}=={base_package_version()}",
             scores=sentiment_scores(summary["labels"]),
+            **head_fields(summary),
         )
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if before_publish is not None:

@@ -15,6 +15,10 @@ from pathlib import Path
 #: Our label order; the served model's logits follow it.
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 
+#: The default model's heads: sentiment is the primary one (the plain OIP outputs).
+SENTIMENT_HEAD = "sentiment"
+TOPIC_HEAD = "topic"
+
 #: Twitter Financial News Topic's 20 labels, in the data set's code order (0..19).
 TOPIC_LABELS: tuple[str, ...] = (
     "Analyst Update",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from infermesh.model.data import Example, read_tfns_csv
+from infermesh.model.data import TOPIC_HEAD, TOPIC_LABELS, Example, read_tfns_csv, read_topic_csv
 from infermesh.model.metrics import classification_report
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.tokenizer.core import Overflow, Tokenizer, TokenizerLimits
@@ -26,10 +26,12 @@ def _logits(backend: OnnxRuntimeBackend, ids: list[list[int]], batch_size: int =
     return np.concatenate(out)
 
 
-def evaluate_version(folder: Path, examples: Sequence[Example], data_name: str) -> dict[str, Any]:
-    """Figures of every ONNX variant in a version folder on `examples`, tokenized and
-    truncated as the services do, calibrated with the version's temperature."""
+def evaluate_version(folder: Path, examples: Sequence[Example], data_name: str, head: str = "") -> dict[str, Any]:
+    """Figures of every ONNX variant in a version folder on `examples` for one head (""
+    the primary), tokenized and truncated as the services do, calibrated with the head's
+    temperature. `examples` carry label ids in that head's label order."""
     config = ModelConfig.model_validate_json((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    scored = config.head_named(head)
     tokenizer = Tokenizer(
         folder / config.tokenizer,
         config.name,
@@ -43,22 +45,23 @@ def evaluate_version(folder: Path, examples: Sequence[Example], data_name: str) 
     for variant, file in config.variants.items():
         backend = OnnxRuntimeBackend(folder / file)
         started = time.perf_counter()
-        logits = _logits(backend, ids)
+        logits = _logits(backend, ids)[:, scored.start : scored.stop]
         seconds = time.perf_counter() - started
         backend.close()
-        report = classification_report(logits.argmax(-1), labels, tuple(config.labels))
+        report = classification_report(logits.argmax(-1), labels, tuple(scored.labels))
         report["ece_uncalibrated"] = expected_calibration_error(softmax(logits), labels)
-        report["ece_calibrated"] = expected_calibration_error(softmax(logits, config.temperature), labels)
+        report["ece_calibrated"] = expected_calibration_error(softmax(logits, scored.temperature), labels)
         report["seconds"] = round(seconds, 2)
         variants[variant] = report
-        probabilities[variant] = softmax(logits, config.temperature)
+        probabilities[variant] = softmax(logits, scored.temperature)
     result: dict[str, Any] = {
         "model": config.name,
         "version": config.version,
+        "head": scored.name,
         "data": data_name,
         "examples": len(examples),
         "truncated": sum(t.truncated for t in tokenized),
-        "temperature": config.temperature,
+        "temperature": scored.temperature,
         "default_variant": config.default_variant,
         "variants": variants,
     }
@@ -69,8 +72,19 @@ def evaluate_version(folder: Path, examples: Sequence[Example], data_name: str) 
     return result
 
 
-def evaluate_repository_model(repository_root: Path, name: str, version: str, data: Path) -> dict[str, Any]:
-    """`evaluate_version` of a built version on a TFNS-coded CSV."""
+def evaluate_repository_model(
+    repository_root: Path, name: str, version: str, data: Path, topic_data: Path | None = None
+) -> dict[str, Any]:
+    """`evaluate_version` of a built version's primary head on a TFNS-coded CSV and, with
+    `topic_data` (Twitter Financial News Topic coding), of its `topic` head under `heads`."""
     repository = ModelRepository(repository_root)
     config = repository.config(name, version)
-    return evaluate_version(repository.path(name, config.version), read_tfns_csv(data, tuple(config.labels)), data.name)
+    folder = repository.path(name, config.version)
+    metrics = evaluate_version(folder, read_tfns_csv(data, tuple(config.labels)), data.name)
+    if topic_data is not None:
+        topics = config.head_named(TOPIC_HEAD)
+        if tuple(topics.labels) != TOPIC_LABELS:
+            raise ValueError(f"head {TOPIC_HEAD!r} of {name} has labels {topics.labels}, not the data set's")
+        topic_examples = read_topic_csv(topic_data)
+        metrics["heads"] = {TOPIC_HEAD: evaluate_version(folder, topic_examples, topic_data.name, TOPIC_HEAD)}
+    return metrics

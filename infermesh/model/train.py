@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from infermesh.model.data import LABELS, TOPIC_LABELS, Example, read_topic_csv, read_tfns_csv
+from infermesh.model.data import (
+    LABELS,
+    SENTIMENT_HEAD,
+    TOPIC_HEAD,
+    TOPIC_LABELS,
+    Example,
+    read_tfns_csv,
+    read_topic_csv,
+)
 from infermesh.model.encoder import BASE_PACKAGE, base_encoder_path, base_package_version
 from infermesh.model.metrics import classification_report
 from shared.calibration import expected_calibration_error, fit_temperature, softmax
@@ -169,6 +177,38 @@ def _joint_loss(logits: torch.Tensor, heads: torch.Tensor, labels: torch.Tensor,
     return total / len(labels)
 
 
+def _train_epoch(
+    model: Any,
+    tokenizer: Any,
+    progress: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    spans: list[slice],
+    config: TrainConfig,
+) -> None:
+    """One pass over the shuffled pool; `progress` yields batches of (head index, example)."""
+    for batch in progress:
+        encoded = tokenizer(
+            [example.text for _, example in batch],
+            padding=True,
+            truncation=True,
+            max_length=config.max_length,
+            return_tensors="pt",
+        )
+        logits = model(**encoded).logits
+        loss = _joint_loss(
+            logits,
+            torch.tensor([head for head, _ in batch]),
+            torch.tensor([example.label for _, example in batch]),
+            spans,
+        )
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def fit_heads(tasks: Sequence[HeadTask], config: TrainConfig) -> Fitted:
     """Trains LoRA adapters, the pooler and one output layer for every head together: each
     batch mixes the heads' examples, and each example's loss is its own head's
@@ -207,26 +247,14 @@ def fit_heads(tasks: Sequence[HeadTask], config: TrainConfig) -> Fitted:
         progress = tqdm(
             batches(pool, config.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}"
         )
-        for batch in progress:
-            encoded = tokenizer(
-                [example.text for _, example in batch],
-                padding=True,
-                truncation=True,
-                max_length=config.max_length,
-                return_tensors="pt",
-            )
-            logits = model(**encoded).logits
-            loss = _joint_loss(
-                logits,
-                torch.tensor([head for head, _ in batch]),
-                torch.tensor([example.label for _, example in batch]),
-                spans,
-            )
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+        try:
+            _train_epoch(model, tokenizer, progress, optimizer, scheduler, spans, config)
+        except KeyboardInterrupt:
+            # Ctrl-C on a long CPU run: keep the best finished epoch rather than nothing.
+            if best_state is None:
+                raise
+            tqdm.write(f"interrupted in epoch {epoch}: keeping epoch {best_epoch}")
+            break
         figures: dict[str, float] = {"epoch": epoch}
         for task, columns in zip(tasks, spans, strict=True):
             logits = predict_logits(model, tokenizer, task.select, config.max_length)[:, columns]
@@ -314,15 +342,11 @@ def training_summary(
 #: The default model's settings: joint training asks more of the encoder than sentiment
 #: alone, so LoRA also adapts the attention output and feed-forward projections.
 DEFAULT_MODEL_CONFIG = TrainConfig(
-    epochs=4,
+    epochs=3,
     lora_rank=16,
     lora_alpha=32,
     lora_targets=("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
 )
-
-#: The default model's heads: the primary head first (it answers the plain OIP outputs).
-SENTIMENT_HEAD = "sentiment"
-TOPIC_HEAD = "topic"
 
 
 def train(
@@ -348,7 +372,7 @@ def train(
         tasks.append(HeadTask(TOPIC_HEAD, TOPIC_LABELS, topic_train, topic_dev))
         valid_sets[TOPIC_HEAD] = read_topic_csv(topic_valid_csv)
     fitted = fit_heads(tasks, config)
-    heads = []
+    heads: list[dict[str, Any]] = []
     for task in tasks:
         temperature, report = calibrate_head(fitted, task, task.select, valid_sets[task.name], config)
         heads.append(

@@ -5,6 +5,12 @@ sequence classifier taking int64 `input_ids` and `attention_mask` [batch, sequen
 it returns `logits`, calibrated `probabilities` (the version's activation and
 temperature: `shared.calibration.calibrated`) and the most probable `label` as BYTES,
 so a stock OIP client gets a usable answer in one call.
+
+A version with several heads over one encoder (`ModelConfig.heads`) runs one forward
+pass whose `logits` hold every head's columns side by side; each head answers its own
+three outputs, named by `Head.output_name` (`logits`, `probabilities`, `label` for the
+primary head; `topic_logits`, `topic_probabilities`, `topic_label` for a head named
+topic), with its own activation and temperature.
 """
 
 from __future__ import annotations
@@ -48,13 +54,14 @@ from shared.metrics import (
     INFERENCE_SHADOW,
     inference_batcher_metrics,
 )
-from shared.model_repository import ModelConfig, ModelRepository, RolloutRule
+from shared.model_repository import Head, ModelConfig, ModelRepository, RolloutRule
 from shared.padding import pad_right
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_INPUTS = ("input_ids", "attention_mask")
-OUTPUT_NAMES = ("logits", "probabilities", "label")
+#: Each head's outputs, in the order metadata lists them (the primary head's plain names).
+HEAD_OUTPUTS = ("logits", "probabilities", "label")
 
 BackendFactory = Callable[[ModelConfig, Path], Backend]
 
@@ -365,17 +372,12 @@ class InferenceCore:
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         config = self._resolve(name, version).config
-        num_labels = len(config.labels)
         return ModelMetadata(
             name=name,
             versions=sorted(self._models[name], key=int),
             platform=config.platform,
             inputs=[TensorMetadata(t.name, t.datatype, list(t.shape)) for t in config.inputs],
-            outputs=[
-                TensorMetadata("logits", "FP32", [-1, num_labels]),
-                TensorMetadata("probabilities", "FP32", [-1, num_labels]),
-                TensorMetadata("label", "BYTES", [-1]),
-            ],
+            outputs=output_metadata(config),
         )
 
     def queue_depth(self) -> int:
@@ -397,10 +399,12 @@ class InferenceCore:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         loaded, route, shadow = self._route(request.model_name, request.model_version)
         config = loaded.config
-        unknown_outputs = [name for name in request.requested_outputs if name not in OUTPUT_NAMES]
+        outputs = output_names(config)
+        unknown_outputs = [name for name in request.requested_outputs if name not in outputs]
         if unknown_outputs:
             raise InvalidInput(
-                f"model {config.name!r} has no output {unknown_outputs[0]!r}; outputs are {OUTPUT_NAMES}"
+                f"model {config.name!r} version {config.version} has no output {unknown_outputs[0]!r}; "
+                f"outputs are {', '.join(outputs)}"
             )
         sequences = self._sequences(config, request)
         shadowed = asyncio.ensure_future(shadow.batcher.submit(sequences)) if shadow is not None else None
@@ -419,7 +423,7 @@ class InferenceCore:
             model_name=config.name,
             model_version=config.version,
             id=request.id,
-            outputs=self._outputs(config, logits, request.requested_outputs or list(OUTPUT_NAMES)),
+            outputs=self._outputs(config, logits, request.requested_outputs or outputs),
         )
 
     @staticmethod
@@ -437,8 +441,9 @@ class InferenceCore:
             logger.warning("shadow %s version %s failed: %s", candidate.name, candidate.version, error)
             counter.inc(len(serving_logits))
             return
-        theirs = [candidate.labels[i] for i in shadow_logits.argmax(axis=1)]
-        ours = [serving.labels[i] for i in serving_logits.argmax(axis=1)]
+        # The primary heads' labels: a candidate may add or drop further heads.
+        theirs = [candidate.labels[i] for i in shadow_logits[:, : len(candidate.labels)].argmax(axis=1)]
+        ours = [serving.labels[i] for i in serving_logits[:, : len(serving.labels)].argmax(axis=1)]
         agreed = sum(a == b for a, b in zip(theirs, ours, strict=True))
         INFERENCE_SHADOW.labels(candidate.name, candidate.version, "agree").inc(agreed)
         INFERENCE_SHADOW.labels(candidate.name, candidate.version, "disagree").inc(len(ours) - agreed)
@@ -492,15 +497,44 @@ class InferenceCore:
 
     @staticmethod
     def _outputs(config: ModelConfig, logits: npt.NDArray[np.float32], names: list[str]) -> list[Tensor]:
+        """The outputs `names` asks for, in its order, each head's from its own columns."""
+        if logits.shape[1] != config.num_logits:  # a graph its config.json does not describe
+            raise InfermeshError(
+                f"model {config.name!r} version {config.version} returned {logits.shape[1]} logits per row; "
+                f"its heads {[head.name for head in config.heads]} have {config.num_logits} labels"
+            )
+        by_name = {head.output_name(output): (head, output) for head in config.heads for output in HEAD_OUTPUTS}
+        probabilities: dict[str, npt.NDArray[np.float32]] = {}
         outputs: list[Tensor] = []
-        probabilities = calibrated(logits, config).astype(np.float32)
         for name in names:
-            if name == "logits":
-                outputs.append(Tensor("logits", "FP32", logits.astype(np.float32)))
-            elif name == "probabilities":
-                outputs.append(Tensor("probabilities", "FP32", probabilities))
+            head, output = by_name[name]
+            columns = logits[:, head.start : head.stop]
+            if output == "logits":
+                outputs.append(Tensor(name, "FP32", columns.astype(np.float32)))
+                continue
+            if head.name not in probabilities:
+                probabilities[head.name] = calibrated(columns, head).astype(np.float32)
+            if output == "probabilities":
+                outputs.append(Tensor(name, "FP32", probabilities[head.name]))
             else:
                 labels = np.empty(len(logits), dtype=np.object_)
-                labels[:] = [config.labels[i].encode() for i in probabilities.argmax(axis=1)]
-                outputs.append(Tensor("label", "BYTES", labels))
+                labels[:] = [head.labels[i].encode() for i in probabilities[head.name].argmax(axis=1)]
+                outputs.append(Tensor(name, "BYTES", labels))
         return outputs
+
+
+def output_names(config: ModelConfig) -> list[str]:
+    """Every output a version answers, head by head (primary first): logits,
+    probabilities, label."""
+    return [head.output_name(output) for head in config.heads for output in HEAD_OUTPUTS]
+
+
+def output_metadata(config: ModelConfig) -> list[TensorMetadata]:
+    """ModelMetadata's outputs, in `output_names` order."""
+    return [_output_tensor(head, output) for head in config.heads for output in HEAD_OUTPUTS]
+
+
+def _output_tensor(head: Head, output: str) -> TensorMetadata:
+    if output == "label":
+        return TensorMetadata(head.output_name(output), "BYTES", [-1])
+    return TensorMetadata(head.output_name(output), "FP32", [-1, len(head.labels)])

@@ -4,7 +4,12 @@ aggregation of a long document's chunks into one result. Plain numpy; no transpo
 A single-label (softmax) version answers its top label, or abstains below that label's
 threshold. A multi-label (sigmoid) version answers every label at or above its threshold
 (the version's, 0.5 by default, or the request's), the most probable first; with none, it
-abstains."""
+abstains.
+
+A version with several heads over one encoder (`ModelConfig.heads`) is answered head by
+head, each with its own labels, activation, temperature, thresholds and score mapping,
+from its own columns of the logits; the document's top-level fields are the primary
+head's. A request's thresholds apply to the primary head."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import enum
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +25,7 @@ import numpy.typing as npt
 from shared.calibration import calibrated
 from shared.classification import score
 from shared.errors import InputTooLarge, InvalidInput
-from shared.model_repository import ModelConfig, ModelRepository
+from shared.model_repository import Head, ModelConfig, ModelRepository
 
 
 class Aggregation(enum.Enum):
@@ -32,6 +37,22 @@ class Aggregation(enum.Enum):
 
 #: A multi-label version's threshold for a label neither the version nor the request names.
 DEFAULT_SIGMOID_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    """One head's answer for one document."""
+
+    name: str
+    label: str
+    """The head's top label, or the abstain label."""
+    labels: list[str]
+    """The head's labels that hold; empty when it abstained."""
+    probabilities: dict[str, float]
+    """Calibrated with the head's activation and temperature, label -> probability."""
+    abstained: bool
+    score: float | None = None
+    """The head's score from its label -> weight mapping; None when it has none."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,10 @@ class DocumentResult:
     its threshold (most probable first) for a multi-label one; empty when abstained."""
     score: float | None = None
     """The version's score (`shared.classification.score`); None when it has no mapping."""
+    heads: list[HeadResult] = field(default_factory=list)
+    """Every head the request's logits carry, in the version's head order (primary first;
+    only the primary head for logits holding its columns alone). The fields above repeat
+    the primary head's."""
 
 
 @dataclass(frozen=True)
@@ -109,10 +134,15 @@ class Postprocessor:
         return config
 
     def scores(self, config: ModelConfig) -> dict[str, float]:
-        """The label -> weight mapping of the score: the service's override for the model,
-        else the version's config."""
+        """The label -> weight mapping of the primary head's score: the service's override
+        for the model, else the version's config."""
         override = self.score_overrides.get(config.name)
         return dict(override) if override is not None else dict(config.scores)
+
+    def head_scores(self, config: ModelConfig, head: Head) -> dict[str, float]:
+        """A head's label -> weight mapping: `scores` for the primary head, the head's own
+        for the others."""
+        return self.scores(config) if head.primary else dict(head.scores)
 
     def models(self) -> list[ModelFacts]:
         """Every model in the repository, described by its serving version."""
@@ -136,9 +166,17 @@ class Postprocessor:
         model_name = model_name or self.default_model
         config = self._config(model_name, model_version)
         labels = config.labels
-        scores = self.scores(config)
-        if num_labels != len(labels):
-            raise InvalidInput(f"num_labels is {num_labels}; model {model_name!r} has {len(labels)} labels")
+        heads = config.heads
+        if num_labels != config.num_logits:
+            if num_labels != len(labels):
+                raise InvalidInput(
+                    f"num_labels is {num_labels}; model {model_name!r} version {config.version} has "
+                    f"{config.num_logits} labels over its heads {[h.name for h in heads]}, "
+                    f"{len(labels)} in its primary head {config.head!r} (either will do)"
+                    if len(heads) > 1
+                    else f"num_labels is {num_labels}; model {model_name!r} has {len(labels)} labels"
+                )
+            heads = heads[:1]  # an older caller's logits: the primary head's columns alone
         flat = np.asarray(logits, dtype=np.float64)
         if flat.size == 0:
             raise InvalidInput("logits is empty")
@@ -153,11 +191,57 @@ class Postprocessor:
             raise InvalidInput(f"logits row {int(bad_rows[0])} holds a NaN or infinite value")
         documents = self._document_index(document_index, rows)
         weights = self._weights(row_weights, rows)
-        limits = config.thresholds | self._thresholds(thresholds or {}, labels)
-        multi_label = config.activation == "sigmoid"
-        probabilities = calibrated(matrix, config)
+        request_limits = self._thresholds(thresholds or {}, labels)
 
-        results: list[DocumentResult] = []
+        answers = [
+            self._head_answers(
+                head,
+                matrix[:, head.start : head.stop],
+                documents,
+                weights,
+                head.thresholds | request_limits if head.primary else dict(head.thresholds),
+                self.head_scores(config, head),
+                aggregation,
+            )
+            for head in heads
+        ]
+        results = [
+            DocumentResult(
+                label=primary.label,
+                labels=primary.labels,
+                probabilities=list(primary.probabilities.values()),
+                abstained=primary.abstained,
+                num_chunks=num_chunks,
+                deciding_chunk=deciding_chunk,
+                score=primary.score,
+                heads=[answer[document][0] for answer in answers],
+            )
+            for document, (primary, num_chunks, deciding_chunk) in enumerate(answers[0])
+        ]
+        return PostprocessResult(
+            labels=list(labels),
+            results=results,
+            model_name=model_name,
+            model_version=config.version,
+            temperature=config.temperature,
+            abstain_label=self.abstain_label,
+        )
+
+    def _head_answers(
+        self,
+        head: Head,
+        matrix: npt.NDArray[np.float64],
+        documents: npt.NDArray[np.int64],
+        weights: npt.NDArray[np.float64],
+        limits: Mapping[str, float],
+        scores: Mapping[str, float],
+        aggregation: Aggregation,
+    ) -> list[tuple[HeadResult, int, int]]:
+        """Per document: the head's answer from its columns `matrix`, the document's chunk
+        count, and its chunk most in favour of the head's top label."""
+        labels = head.labels
+        probabilities = calibrated(matrix, head)
+        answers: list[tuple[HeadResult, int, int]] = []
         for document in range(int(documents.max()) + 1):
             rows_of_document = np.flatnonzero(documents == document)
             chunk_probabilities = probabilities[rows_of_document]
@@ -169,7 +253,7 @@ class Postprocessor:
                 chunk_weights = weights[rows_of_document] / weights[rows_of_document].max()
                 combined = (chunk_probabilities * chunk_weights[:, None]).sum(axis=0) / chunk_weights.sum()
             top = int(combined.argmax())
-            if multi_label:
+            if head.activation == "sigmoid":
                 on = [
                     labels[i]
                     for i in np.argsort(-combined, kind="stable")
@@ -179,25 +263,17 @@ class Postprocessor:
             else:
                 abstained = bool(combined[top] < limits.get(labels[top], 0.0))
                 on = [] if abstained else [labels[top]]
-            results.append(
-                DocumentResult(
-                    label=self.abstain_label if abstained else labels[top],
-                    labels=on,
-                    probabilities=[float(p) for p in combined],
-                    abstained=abstained,
-                    num_chunks=len(rows_of_document),
-                    deciding_chunk=int(chunk_probabilities[:, top].argmax()),
-                    score=score(dict(zip(labels, (float(p) for p in combined), strict=True)), scores),
-                )
+            by_label = dict(zip(labels, (float(p) for p in combined), strict=True))
+            answer = HeadResult(
+                name=head.name,
+                label=self.abstain_label if abstained else labels[top],
+                labels=on,
+                probabilities=by_label,
+                abstained=abstained,
+                score=score(by_label, scores),
             )
-        return PostprocessResult(
-            labels=list(labels),
-            results=results,
-            model_name=model_name,
-            model_version=config.version,
-            temperature=config.temperature,
-            abstain_label=self.abstain_label,
-        )
+            answers.append((answer, len(rows_of_document), int(chunk_probabilities[:, top].argmax())))
+        return answers
 
     @staticmethod
     def _document_index(document_index: Sequence[int], rows: int) -> npt.NDArray[np.int64]:

@@ -7,7 +7,7 @@ import asyncio
 from opentelemetry import trace
 
 from services.postprocessor.core import Aggregation, ModelFacts, Postprocessor, PostprocessResult
-from shared.classification import response_fields
+from shared.classification import head_fields, response_fields
 from shared.grpc_server import ServicerContext
 from shared.metrics import POSTPROCESS_DOCUMENTS
 from shared.pb import postprocess_pb2 as pb
@@ -23,7 +23,14 @@ _AGGREGATION = {
 def result_to_pb(result: PostprocessResult) -> pb.PostprocessResponse:
     return pb.PostprocessResponse(
         labels=result.labels,
-        results=[pb.DocumentResult(**response_fields(r), deciding_chunk=r.deciding_chunk) for r in result.results],
+        results=[
+            pb.DocumentResult(
+                **response_fields(r),
+                deciding_chunk=r.deciding_chunk,
+                heads=[pb.HeadResult(name=head.name, **head_fields(head)) for head in r.heads],
+            )
+            for r in result.results
+        ],
         model_name=result.model_name,
         model_version=result.model_version,
         temperature=result.temperature,
@@ -43,6 +50,15 @@ def models_to_pb(models: list[ModelFacts], default_model: str) -> pb.ListModelsR
                 activation=m.serving.activation,
                 languages=m.serving.languages,
                 scores=m.scores,
+                heads=[
+                    pb.HeadDescription(
+                        name=head.name,
+                        labels=head.labels,
+                        activation=head.activation,
+                        scores=m.scores if head.primary else head.scores,
+                    )
+                    for head in m.serving.heads
+                ],
             )
             for m in models
         ],

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import explainer_pb2 as explainer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0epipeline.proto\x12\x15infermesh.pipeline.v1\x1a\x0f\x65xplainer.proto\"\xca\x01\n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12J\n\nthresholds\x18\x04 \x03(\x0b\x32\x36.infermesh.pipeline.v1.ClassifyRequest.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xbb\x03\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12O\n\rprobabilities\x18\x02 \x03(\x0b\x32\x38.infermesh.pipeline.v1.Classification.ProbabilitiesEntry\x12\x11\n\tabstained\x18\x03 \x01(\x08\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x12\n\x05score\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x33\n\x06status\x18\x08 \x01(\x0e\x32#.infermesh.pipeline.v1.ResultStatus\x12\x10\n\x08language\x18\t \x01(\t\x12\x1b\n\x13language_confidence\x18\n \x01(\x02\x12\x1b\n\x13unknown_token_share\x18\x0b \x01(\x02\x12\x12\n\nmodel_name\x18\x0c \x01(\t\x12\x15\n\rmodel_version\x18\r \x01(\t\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_score\"u\n\x10\x43lassifyResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.infermesh.pipeline.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t*k\n\x0cResultStatus\x12\x1d\n\x19RESULT_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10RESULT_STATUS_OK\x10\x01\x12&\n\"RESULT_STATUS_UNSUPPORTED_LANGUAGE\x10\x02\x32\xc7\x01\n\x08Pipeline\x12]\n\x08\x43lassify\x12&.infermesh.pipeline.v1.ClassifyRequest\x1a\'.infermesh.pipeline.v1.ClassifyResponse\"\x00\x12\\\n\x07\x45xplain\x12&.infermesh.explainer.v1.ExplainRequest\x1a\'.infermesh.explainer.v1.ExplainResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0epipeline.proto\x12\x15infermesh.pipeline.v1\x1a\x0f\x65xplainer.proto\"\xca\x01\n\x0f\x43lassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12J\n\nthresholds\x18\x04 \x03(\x0b\x32\x36.infermesh.pipeline.v1.ClassifyRequest.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xed\x03\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\t\x12O\n\rprobabilities\x18\x02 \x03(\x0b\x32\x38.infermesh.pipeline.v1.Classification.ProbabilitiesEntry\x12\x11\n\tabstained\x18\x03 \x01(\x08\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x12\n\x05score\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x33\n\x06status\x18\x08 \x01(\x0e\x32#.infermesh.pipeline.v1.ResultStatus\x12\x10\n\x08language\x18\t \x01(\t\x12\x1b\n\x13language_confidence\x18\n \x01(\x02\x12\x1b\n\x13unknown_token_share\x18\x0b \x01(\x02\x12\x12\n\nmodel_name\x18\x0c \x01(\t\x12\x15\n\rmodel_version\x18\r \x01(\t\x12\x30\n\x05heads\x18\x0e \x03(\x0b\x32!.infermesh.pipeline.v1.HeadResult\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_score\"\xed\x01\n\nHeadResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12K\n\rprobabilities\x18\x04 \x03(\x0b\x32\x34.infermesh.pipeline.v1.HeadResult.ProbabilitiesEntry\x12\x11\n\tabstained\x18\x05 \x01(\x08\x12\x12\n\x05score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_score\"u\n\x10\x43lassifyResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.infermesh.pipeline.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t*k\n\x0cResultStatus\x12\x1d\n\x19RESULT_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10RESULT_STATUS_OK\x10\x01\x12&\n\"RESULT_STATUS_UNSUPPORTED_LANGUAGE\x10\x02\x32\xc7\x01\n\x08Pipeline\x12]\n\x08\x43lassify\x12&.infermesh.pipeline.v1.ClassifyRequest\x1a\'.infermesh.pipeline.v1.ClassifyResponse\"\x00\x12\\\n\x07\x45xplain\x12&.infermesh.explainer.v1.ExplainRequest\x1a\'.infermesh.explainer.v1.ExplainResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYREQUEST_THRESHOLDSENTRY']._serialized_options = b'8\001'
   _globals['_CLASSIFICATION_PROBABILITIESENTRY']._loaded_options = None
   _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_RESULTSTATUS']._serialized_start=828
-  _globals['_RESULTSTATUS']._serialized_end=935
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._loaded_options = None
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._serialized_options = b'8\001'
+  _globals['_RESULTSTATUS']._serialized_start=1118
+  _globals['_RESULTSTATUS']._serialized_end=1225
   _globals['_CLASSIFYREQUEST']._serialized_start=59
   _globals['_CLASSIFYREQUEST']._serialized_end=261
   _globals['_CLASSIFYREQUEST_THRESHOLDSENTRY']._serialized_start=212
   _globals['_CLASSIFYREQUEST_THRESHOLDSENTRY']._serialized_end=261
   _globals['_CLASSIFICATION']._serialized_start=264
-  _globals['_CLASSIFICATION']._serialized_end=707
-  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_start=645
-  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_end=697
-  _globals['_CLASSIFYRESPONSE']._serialized_start=709
-  _globals['_CLASSIFYRESPONSE']._serialized_end=826
-  _globals['_PIPELINE']._serialized_start=938
-  _globals['_PIPELINE']._serialized_end=1137
+  _globals['_CLASSIFICATION']._serialized_end=757
+  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_start=695
+  _globals['_CLASSIFICATION_PROBABILITIESENTRY']._serialized_end=747
+  _globals['_HEADRESULT']._serialized_start=760
+  _globals['_HEADRESULT']._serialized_end=997
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._serialized_start=695
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._serialized_end=747
+  _globals['_CLASSIFYRESPONSE']._serialized_start=999
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1116
+  _globals['_PIPELINE']._serialized_start=1228
+  _globals['_PIPELINE']._serialized_end=1427
 # @@protoc_insertion_point(module_scope)

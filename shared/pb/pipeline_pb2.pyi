@@ -140,6 +140,7 @@ class Classification(_message.Message):
     UNKNOWN_TOKEN_SHARE_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     abstained: _builtins.bool
     num_chunks: _builtins.int
@@ -169,6 +170,13 @@ class Classification(_message.Message):
         its threshold for a multi-label one; empty when abstained.
         """
 
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeadResult]:
+        """Every head of the version that read the text (a version may classify several ways in
+        one pass, e.g. `sentiment` and `topic`), primary head first; the fields above repeat
+        the primary head's. Empty when unsupported by language.
+        """
+
     def __init__(
         self,
         *,
@@ -185,16 +193,86 @@ class Classification(_message.Message):
         unknown_token_share: _builtins.float = ...,
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
+        heads: _abc.Iterable[Global___HeadResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "label", b"label", "labels", b"labels", "language", b"language", "language_confidence", b"language_confidence", "model_name", b"model_name", "model_version", b"model_version", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "probabilities", b"probabilities", "score", b"score", "status", b"status", "unknown_token_share", b"unknown_token_share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "heads", b"heads", "label", b"label", "labels", b"labels", "language", b"language", "language_confidence", b"language_confidence", "model_name", b"model_name", "model_version", b"model_version", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "probabilities", b"probabilities", "score", b"score", "status", b"status", "unknown_token_share", b"unknown_token_share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
 
 Global___Classification: _TypeAlias = Classification  # noqa: Y015
+
+@_typing.final
+class HeadResult(_message.Message):
+    """One head's answer for one text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ProbabilitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PROBABILITIES_FIELD_NUMBER: _builtins.int
+    ABSTAINED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The head's name, e.g. "sentiment" or "topic"."""
+    label: _builtins.str
+    """The head's top label, or "abstain"."""
+    abstained: _builtins.bool
+    score: _builtins.float
+    """The head's score from its label-to-score mapping; unset when it has none."""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The head's labels that hold (several for a multi-label head, most probable first);
+        empty when the head abstained.
+        """
+
+    @_builtins.property
+    def probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Label -> calibrated probability (the head's own activation and temperature)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        label: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        probabilities: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        abstained: _builtins.bool = ...,
+        score: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "label", b"label", "labels", b"labels", "name", b"name", "probabilities", b"probabilities", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
+    _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
+
+Global___HeadResult: _TypeAlias = HeadResult  # noqa: Y015
 
 @_typing.final
 class ClassifyResponse(_message.Message):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11postprocess.proto\x12\x18infermesh.postprocess.v1\"\xd1\x02\n\x12PostprocessRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12\x12\n\nnum_labels\x18\x04 \x01(\r\x12\x16\n\x0e\x64ocument_index\x18\x05 \x03(\r\x12\x13\n\x0brow_weights\x18\x06 \x03(\x02\x12P\n\nthresholds\x18\x07 \x03(\x0b\x32<.infermesh.postprocess.v1.PostprocessRequest.ThresholdsEntry\x12:\n\x0b\x61ggregation\x18\x08 \x01(\x0e\x32%.infermesh.postprocess.v1.Aggregation\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa3\x01\n\x0e\x44ocumentResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x11\n\tabstained\x18\x03 \x01(\x08\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x63iding_chunk\x18\x05 \x01(\r\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x12\n\x05score\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"\xb7\x01\n\x13PostprocessResponse\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x39\n\x07results\x18\x02 \x03(\x0b\x32(.infermesh.postprocess.v1.DocumentResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x15\n\rabstain_label\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"\xf9\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\nactivation\x18\x05 \x01(\t\x12\x11\n\tlanguages\x18\x06 \x03(\t\x12\x46\n\x06scores\x18\x07 \x03(\x0b\x32\x36.infermesh.postprocess.v1.ModelDescription.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"g\n\x12ListModelsResponse\x12:\n\x06models\x18\x01 \x03(\x0b\x32*.infermesh.postprocess.v1.ModelDescription\x12\x15\n\rdefault_model\x18\x02 \x01(\t*`\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x01\x12\x1e\n\x1a\x41GGREGATION_MAX_CONFIDENCE\x10\x02\x32\xed\x01\n\x12PostprocessService\x12l\n\x0bPostprocess\x12,.infermesh.postprocess.v1.PostprocessRequest\x1a-.infermesh.postprocess.v1.PostprocessResponse\"\x00\x12i\n\nListModels\x12+.infermesh.postprocess.v1.ListModelsRequest\x1a,.infermesh.postprocess.v1.ListModelsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11postprocess.proto\x12\x18infermesh.postprocess.v1\"\xd1\x02\n\x12PostprocessRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12\x12\n\nnum_labels\x18\x04 \x01(\r\x12\x16\n\x0e\x64ocument_index\x18\x05 \x03(\r\x12\x13\n\x0brow_weights\x18\x06 \x03(\x02\x12P\n\nthresholds\x18\x07 \x03(\x0b\x32<.infermesh.postprocess.v1.PostprocessRequest.ThresholdsEntry\x12:\n\x0b\x61ggregation\x18\x08 \x01(\x0e\x32%.infermesh.postprocess.v1.Aggregation\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xd8\x01\n\x0e\x44ocumentResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x11\n\tabstained\x18\x03 \x01(\x08\x12\x12\n\nnum_chunks\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x63iding_chunk\x18\x05 \x01(\r\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x12\n\x05score\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x33\n\x05heads\x18\x08 \x03(\x0b\x32$.infermesh.postprocess.v1.HeadResultB\x08\n\x06_score\"\xf0\x01\n\nHeadResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12N\n\rprobabilities\x18\x04 \x03(\x0b\x32\x37.infermesh.postprocess.v1.HeadResult.ProbabilitiesEntry\x12\x11\n\tabstained\x18\x05 \x01(\x08\x12\x12\n\x05score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_score\"\xb7\x01\n\x13PostprocessResponse\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x39\n\x07results\x18\x02 \x03(\x0b\x32(.infermesh.postprocess.v1.DocumentResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x15\n\rabstain_label\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"\xb3\x02\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\nactivation\x18\x05 \x01(\t\x12\x11\n\tlanguages\x18\x06 \x03(\t\x12\x46\n\x06scores\x18\x07 \x03(\x0b\x32\x36.infermesh.postprocess.v1.ModelDescription.ScoresEntry\x12\x38\n\x05heads\x18\x08 \x03(\x0b\x32).infermesh.postprocess.v1.HeadDescription\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xb9\x01\n\x0fHeadDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x12\n\nactivation\x18\x03 \x01(\t\x12\x45\n\x06scores\x18\x04 \x03(\x0b\x32\x35.infermesh.postprocess.v1.HeadDescription.ScoresEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"g\n\x12ListModelsResponse\x12:\n\x06models\x18\x01 \x03(\x0b\x32*.infermesh.postprocess.v1.ModelDescription\x12\x15\n\rdefault_model\x18\x02 \x01(\t*`\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x01\x12\x1e\n\x1a\x41GGREGATION_MAX_CONFIDENCE\x10\x02\x32\xed\x01\n\x12PostprocessService\x12l\n\x0bPostprocess\x12,.infermesh.postprocess.v1.PostprocessRequest\x1a-.infermesh.postprocess.v1.PostprocessResponse\"\x00\x12i\n\nListModels\x12+.infermesh.postprocess.v1.ListModelsRequest\x1a,.infermesh.postprocess.v1.ListModelsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POSTPROCESSREQUEST_THRESHOLDSENTRY']._loaded_options = None
   _globals['_POSTPROCESSREQUEST_THRESHOLDSENTRY']._serialized_options = b'8\001'
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._loaded_options = None
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_MODELDESCRIPTION_SCORESENTRY']._loaded_options = None
   _globals['_MODELDESCRIPTION_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_AGGREGATION']._serialized_start=1117
-  _globals['_AGGREGATION']._serialized_end=1213
+  _globals['_HEADDESCRIPTION_SCORESENTRY']._loaded_options = None
+  _globals['_HEADDESCRIPTION_SCORESENTRY']._serialized_options = b'8\001'
+  _globals['_AGGREGATION']._serialized_start=1659
+  _globals['_AGGREGATION']._serialized_end=1755
   _globals['_POSTPROCESSREQUEST']._serialized_start=48
   _globals['_POSTPROCESSREQUEST']._serialized_end=385
   _globals['_POSTPROCESSREQUEST_THRESHOLDSENTRY']._serialized_start=336
   _globals['_POSTPROCESSREQUEST_THRESHOLDSENTRY']._serialized_end=385
   _globals['_DOCUMENTRESULT']._serialized_start=388
-  _globals['_DOCUMENTRESULT']._serialized_end=551
-  _globals['_POSTPROCESSRESPONSE']._serialized_start=554
-  _globals['_POSTPROCESSRESPONSE']._serialized_end=737
-  _globals['_LISTMODELSREQUEST']._serialized_start=739
-  _globals['_LISTMODELSREQUEST']._serialized_end=758
-  _globals['_MODELDESCRIPTION']._serialized_start=761
-  _globals['_MODELDESCRIPTION']._serialized_end=1010
-  _globals['_MODELDESCRIPTION_SCORESENTRY']._serialized_start=965
-  _globals['_MODELDESCRIPTION_SCORESENTRY']._serialized_end=1010
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1012
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1115
-  _globals['_POSTPROCESSSERVICE']._serialized_start=1216
-  _globals['_POSTPROCESSSERVICE']._serialized_end=1453
+  _globals['_DOCUMENTRESULT']._serialized_end=604
+  _globals['_HEADRESULT']._serialized_start=607
+  _globals['_HEADRESULT']._serialized_end=847
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._serialized_start=785
+  _globals['_HEADRESULT_PROBABILITIESENTRY']._serialized_end=837
+  _globals['_POSTPROCESSRESPONSE']._serialized_start=850
+  _globals['_POSTPROCESSRESPONSE']._serialized_end=1033
+  _globals['_LISTMODELSREQUEST']._serialized_start=1035
+  _globals['_LISTMODELSREQUEST']._serialized_end=1054
+  _globals['_MODELDESCRIPTION']._serialized_start=1057
+  _globals['_MODELDESCRIPTION']._serialized_end=1364
+  _globals['_MODELDESCRIPTION_SCORESENTRY']._serialized_start=1319
+  _globals['_MODELDESCRIPTION_SCORESENTRY']._serialized_end=1364
+  _globals['_HEADDESCRIPTION']._serialized_start=1367
+  _globals['_HEADDESCRIPTION']._serialized_end=1552
+  _globals['_HEADDESCRIPTION_SCORESENTRY']._serialized_start=1319
+  _globals['_HEADDESCRIPTION_SCORESENTRY']._serialized_end=1364
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1554
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1657
+  _globals['_POSTPROCESSSERVICE']._serialized_start=1758
+  _globals['_POSTPROCESSSERVICE']._serialized_end=1995
 # @@protoc_insertion_point(module_scope)

@@ -85,7 +85,12 @@ class PostprocessRequest(_message.Message):
     aggregation: Global___Aggregation.ValueType
     @_builtins.property
     def logits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Row-major [num_rows, num_labels] logits, one row per chunk."""
+        """Row-major [num_rows, num_labels] logits, one row per chunk. A version with several
+        heads: num_labels is every head's labels together (each row holds the heads' columns
+        side by side, primary head first, as the graph's `logits` output does: the inference
+        service's `logits`, `topic_logits`, ... outputs concatenated), or the primary head's
+        labels alone (older callers: only the primary head is answered).
+        """
 
     @_builtins.property
     def document_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -97,8 +102,8 @@ class PostprocessRequest(_message.Message):
 
     @_builtins.property
     def thresholds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Minimum calibrated probability for a label to be returned, over the version's own
-        thresholds. Single-label (softmax) versions: below it the document gets the abstain
+        """Minimum calibrated probability for a label of the primary head to be returned, over
+        the version's own thresholds (further heads keep their own). Single-label (softmax) versions: below it the document gets the abstain
         label; labels not named have no threshold. Multi-label (sigmoid) versions: every
         label at or above its threshold holds (0.5 for labels not named).
         """
@@ -134,6 +139,7 @@ class DocumentResult(_message.Message):
     DECIDING_CHUNK_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """The chosen label, or the abstain label."""
     abstained: _builtins.bool
@@ -155,6 +161,12 @@ class DocumentResult(_message.Message):
         when the document abstained.
         """
 
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeadResult]:
+        """Every head the request's logits carry, in the version's head order: the primary head
+        first (the fields above repeat it), then its further heads (e.g. `topic`).
+        """
+
     def __init__(
         self,
         *,
@@ -165,16 +177,88 @@ class DocumentResult(_message.Message):
         deciding_chunk: _builtins.int = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         score: _builtins.float | None = ...,
+        heads: _abc.Iterable[Global___HeadResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "deciding_chunk", b"deciding_chunk", "label", b"label", "labels", b"labels", "num_chunks", b"num_chunks", "probabilities", b"probabilities", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "deciding_chunk", b"deciding_chunk", "heads", b"heads", "label", b"label", "labels", b"labels", "num_chunks", b"num_chunks", "probabilities", b"probabilities", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
 
 Global___DocumentResult: _TypeAlias = DocumentResult  # noqa: Y015
+
+@_typing.final
+class HeadResult(_message.Message):
+    """One head's answer for one document, with the head's own labels, activation, temperature,
+    thresholds and score mapping.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ProbabilitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PROBABILITIES_FIELD_NUMBER: _builtins.int
+    ABSTAINED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The head's name (the version config's `head` for the primary head, e.g. "sentiment")."""
+    label: _builtins.str
+    """The head's top label, or the abstain label."""
+    abstained: _builtins.bool
+    score: _builtins.float
+    """sum of p(label) * weight over the head's label-to-score mapping; unset when it has none."""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The head's labels that hold (several for a multi-label head, most probable first);
+        empty when the head abstained.
+        """
+
+    @_builtins.property
+    def probabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Label -> calibrated probability."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        label: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        probabilities: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        abstained: _builtins.bool = ...,
+        score: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "score", b"score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "abstained", b"abstained", "label", b"label", "labels", b"labels", "name", b"name", "probabilities", b"probabilities", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
+    _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score) -> _WhichOneofReturnType__score | None: ...
+
+Global___HeadResult: _TypeAlias = HeadResult  # noqa: Y015
 
 @_typing.final
 class PostprocessResponse(_message.Message):
@@ -258,6 +342,7 @@ class ModelDescription(_message.Message):
     ACTIVATION_FIELD_NUMBER: _builtins.int
     LANGUAGES_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     serving_version: _builtins.str
     """The version answering unpinned requests (the rollout rule's, else the latest); the
@@ -277,6 +362,10 @@ class ModelDescription(_message.Message):
     def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Label -> weight in the score; empty: the version has no score."""
 
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeadDescription]:
+        """Every head of the serving version, primary first (the fields above describe it)."""
+
     def __init__(
         self,
         *,
@@ -287,14 +376,68 @@ class ModelDescription(_message.Message):
         activation: _builtins.str = ...,
         languages: _abc.Iterable[_builtins.str] | None = ...,
         scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        heads: _abc.Iterable[Global___HeadDescription] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "labels", b"labels", "languages", b"languages", "name", b"name", "scores", b"scores", "serving_version", b"serving_version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "heads", b"heads", "labels", b"labels", "languages", b"languages", "name", b"name", "scores", b"scores", "serving_version", b"serving_version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelDescription: _TypeAlias = ModelDescription  # noqa: Y015
+
+@_typing.final
+class HeadDescription(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    activation: _builtins.str
+    """"softmax" (one label per text) or "sigmoid" (multi-label)."""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Label -> weight in the head's score; empty: the head has no score."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        activation: _builtins.str = ...,
+        scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "labels", b"labels", "name", b"name", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeadDescription: _TypeAlias = HeadDescription  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):

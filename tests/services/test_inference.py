@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
+from shared.model_repository import ModelConfig
 from shared.pb import grpc_predict_v2_pb2 as pb
 from shared.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.conftest import MODEL
@@ -79,7 +80,9 @@ def output(response: pb.ModelInferResponse, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
-async def test_server_and_model_metadata(inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub) -> None:
+async def test_server_and_model_metadata(
+    inference_stub: pb_grpc.GRPCInferenceServiceAsyncStub, built_model: Path
+) -> None:
     assert (await inference_stub.ServerLive(pb.ServerLiveRequest())).live
     assert (await inference_stub.ServerReady(pb.ServerReadyRequest())).ready
     assert (await inference_stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
@@ -93,11 +96,18 @@ async def test_server_and_model_metadata(inference_stub: pb_grpc.GRPCInferenceSe
         ("input_ids", "INT64", [-1, -1]),
         ("attention_mask", "INT64", [-1, -1]),
     ]
-    assert [(t.name, t.datatype) for t in metadata.outputs] == [
-        ("logits", "FP32"),
-        ("probabilities", "FP32"),
-        ("label", "BYTES"),
+    # The primary head's plain outputs first, then each further head's (`topic_logits`, ...).
+    config = ModelConfig.model_validate_json((built_model / "config.json").read_text())
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
+        (name, datatype, shape)
+        for head in config.heads
+        for name, datatype, shape in (
+            (head.output_name("logits"), "FP32", [-1, len(head.labels)]),
+            (head.output_name("probabilities"), "FP32", [-1, len(head.labels)]),
+            (head.output_name("label"), "BYTES", [-1]),
+        )
     ]
+    assert [t.name for t in metadata.outputs[:3]] == ["logits", "probabilities", "label"]
 
 
 async def test_raw_and_typed_contents_give_the_same_answer(
