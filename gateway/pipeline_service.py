@@ -11,7 +11,7 @@ import grpc
 
 from gateway.admission import Admission
 from gateway.settings import check_text_count
-from shared.classification import response_fields, routed_fields
+from shared.classification import head_fields, response_fields, routed_fields
 from shared.errors import from_grpc_error
 from shared.grpc_server import ServicerContext
 from shared.pb import explainer_pb2 as explainer_pb
@@ -62,7 +62,13 @@ class PipelineServicer(pb_grpc.PipelineServicer):
             model_name=result.model_name,
             model_version=result.model_version,
             results=[
-                pb.Classification(**response_fields(r), **_routed(r), num_tokens=r.num_tokens) for r in result.results
+                pb.Classification(
+                    **response_fields(r),
+                    **_routed(r),
+                    num_tokens=r.num_tokens,
+                    heads=[pb.HeadResult(name=name, **head_fields(head)) for name, head in r.heads.items()],
+                )
+                for r in result.results
             ],
         )
 

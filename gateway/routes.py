@@ -17,6 +17,8 @@ from gateway.schemas import (
     ExplainRequest,
     ExplainResponse,
     FaithfulnessFigures,
+    HeadEntry,
+    HeadResult,
     ModelEntry,
     ModelsResponse,
     SentimentRequest,
@@ -26,7 +28,7 @@ from gateway.schemas import (
     WordAttribution,
 )
 from gateway.settings import GatewaySettings, check_text_count
-from shared.classification import response_fields, routed_fields
+from shared.classification import head_fields, response_fields, routed_fields
 from shared.errors import from_grpc_error
 from shared.pb import explainer_pb2 as explainer_pb
 from shared.pb import explainer_pb2_grpc as explainer_grpc
@@ -41,7 +43,7 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
         401: "Missing or invalid API key",
         404: "Unknown model or version",
         413: "Too many texts, or a text or body too large",
-        422: "Request does not match the schema",
+        422: "Request does not match the schema, or names a head the model lacks",
         429: "Overloaded, or the caller is over its rate limit; retry after the Retry-After delay",
         503: "A service is unavailable",
         504: "The request's deadline ran out",
@@ -57,7 +59,13 @@ def classify_response(result: ClassifyResult) -> SentimentResponse:
         model_name=result.model_name,
         model_version=result.model_version,
         results=[
-            SentimentResult(**response_fields(r), **routed_fields(r), num_tokens=r.num_tokens) for r in result.results
+            SentimentResult(
+                **response_fields(r),
+                **routed_fields(r),
+                num_tokens=r.num_tokens,
+                heads={name: HeadResult(**head_fields(head)) for name, head in r.heads.items()},
+            )
+            for r in result.results
         ],
     )
 
@@ -96,7 +104,8 @@ async def classify(body: ClassifyRequest, request: Request) -> SentimentResponse
 @router.get("/models", response_model=ModelsResponse, summary="The models in the repository")
 async def models(request: Request) -> ModelsResponse:
     """Names, versions and the serving version of each model, with that version's labels,
-    activation, languages and score mapping."""
+    activation, languages and score mapping, and its heads (each with its labels, activation
+    and score mapping)."""
     settings: GatewaySettings = request.app.state.settings
     client: PipelineClient = request.app.state.pipeline
     listed = await client.models(timeout_seconds=settings.request_timeout_seconds)
@@ -111,6 +120,15 @@ async def models(request: Request) -> ModelsResponse:
                 activation="sigmoid" if m.activation == "sigmoid" else "softmax",
                 languages=m.languages,
                 scores=m.scores,
+                heads=[
+                    HeadEntry(
+                        name=h.name,
+                        labels=h.labels,
+                        activation="sigmoid" if h.activation == "sigmoid" else "softmax",
+                        scores=h.scores,
+                    )
+                    for h in m.heads
+                ],
             )
             for m in listed
         ],
@@ -136,6 +154,7 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
                 steps=body.steps,
                 model_version=body.model_version,
                 model_name=body.model,
+                head=body.head,
             ),
             timeout=settings.explain_timeout_seconds,
         )
@@ -149,6 +168,8 @@ async def explain(body: ExplainRequest, request: Request) -> ExplainResponse:
         method=body.method,
         attribution_model=reply.attribution_model,
         served_variant=reply.served_variant,
+        head=reply.head,
+        activation="sigmoid" if reply.activation == "sigmoid" else "softmax",
         label=explanation.label,
         probabilities=dict(explanation.probabilities),
         target_label=explanation.target_label,

@@ -15,6 +15,23 @@ class SentimentRequest(BaseModel):
     )
 
 
+class HeadResult(BaseModel):
+    """One head's answer for one text."""
+
+    label: str = Field(description="The head's top label, or `abstain`.")
+    labels: list[str] = Field(
+        description="The head's labels that hold: its one label, or for a multi-label (sigmoid) head each label at"
+        " or above its threshold, most probable first; empty when the head abstained."
+    )
+    probabilities: dict[str, float] = Field(
+        description="Label -> calibrated probability, with the head's own activation and temperature."
+    )
+    abstained: bool
+    score: float | None = Field(
+        None, description="sum of p(label) * weight over the head's label-to-score mapping; null when it has none."
+    )
+
+
 class SentimentResult(BaseModel):
     label: str
     labels: list[str] = Field(
@@ -47,6 +64,12 @@ class SentimentResult(BaseModel):
         "", description="The model that classified this text (routed by language); empty when unsupported."
     )
     model_version: str = ""
+    heads: dict[str, HeadResult] = Field(
+        default_factory=dict,
+        description="Every head of the version that read the text, by head name, primary head first (a version may"
+        " classify several ways in one pass, e.g. `sentiment` and `topic`); the fields above repeat the primary"
+        " head's. Empty when `status` is `unsupported_language`.",
+    )
 
 
 class SentimentResponse(BaseModel):
@@ -74,6 +97,17 @@ class ClassifyRequest(BaseModel):
     )
 
 
+class HeadEntry(BaseModel):
+    name: str = Field(description="The key of this head's answer in a result's `heads`.")
+    labels: list[str]
+    activation: Literal["softmax", "sigmoid"] = Field(
+        description="softmax: one label per text; sigmoid: multi-label, each label at or above its threshold holds."
+    )
+    scores: dict[str, float] = Field(
+        default_factory=dict, description="Label -> weight in the head's `score`; empty: the head has no score."
+    )
+
+
 class ModelEntry(BaseModel):
     name: str
     versions: list[str] = Field(description="Oldest first.")
@@ -84,6 +118,11 @@ class ModelEntry(BaseModel):
     )
     languages: list[str]
     scores: dict[str, float] = Field(description="Label -> weight in `score`; empty: results carry no score.")
+    heads: list[HeadEntry] = Field(
+        default_factory=list,
+        description="Every head of the serving version, primary first (`labels`, `activation` and `scores` above"
+        " are the primary head's); each answers under its name in a result's `heads`.",
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -106,6 +145,13 @@ class ExplainRequest(BaseModel):
         max_length=128,
         pattern=r"^$|" + MODEL_NAME_PATTERN[1:],
         description="A model in the repository (`GET /v1/models`); empty: the default model.",
+    )
+    head: str = Field(
+        "",
+        max_length=64,
+        description="The head to explain, for a model with several (`heads` in `GET /v1/models`); empty: its "
+        "primary head. Everything in the answer is that head's, and `target_label` must be one of its labels; a "
+        "head the model lacks: 422 naming its heads.",
     )
 
 
@@ -159,8 +205,12 @@ class ExplainResponse(BaseModel):
         description="What the inference service serves (e.g. int8): `label`, `probabilities` and the faithfulness "
         "figures come from it."
     )
-    label: str
-    probabilities: dict[str, float]
+    head: str = Field(description="The head explained (the primary head's name when the request named none).")
+    activation: Literal["softmax", "sigmoid"] = Field(
+        description="That head's activation: softmax, its probabilities sum to 1; sigmoid, each label's stands alone."
+    )
+    label: str = Field(description="The head's predicted label (for a sigmoid head, its most probable one).")
+    probabilities: dict[str, float] = Field(description="The head's labels' probabilities.")
     target_label: str
     gradient_label: str | None = Field(
         None,

@@ -50,6 +50,14 @@ class InvalidInput(InfermeshError):
     title = "Invalid input"
 
 
+class UnknownHead(InvalidInput):
+    """A request names a head its model version lacks (the detail names those it has):
+    INVALID_ARGUMENT over gRPC; 422 over REST, as for a field that does not validate."""
+
+    http_status = 422
+    title = "Unknown head"
+
+
 class InputTooLarge(InfermeshError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     http_status = 413

@@ -4,6 +4,11 @@ Integrated gradients run on the served version's weights in this process (fp32 t
 not the served graph: each explanation says so and flags when the two disagree on the
 label); occlusion and every faithfulness figure are scored through the inference service,
 so they measure the model callers actually get (int8, ONNX Runtime today).
+
+A version may have several classification heads over one encoder; an explanation is of
+one head (the request's, else the primary), computed on that head's columns of the logits
+alone with its own activation and temperature, so its labels, probabilities, attributions
+and faithfulness figures are all that head's.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import numpy.typing as npt
 from opentelemetry import trace
 
 from services.explainer.gradients import GradientAttribution, IntegratedGradients
-from services.tokenizer.core import Chunk, Tokenizer
-from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput
+from services.tokenizer.api import Chunk, Tokenizer
+from shared.errors import DeadlineExceeded, InputTooLarge, InvalidInput, UnknownHead
+from shared.model_repository import Head
 
 _tracer = trace.get_tracer(__name__)
 
@@ -36,8 +42,10 @@ class Method(enum.Enum):
 
 
 class ProbabilityModel(Protocol):
-    async def probabilities(self, sequences: Sequence[Sequence[int]], timeout: float) -> npt.NDArray[np.float64]:
-        """Calibrated probabilities, one row per sequence."""
+    async def probabilities(
+        self, sequences: Sequence[Sequence[int]], timeout: float, head: Head
+    ) -> npt.NDArray[np.float64]:
+        """`head`'s calibrated probabilities, one row per sequence, one column per label of it."""
         ...
 
 
@@ -120,6 +128,8 @@ class ExplainPlan:
     method: Method
     target_label: str
     steps: int
+    head: Head
+    """The head explained: labels, probabilities and attributions are its alone."""
 
     @property
     def gradient_token_steps(self) -> int:
@@ -150,14 +160,17 @@ class Explainer:
         tokenizer: Tokenizer,
         model: ProbabilityModel,
         gradients: IntegratedGradients,
-        labels: list[str],
+        heads: Sequence[Head],
         limits: ExplainLimits | None = None,
         seed: int = 0,
     ) -> None:
+        """`heads`: the version's heads, primary first (`ModelConfig.heads`)."""
+        if not heads:
+            raise ValueError("an explainer needs at least one head")
         self.tokenizer = tokenizer
         self.model = model
         self.gradients = gradients
-        self.labels = labels
+        self.heads = list(heads)
         self.limits = limits or ExplainLimits()
         self.seed = seed
 
@@ -168,6 +181,16 @@ class Explainer:
             return self.gradients.description
         return f"served {served_variant} (inference service)"
 
+    def head(self, name: str = "") -> Head:
+        """The head called `name`; "" is the primary head. UnknownHead naming the heads
+        there are for a name the version lacks."""
+        for head in self.heads:
+            if head.name == name or (not name and head.primary):
+                return head
+        raise UnknownHead(
+            f"model {self.tokenizer.model_name!r} has no head {name!r}; heads are {[h.name for h in self.heads]}"
+        )
+
     async def explain(
         self,
         texts: Sequence[str],
@@ -175,17 +198,20 @@ class Explainer:
         target_label: str = "",
         steps: int = 0,
         timeout_seconds: float | None = None,
+        head: str = "",
     ) -> list[Explanation]:
         """`prepare` then `run`."""
-        plan = await self.prepare(texts, method, target_label, steps)
+        plan = await self.prepare(texts, method, target_label, steps, head)
         return await self.run(plan, timeout_seconds)
 
     async def prepare(
-        self, texts: Sequence[str], method: Method, target_label: str = "", steps: int = 0
+        self, texts: Sequence[str], method: Method, target_label: str = "", steps: int = 0, head: str = ""
     ) -> ExplainPlan:
         """Checks the request against every limit, its cost included, and tokenizes it:
-        cheap, so a request that can never be served is refused before it queues."""
+        cheap, so a request that can never be served is refused before it queues. `head`:
+        the head to explain ("" the primary); `target_label` must be one of its labels."""
         limits = self.limits
+        explained = self.head(head)
         if not texts:
             raise InvalidInput("texts is empty; send at least one text")
         if len(texts) > limits.max_texts:
@@ -193,14 +219,16 @@ class Explainer:
         steps = steps or limits.default_steps
         if steps > limits.max_steps:
             raise InputTooLarge(f"steps is {steps}; max is {limits.max_steps}")
-        if target_label and target_label not in self.labels:
-            raise InvalidInput(f"unknown target label {target_label!r}; labels are {self.labels}")
+        if target_label and target_label not in explained.labels:
+            raise InvalidInput(
+                f"unknown target label {target_label!r} for head {explained.name!r}; its labels are {explained.labels}"
+            )
         with _tracer.start_as_current_span("tokenize", attributes={"infermesh.texts": len(texts)}):
             tokenized = await self.tokenizer.tokenize_async(texts, return_offsets=True)
         for index, result in enumerate(tokenized):
             if len(result.chunks) > limits.max_chunks:
                 raise InputTooLarge(f"text {index} needs {len(result.chunks)} chunks; max is {limits.max_chunks}")
-        plan = ExplainPlan(list(texts), [result.chunks for result in tokenized], method, target_label, steps)
+        plan = ExplainPlan(list(texts), [result.chunks for result in tokenized], method, target_label, steps, explained)
         if plan.gradient_token_steps > limits.max_gradient_token_steps:
             tokens = plan.gradient_token_steps // steps
             chunks = sum(len(c) for c in plan.chunks)
@@ -222,41 +250,52 @@ class Explainer:
             raise DeadlineExceeded("the caller's deadline had passed before the explanation started")
         deadline = time.monotonic() + budget
         return [
-            await self._explain_text(text, chunks, plan.method, plan.target_label, plan.steps, deadline)
+            await self._explain_text(text, chunks, plan.head, plan.method, plan.target_label, plan.steps, deadline)
             for text, chunks in zip(plan.texts, plan.chunks, strict=True)
         ]
 
     async def _explain_text(
-        self, text: str, chunks: list[Chunk], method: Method, target_label: str, steps: int, deadline: float
+        self,
+        text: str,
+        chunks: list[Chunk],
+        head: Head,
+        method: Method,
+        target_label: str,
+        steps: int,
+        deadline: float,
     ) -> Explanation:
-        with _tracer.start_as_current_span("score text", attributes={"infermesh.chunks": len(chunks)}):
-            full = await self.model.probabilities([c.input_ids for c in chunks], _remaining(deadline))
+        labels = head.labels
+        with _tracer.start_as_current_span(
+            "score text", attributes={"infermesh.chunks": len(chunks), "infermesh.head": head.name}
+        ):
+            full = await self.model.probabilities([c.input_ids for c in chunks], _remaining(deadline), head)
         weights = np.array([len(c.input_ids) for c in chunks], dtype=np.float64)
         combined = (full * weights[:, None]).sum(axis=0) / weights.sum()
-        label = self.labels[int(combined.argmax())]
-        target = self.labels.index(target_label or label)
+        # A sigmoid head's labels hold each on its own: the predicted one is the most probable.
+        label = labels[int(combined.argmax())]
+        target = labels.index(target_label or label)
         explained: list[ChunkExplanation] = []
         gradient_rows: list[npt.NDArray[np.float64]] = []
         for i, chunk in enumerate(chunks):
             chunk_explanation, gradient_probabilities = await self._explain_chunk(
-                text, chunk, full[i, target], target, method, steps, deadline
+                text, chunk, full[i, target], head, target, method, steps, deadline
             )
             explained.append(chunk_explanation)
             if gradient_probabilities is not None:
                 gradient_rows.append(gradient_probabilities)
         explanation = Explanation(
             label=label,
-            probabilities={name: float(p) for name, p in zip(self.labels, combined, strict=True)},
-            target_label=self.labels[target],
+            probabilities={name: float(p) for name, p in zip(labels, combined, strict=True)},
+            target_label=labels[target],
             chunks=explained,
             deciding_chunk=int(full[:, target].argmax()),
         )
         if gradient_rows:
             # The gradients' own weights, combined over chunks exactly as the served label is.
             gradient_combined = (np.stack(gradient_rows) * weights[:, None]).sum(axis=0) / weights.sum()
-            explanation.gradient_label = self.labels[int(gradient_combined.argmax())]
+            explanation.gradient_label = labels[int(gradient_combined.argmax())]
             explanation.gradient_probabilities = {
-                name: float(p) for name, p in zip(self.labels, gradient_combined, strict=True)
+                name: float(p) for name, p in zip(labels, gradient_combined, strict=True)
             }
             explanation.gradients_disagree = explanation.gradient_label != label
         return explanation
@@ -266,13 +305,14 @@ class Explainer:
         text: str,
         chunk: Chunk,
         probability: float,
+        head: Head,
         target: int,
         method: Method,
         steps: int,
         deadline: float,
     ) -> tuple[ChunkExplanation, npt.NDArray[np.float64] | None]:
-        """The chunk's explanation, and for integrated gradients every label's probability
-        under the gradients' weights."""
+        """The chunk's explanation of `head`'s label `target`, and for integrated gradients
+        every label of the head's probability under the gradients' weights."""
         assert chunk.offsets is not None and chunk.word_ids is not None
         ids = chunk.input_ids
         # Word ids restart per chunk in our numbering: map the chunk's word ids to 0..n-1.
@@ -292,13 +332,13 @@ class Explainer:
             with _tracer.start_as_current_span(
                 "integrated gradients", attributes={"infermesh.steps": steps, "infermesh.tokens": len(ids)}
             ):
-                result = gradient = await self._attribute(ids, special, target, steps, deadline)
+                result = gradient = await self._attribute(ids, special, head, target, steps, deadline)
             token_scores = result.tokens
             gap = abs(float(token_scores.sum()) - (result.at_input - result.at_baseline))
         else:
             variants = [words.without(ids, {w}) for w in range(len(words.positions))]
             with _tracer.start_as_current_span("occlusion", attributes={"infermesh.variants": len(variants)}):
-                scored = await self.model.probabilities(variants, _remaining(deadline))
+                scored = await self.model.probabilities(variants, _remaining(deadline), head)
             token_scores = np.zeros(len(ids))
             for w, positions in enumerate(words.positions):
                 drop = probability - scored[w, target]
@@ -327,11 +367,13 @@ class Explainer:
             completeness_gap=gap,
             gradient_target_probability=None if gradient is None else gradient.at_input,
         )
-        explanation.faithfulness = await self._faithfulness(ids, words, word_scores, probability, target, deadline)
+        explanation.faithfulness = await self._faithfulness(
+            ids, words, word_scores, probability, head, target, deadline
+        )
         return explanation, None if gradient is None else gradient.probabilities
 
     async def _attribute(
-        self, ids: list[int], special: list[bool], target: int, steps: int, deadline: float
+        self, ids: list[int], special: list[bool], head: Head, target: int, steps: int, deadline: float
     ) -> GradientAttribution:
         """Integrated gradients in a worker thread that stops within one pass once the
         deadline passes or the caller goes away (a thread cannot be cancelled; without
@@ -341,14 +383,21 @@ class Explainer:
         stop = threading.Event()
         try:
             return await asyncio.to_thread(
-                self.gradients.attribute, ids, special, target, steps, deadline=deadline, stop=stop
+                self.gradients.attribute, ids, special, head, target, steps, deadline=deadline, stop=stop
             )
         except asyncio.CancelledError:
             stop.set()
             raise
 
     async def _faithfulness(
-        self, ids: list[int], words: _Words, scores: list[float], probability: float, target: int, deadline: float
+        self,
+        ids: list[int],
+        words: _Words,
+        scores: list[float],
+        probability: float,
+        head: Head,
+        target: int,
+        deadline: float,
     ) -> list[Faithfulness]:
         count = len(scores)
         if count == 0:
@@ -368,7 +417,7 @@ class Explainer:
                 sequences.append(words.without(ids, chosen))
                 sequences.append(words.only(ids, chosen))
         with _tracer.start_as_current_span("faithfulness", attributes={"infermesh.variants": len(sequences)}):
-            scored = (await self.model.probabilities(sequences, _remaining(deadline)))[:, target]
+            scored = (await self.model.probabilities(sequences, _remaining(deadline), head))[:, target]
         figures = []
         row = 0
         for share, _, randoms in plans:

@@ -1,5 +1,9 @@
 """Integrated gradients on the served version's fine-tuned weights (the merged model in
-the version's `hf/` folder), with respect to the input embeddings."""
+the version's `hf/` folder), with respect to the input embeddings.
+
+The merged model has one logits output with every head's columns side by side (a version
+may have several classification heads over one encoder); each call explains one head, on
+its columns alone, calibrated as `shared.calibration.calibrated` calibrates them."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +19,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from shared.errors import DeadlineExceeded
+from shared.model_repository import Head
 
 #: Path points evaluated per forward/backward pass; bounds memory for long paths.
 STEPS_PER_PASS = 32
@@ -33,33 +37,26 @@ class Abandoned(Exception):
 @dataclass(frozen=True)
 class GradientAttribution:
     tokens: npt.NDArray[np.float64]
-    """One attribution per token of the target's calibrated probability."""
+    """One attribution per token of the target's calibrated probability (its head's)."""
     at_input: float
     """f(input): the target probability of the text."""
     at_baseline: float
     """f(baseline): the target probability with every word replaced by [PAD]."""
     probabilities: npt.NDArray[np.float64]
-    """Every label's calibrated probability of the text under these weights (not the
-    served graph's: an int8 graph may rank the labels otherwise)."""
+    """Every label's calibrated probability of the text under these weights, the explained
+    head's labels only (not the served graph's: an int8 graph may rank them otherwise)."""
 
 
 class IntegratedGradients:
     """Straight path from a baseline in which every non-special token's embedding is
     [PAD]'s; [CLS] and [SEP] stay, so they get no attribution."""
 
-    def __init__(
-        self,
-        hf_folder: Path,
-        temperature: float,
-        pad_id: int = 0,
-        threads: int = 1,
-        activation: Literal["softmax", "sigmoid"] = "softmax",
-    ) -> None:
+    def __init__(self, hf_folder: Path, pad_id: int = 0, threads: int = 1) -> None:
         torch.set_num_threads(threads)
         self.model = AutoModelForSequenceClassification.from_pretrained(hf_folder).eval()
-        self.temperature = temperature
-        self.activation = activation
         self.pad_id = pad_id
+        self.num_logits = int(self.model.config.num_labels)
+        """Columns of the model's logits: every head's labels."""
         # DistilBERT and ModernBERT take no token types; BERT-likes get zeros (one segment).
         self._token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
         dtype = next(self.model.parameters()).dtype
@@ -72,12 +69,17 @@ class IntegratedGradients:
         self,
         input_ids: list[int],
         special: list[bool],
+        head: Head,
         target: int,
         steps: int,
         deadline: float | None = None,
         stop: threading.Event | None = None,
     ) -> GradientAttribution:
-        """Runs in a worker thread. `deadline` (time.monotonic()) and `stop` are looked at
+        """Attributions of `head`'s label `target` (an index into `head.labels`): of its
+        calibrated probability over the head's own columns of the logits, with the head's
+        activation and temperature.
+
+        Runs in a worker thread. `deadline` (time.monotonic()) and `stop` are looked at
         while waiting for the model and before every pass of `STEPS_PER_PASS` path points,
         so an explanation nobody waits for any more frees the model within one pass:
         DeadlineExceeded once the deadline has passed, Abandoned once `stop` is set."""
@@ -90,6 +92,11 @@ class IntegratedGradients:
                     f"the deadline ran out during integrated gradients ({steps} steps over {len(input_ids)} tokens)"
                 )
 
+        if head.stop > self.num_logits or not 0 <= target < len(head.labels):
+            raise ValueError(
+                f"head {head.name!r} (columns {head.start}..{head.stop - 1}, label {target}) does not fit "
+                f"the model's {self.num_logits} logits"
+            )
         check()
         while not self._lock.acquire(timeout=_LOCK_POLL_SECONDS):
             check()
@@ -107,12 +114,12 @@ class IntegratedGradients:
                     check()
                     chunk = alphas[start : start + STEPS_PER_PASS][:, None, None]
                     path = (baseline + chunk * (inputs - baseline)).requires_grad_(True)
-                    probability = self._target_probability(path, target)
+                    probability = self._target_probability(path, head, target)
                     (gradient,) = torch.autograd.grad(probability.sum(), path)
                     total += gradient.sum(dim=0)
                 attributions = ((inputs - baseline) * total / steps).sum(dim=-1)
                 with torch.no_grad():
-                    ends = self._probabilities(torch.stack([inputs, baseline]))
+                    ends = self._probabilities(torch.stack([inputs, baseline]), head)
         finally:
             self._lock.release()
         return GradientAttribution(
@@ -122,16 +129,16 @@ class IntegratedGradients:
             probabilities=ends[0].double().numpy(),
         )
 
-    def _target_probability(self, embeddings: torch.Tensor, target: int) -> torch.Tensor:
-        return self._probabilities(embeddings)[:, target]
+    def _target_probability(self, embeddings: torch.Tensor, head: Head, target: int) -> torch.Tensor:
+        return self._probabilities(embeddings, head)[:, target]
 
-    def _probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def _probabilities(self, embeddings: torch.Tensor, head: Head) -> torch.Tensor:
         batch, length, _ = embeddings.shape
         extra = {"token_type_ids": torch.zeros((batch, length), dtype=torch.long)} if self._token_types else {}
         logits = self.model(
             inputs_embeds=embeddings, attention_mask=torch.ones((batch, length), dtype=torch.long), **extra
-        ).logits
+        ).logits[:, head.start : head.stop]
         # The same rule as shared.calibration.calibrated, on torch tensors (gradients flow).
-        if self.activation == "sigmoid":
-            return torch.sigmoid(logits / self.temperature)
-        return torch.softmax(logits / self.temperature, dim=-1)
+        if head.activation == "sigmoid":
+            return torch.sigmoid(logits / head.temperature)
+        return torch.softmax(logits / head.temperature, dim=-1)

@@ -76,7 +76,9 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
         method = _METHODS.get(request.method, Method.INTEGRATED_GRADIENTS)
         try:
             # Every limit, the cost one included, before the call takes a place in the queue.
-            plan = await explainer.prepare(list(request.texts), method, request.target_label, request.steps)
+            plan = await explainer.prepare(
+                list(request.texts), method, request.target_label, request.steps, request.head
+            )
         except InputTooLarge:
             EXPLAINER_REJECTED.labels("over_budget").inc()
             raise
@@ -105,4 +107,6 @@ class ExplainerServicer(pb_grpc.ExplainerServiceServicer):
             method=request.method or pb.METHOD_INTEGRATED_GRADIENTS,
             attribution_model=explainer.attribution_model(method, served),
             served_variant=served,
+            head=plan.head.name,
+            activation=plan.head.activation,
         )

@@ -5,7 +5,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.tokenizer.pii import PiiKind
+from services.tokenizer.api import PiiKind
 from shared.settings import BaseServiceSettings
 
 

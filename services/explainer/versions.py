@@ -21,8 +21,8 @@ from services.explainer.gradients import IntegratedGradients
 from services.explainer.scoring import OipProbabilities
 from services.explainer.settings import ExplainerSettings
 from services.inference.converters import BACKEND_METADATA_KEY, VARIANT_METADATA_KEY
-from services.tokenizer.core import Tokenizer, TokenizerLimits
-from services.tokenizer.pii import PiiMasker
+from services.tokenizer.api import version_tokenizer
+from shared.errors import ModelLoadFailed
 from shared.grpc_client import channel
 from shared.model_repository import ModelRepository
 from shared.pb import grpc_predict_v2_pb2 as pb
@@ -120,24 +120,27 @@ class ExplainerVersions:
         settings = self.settings
         config = self.repository.config(name, version)
         folder = self.repository.path(name, version)
-        tokenizer = Tokenizer(
-            folder / config.tokenizer,
+        tokenizer = version_tokenizer(
+            self.repository,
             name,
-            TokenizerLimits(config.max_sequence_length, 32, settings.max_texts, settings.max_text_bytes),
-            masker=PiiMasker(settings.mask_pii_kinds) if settings.mask_pii else None,
+            version,
+            settings.max_texts,
+            settings.max_text_bytes,
+            mask_pii=settings.mask_pii_kinds if settings.mask_pii else None,
         )
-        logger.info("explainer loaded %s version %s", name, version)
+        gradients = IntegratedGradients(folder / "hf", pad_id=config.pad_token_id, threads=settings.torch_threads)
+        if gradients.num_logits != config.num_logits:
+            # Explaining a head needs its columns where config.json says they are.
+            raise ModelLoadFailed(
+                f"{name} version {version}: hf/ has {gradients.num_logits} logits but config.json's heads "
+                f"{[h.name for h in config.heads]} have {config.num_logits} labels"
+            )
+        logger.info("explainer loaded %s version %s (heads %s)", name, version, [h.name for h in config.heads])
         return Explainer(
             tokenizer,
-            OipProbabilities(self._stub, name, version),
-            IntegratedGradients(
-                folder / "hf",
-                config.temperature,
-                pad_id=config.pad_token_id,
-                threads=settings.torch_threads,
-                activation=config.activation,
-            ),
-            config.labels,
+            OipProbabilities(self._stub, name, version, config.num_logits),
+            gradients,
+            config.heads,
             ExplainLimits(
                 max_texts=settings.max_texts,
                 max_chunks=settings.max_chunks,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65xplainer.proto\x12\x16infermesh.explainer.v1\"\x9f\x01\n\x0e\x45xplainRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12.\n\x06method\x18\x02 \x01(\x0e\x32\x1e.infermesh.explainer.v1.Method\x12\x14\n\x0ctarget_label\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\"Z\n\x05Token\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nword_index\x18\x04 \x01(\x05\x12\x13\n\x0b\x61ttribution\x18\x05 \x01(\x02\"E\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x13\n\x0b\x61ttribution\x18\x04 \x01(\x02\"\x91\x01\n\x0c\x46\x61ithfulness\x12\x13\n\x0btop_percent\x18\x01 \x01(\x02\x12\x19\n\x11\x63omprehensiveness\x18\x02 \x01(\x02\x12\x13\n\x0bsufficiency\x18\x03 \x01(\x02\x12 \n\x18random_comprehensiveness\x18\x04 \x01(\x02\x12\x1a\n\x12random_sufficiency\x18\x05 \x01(\x02\"\xd0\x02\n\x10\x43hunkExplanation\x12\x12\n\nchar_start\x18\x01 \x01(\r\x12\x10\n\x08\x63har_end\x18\x02 \x01(\r\x12-\n\x06tokens\x18\x03 \x03(\x0b\x32\x1d.infermesh.explainer.v1.Token\x12+\n\x05words\x18\x04 \x03(\x0b\x32\x1c.infermesh.explainer.v1.Word\x12:\n\x0c\x66\x61ithfulness\x18\x05 \x03(\x0b\x32$.infermesh.explainer.v1.Faithfulness\x12\x1a\n\x12target_probability\x18\x06 \x01(\x02\x12\x18\n\x10\x63ompleteness_gap\x18\x07 \x01(\x02\x12(\n\x1bgradient_target_probability\x18\x08 \x01(\x02H\x00\x88\x01\x01\x42\x1e\n\x1c_gradient_target_probability\"\xdb\x03\n\x0b\x45xplanation\x12\r\n\x05label\x18\x01 \x01(\t\x12M\n\rprobabilities\x18\x02 \x03(\x0b\x32\x36.infermesh.explainer.v1.Explanation.ProbabilitiesEntry\x12\x14\n\x0ctarget_label\x18\x03 \x01(\t\x12\x38\n\x06\x63hunks\x18\x04 \x03(\x0b\x32(.infermesh.explainer.v1.ChunkExplanation\x12\x16\n\x0e\x64\x65\x63iding_chunk\x18\x05 \x01(\r\x12\x16\n\x0egradient_label\x18\x06 \x01(\t\x12^\n\x16gradient_probabilities\x18\x07 \x03(\x0b\x32>.infermesh.explainer.v1.Explanation.GradientProbabilitiesEntry\x12\x1a\n\x12gradients_disagree\x18\x08 \x01(\x08\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a<\n\x1aGradientProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xda\x01\n\x0f\x45xplainResponse\x12\x39\n\x0c\x65xplanations\x18\x01 \x03(\x0b\x32#.infermesh.explainer.v1.Explanation\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12.\n\x06method\x18\x04 \x01(\x0e\x32\x1e.infermesh.explainer.v1.Method\x12\x19\n\x11\x61ttribution_model\x18\x05 \x01(\t\x12\x16\n\x0eserved_variant\x18\x06 \x01(\t*W\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMETHOD_INTEGRATED_GRADIENTS\x10\x01\x12\x14\n\x10METHOD_OCCLUSION\x10\x02\x32p\n\x10\x45xplainerService\x12\\\n\x07\x45xplain\x12&.infermesh.explainer.v1.ExplainRequest\x1a\'.infermesh.explainer.v1.ExplainResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65xplainer.proto\x12\x16infermesh.explainer.v1\"\xad\x01\n\x0e\x45xplainRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12.\n\x06method\x18\x02 \x01(\x0e\x32\x1e.infermesh.explainer.v1.Method\x12\x14\n\x0ctarget_label\x18\x03 \x01(\t\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0c\n\x04head\x18\x07 \x01(\t\"Z\n\x05Token\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nword_index\x18\x04 \x01(\x05\x12\x13\n\x0b\x61ttribution\x18\x05 \x01(\x02\"E\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x13\n\x0b\x61ttribution\x18\x04 \x01(\x02\"\x91\x01\n\x0c\x46\x61ithfulness\x12\x13\n\x0btop_percent\x18\x01 \x01(\x02\x12\x19\n\x11\x63omprehensiveness\x18\x02 \x01(\x02\x12\x13\n\x0bsufficiency\x18\x03 \x01(\x02\x12 \n\x18random_comprehensiveness\x18\x04 \x01(\x02\x12\x1a\n\x12random_sufficiency\x18\x05 \x01(\x02\"\xd0\x02\n\x10\x43hunkExplanation\x12\x12\n\nchar_start\x18\x01 \x01(\r\x12\x10\n\x08\x63har_end\x18\x02 \x01(\r\x12-\n\x06tokens\x18\x03 \x03(\x0b\x32\x1d.infermesh.explainer.v1.Token\x12+\n\x05words\x18\x04 \x03(\x0b\x32\x1c.infermesh.explainer.v1.Word\x12:\n\x0c\x66\x61ithfulness\x18\x05 \x03(\x0b\x32$.infermesh.explainer.v1.Faithfulness\x12\x1a\n\x12target_probability\x18\x06 \x01(\x02\x12\x18\n\x10\x63ompleteness_gap\x18\x07 \x01(\x02\x12(\n\x1bgradient_target_probability\x18\x08 \x01(\x02H\x00\x88\x01\x01\x42\x1e\n\x1c_gradient_target_probability\"\xdb\x03\n\x0b\x45xplanation\x12\r\n\x05label\x18\x01 \x01(\t\x12M\n\rprobabilities\x18\x02 \x03(\x0b\x32\x36.infermesh.explainer.v1.Explanation.ProbabilitiesEntry\x12\x14\n\x0ctarget_label\x18\x03 \x01(\t\x12\x38\n\x06\x63hunks\x18\x04 \x03(\x0b\x32(.infermesh.explainer.v1.ChunkExplanation\x12\x16\n\x0e\x64\x65\x63iding_chunk\x18\x05 \x01(\r\x12\x16\n\x0egradient_label\x18\x06 \x01(\t\x12^\n\x16gradient_probabilities\x18\x07 \x03(\x0b\x32>.infermesh.explainer.v1.Explanation.GradientProbabilitiesEntry\x12\x1a\n\x12gradients_disagree\x18\x08 \x01(\x08\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a<\n\x1aGradientProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xfc\x01\n\x0f\x45xplainResponse\x12\x39\n\x0c\x65xplanations\x18\x01 \x03(\x0b\x32#.infermesh.explainer.v1.Explanation\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12.\n\x06method\x18\x04 \x01(\x0e\x32\x1e.infermesh.explainer.v1.Method\x12\x19\n\x11\x61ttribution_model\x18\x05 \x01(\t\x12\x16\n\x0eserved_variant\x18\x06 \x01(\t\x12\x0c\n\x04head\x18\x07 \x01(\t\x12\x12\n\nactivation\x18\x08 \x01(\t*W\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMETHOD_INTEGRATED_GRADIENTS\x10\x01\x12\x14\n\x10METHOD_OCCLUSION\x10\x02\x32p\n\x10\x45xplainerService\x12\\\n\x07\x45xplain\x12&.infermesh.explainer.v1.ExplainRequest\x1a\'.infermesh.explainer.v1.ExplainResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPLANATION_PROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_EXPLANATION_GRADIENTPROBABILITIESENTRY']._loaded_options = None
   _globals['_EXPLANATION_GRADIENTPROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_METHOD']._serialized_start=1554
-  _globals['_METHOD']._serialized_end=1641
+  _globals['_METHOD']._serialized_start=1602
+  _globals['_METHOD']._serialized_end=1689
   _globals['_EXPLAINREQUEST']._serialized_start=44
-  _globals['_EXPLAINREQUEST']._serialized_end=203
-  _globals['_TOKEN']._serialized_start=205
-  _globals['_TOKEN']._serialized_end=295
-  _globals['_WORD']._serialized_start=297
-  _globals['_WORD']._serialized_end=366
-  _globals['_FAITHFULNESS']._serialized_start=369
-  _globals['_FAITHFULNESS']._serialized_end=514
-  _globals['_CHUNKEXPLANATION']._serialized_start=517
-  _globals['_CHUNKEXPLANATION']._serialized_end=853
-  _globals['_EXPLANATION']._serialized_start=856
-  _globals['_EXPLANATION']._serialized_end=1331
-  _globals['_EXPLANATION_PROBABILITIESENTRY']._serialized_start=1217
-  _globals['_EXPLANATION_PROBABILITIESENTRY']._serialized_end=1269
-  _globals['_EXPLANATION_GRADIENTPROBABILITIESENTRY']._serialized_start=1271
-  _globals['_EXPLANATION_GRADIENTPROBABILITIESENTRY']._serialized_end=1331
-  _globals['_EXPLAINRESPONSE']._serialized_start=1334
-  _globals['_EXPLAINRESPONSE']._serialized_end=1552
-  _globals['_EXPLAINERSERVICE']._serialized_start=1643
-  _globals['_EXPLAINERSERVICE']._serialized_end=1755
+  _globals['_EXPLAINREQUEST']._serialized_end=217
+  _globals['_TOKEN']._serialized_start=219
+  _globals['_TOKEN']._serialized_end=309
+  _globals['_WORD']._serialized_start=311
+  _globals['_WORD']._serialized_end=380
+  _globals['_FAITHFULNESS']._serialized_start=383
+  _globals['_FAITHFULNESS']._serialized_end=528
+  _globals['_CHUNKEXPLANATION']._serialized_start=531
+  _globals['_CHUNKEXPLANATION']._serialized_end=867
+  _globals['_EXPLANATION']._serialized_start=870
+  _globals['_EXPLANATION']._serialized_end=1345
+  _globals['_EXPLANATION_PROBABILITIESENTRY']._serialized_start=1231
+  _globals['_EXPLANATION_PROBABILITIESENTRY']._serialized_end=1283
+  _globals['_EXPLANATION_GRADIENTPROBABILITIESENTRY']._serialized_start=1285
+  _globals['_EXPLANATION_GRADIENTPROBABILITIESENTRY']._serialized_end=1345
+  _globals['_EXPLAINRESPONSE']._serialized_start=1348
+  _globals['_EXPLAINRESPONSE']._serialized_end=1600
+  _globals['_EXPLAINERSERVICE']._serialized_start=1691
+  _globals['_EXPLAINERSERVICE']._serialized_end=1803
 # @@protoc_insertion_point(module_scope)

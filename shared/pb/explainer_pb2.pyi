@@ -60,6 +60,7 @@ class ExplainRequest(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
     method: Global___Method.ValueType
     target_label: _builtins.str
     """Label to explain; empty means each text's predicted label."""
@@ -69,6 +70,13 @@ class ExplainRequest(_message.Message):
     """
     model_name: _builtins.str
     model_version: _builtins.str
+    head: _builtins.str
+    """The head to explain, for a version with several classification heads over one encoder
+    (GET /v1/models lists them); empty means the version's primary head. Labels, probabilities,
+    attributions and faithfulness figures are that head's alone (its activation and
+    temperature; a sigmoid head explains target_label's own probability), and target_label
+    must be one of its labels. A head the version lacks: INVALID_ARGUMENT naming its heads.
+    """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -80,10 +88,11 @@ class ExplainRequest(_message.Message):
         steps: _builtins.int = ...,
         model_name: _builtins.str = ...,
         model_version: _builtins.str = ...,
+        head: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "model_name", b"model_name", "model_version", b"model_version", "steps", b"steps", "target_label", b"target_label", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "method", b"method", "model_name", b"model_name", "model_version", b"model_version", "steps", b"steps", "target_label", b"target_label", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,6 +345,8 @@ class ExplainResponse(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     ATTRIBUTION_MODEL_FIELD_NUMBER: _builtins.int
     SERVED_VARIANT_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    ACTIVATION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     model_version: _builtins.str
     method: Global___Method.ValueType
@@ -349,6 +360,12 @@ class ExplainResponse(_message.Message):
     "torch fp32", ...; "unknown" when it does not say): labels, probabilities, occlusion
     and every faithfulness figure come from it.
     """
+    head: _builtins.str
+    """The head explained (its name; the primary head's when the request named none)."""
+    activation: _builtins.str
+    """That head's activation: "softmax" (probabilities sum to 1 over its labels) or "sigmoid"
+    (each label's probability stands alone).
+    """
     @_builtins.property
     def explanations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Explanation]: ...
     def __init__(
@@ -360,10 +377,12 @@ class ExplainResponse(_message.Message):
         method: Global___Method.ValueType = ...,
         attribution_model: _builtins.str = ...,
         served_variant: _builtins.str = ...,
+        head: _builtins.str = ...,
+        activation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution_model", b"attribution_model", "explanations", b"explanations", "method", b"method", "model_name", b"model_name", "model_version", b"model_version", "served_variant", b"served_variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation", b"activation", "attribution_model", b"attribution_model", "explanations", b"explanations", "head", b"head", "method", b"method", "model_name", b"model_name", "model_version", b"model_version", "served_variant", b"served_variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

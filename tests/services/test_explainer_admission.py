@@ -5,7 +5,6 @@ explanation says about the weights it was computed on."""
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import threading
@@ -32,13 +31,15 @@ from services.explainer.versions import UNKNOWN, ExplainerVersions, describe_ser
 from services.inference.converters import BACKEND_METADATA_KEY, VARIANT_METADATA_KEY
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
-from services.tokenizer.core import Tokenizer, TokenizerLimits
+from services.tokenizer.api import Tokenizer, version_tokenizer
 from shared.errors import DeadlineExceeded, Overloaded
 from shared.grpc_server import RunningServer, start_server
+from shared.model_repository import Head, ModelConfig, ModelRepository
 from shared.pb import explainer_pb2 as pb
 from shared.pb import explainer_pb2_grpc as pb_grpc
 from shared.pb import grpc_predict_v2_pb2 as infer_pb
 from shared.settings import BaseServiceSettings
+from tests.conftest import VERSION_2_TEMPERATURE
 from tests.gateway.conftest import client_for, settings_for_targets
 from tests.reliability import Observed
 
@@ -67,14 +68,18 @@ async def eventually(condition: Any, seconds: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="module")
+def heads(built_model: Path) -> list[Head]:
+    return ModelConfig.model_validate_json((built_model / "config.json").read_text()).heads
+
+
+@pytest.fixture(scope="module")
 def gradients(built_model: Path) -> IntegratedGradients:
-    config = json.loads((built_model / "config.json").read_text())
-    return IntegratedGradients(built_model / "hf", config["temperature"])
+    return IntegratedGradients(built_model / "hf")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(built_model: Path) -> Tokenizer:
-    return Tokenizer(built_model / "tokenizer.json", "finance-sentiment", TokenizerLimits(128, 32, 8, 20_000))
+    return version_tokenizer(ModelRepository(built_model.parent.parent), built_model.parent.name, "1", 8, 20_000)
 
 
 class FixedModel:
@@ -84,8 +89,11 @@ class FixedModel:
         self.row = np.array(row, dtype=np.float64)
         self.calls = 0
 
-    async def probabilities(self, sequences: Sequence[Sequence[int]], timeout: float) -> npt.NDArray[np.float64]:
+    async def probabilities(
+        self, sequences: Sequence[Sequence[int]], timeout: float, head: Head
+    ) -> npt.NDArray[np.float64]:
         self.calls += 1
+        assert len(self.row) == len(head.labels)
         return np.tile(self.row, (len(sequences), 1))
 
 
@@ -95,9 +103,14 @@ class FixedModel:
     ids=["served model says positive", "served model says negative"],
 )
 async def test_integrated_gradients_flag_a_served_label_their_weights_disagree_with(
-    tokenizer: Tokenizer, gradients: IntegratedGradients, served: list[float], label: str, disagree: bool
+    tokenizer: Tokenizer,
+    gradients: IntegratedGradients,
+    heads: list[Head],
+    served: list[float],
+    label: str,
+    disagree: bool,
 ) -> None:
-    explainer = Explainer(tokenizer, FixedModel(served), gradients, LABELS)
+    explainer = Explainer(tokenizer, FixedModel(served), gradients, heads)
     (explanation,) = await explainer.explain([NEGATIVE], Method.INTEGRATED_GRADIENTS, steps=32)
     assert explanation.label == label
     assert explanation.gradient_label == "negative", explanation.gradient_probabilities
@@ -110,18 +123,20 @@ async def test_integrated_gradients_flag_a_served_label_their_weights_disagree_w
 
 
 async def test_occlusion_reports_the_served_model_and_no_gradient_figures(
-    tokenizer: Tokenizer, gradients: IntegratedGradients
+    tokenizer: Tokenizer, gradients: IntegratedGradients, heads: list[Head]
 ) -> None:
-    explainer = Explainer(tokenizer, FixedModel(SAYS_POSITIVE), gradients, LABELS)
+    explainer = Explainer(tokenizer, FixedModel(SAYS_POSITIVE), gradients, heads)
     (explanation,) = await explainer.explain([NEGATIVE], Method.OCCLUSION)
     assert explanation.gradient_label == "" and explanation.gradient_probabilities == {}
     assert not explanation.gradients_disagree and explanation.chunks[0].gradient_target_probability is None
     assert explainer.attribution_model(Method.OCCLUSION, "int8") == "served int8 (inference service)"
 
 
-async def test_work_whose_deadline_is_gone_does_not_start(tokenizer: Tokenizer, gradients: IntegratedGradients) -> None:
+async def test_work_whose_deadline_is_gone_does_not_start(
+    tokenizer: Tokenizer, gradients: IntegratedGradients, heads: list[Head]
+) -> None:
     model = FixedModel(SAYS_NEGATIVE)
-    explainer = Explainer(tokenizer, model, gradients, LABELS)
+    explainer = Explainer(tokenizer, model, gradients, heads)
     plan = await explainer.prepare([NEGATIVE], Method.INTEGRATED_GRADIENTS)
     with pytest.raises(DeadlineExceeded, match="had passed before the explanation started"):
         await explainer.run(plan, timeout_seconds=0)
@@ -144,10 +159,10 @@ def gradient_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[GradientCal
     original_probability = IntegratedGradients._target_probability
     original_attribute = IntegratedGradients.attribute
 
-    def counting(self: IntegratedGradients, embeddings: Any, target: int) -> Any:
+    def counting(self: IntegratedGradients, embeddings: Any, head: Head, target: int) -> Any:
         if embeddings.requires_grad:
             calls[-1].passes += 1
-        return original_probability(self, embeddings, target)
+        return original_probability(self, embeddings, head, target)
 
     def attribute(self: IntegratedGradients, *args: Any, **kwargs: Any) -> Any:
         call = GradientCall()
@@ -166,19 +181,20 @@ def gradient_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[GradientCal
 
 
 def test_integrated_gradients_stop_at_the_deadline_or_when_told(
-    gradients: IntegratedGradients, gradient_calls: list[GradientCall]
+    gradients: IntegratedGradients, heads: list[Head], gradient_calls: list[GradientCall]
 ) -> None:
     ids = [101, 2000, 2001, 2002, 102]
     special = [True, False, False, False, True]
+    head = heads[0]
     with pytest.raises(DeadlineExceeded, match="during integrated gradients"):
-        gradients.attribute(ids, special, 0, 256, deadline=time.monotonic() - 1)
+        gradients.attribute(ids, special, head, 0, 256, deadline=time.monotonic() - 1)
     stop = threading.Event()
     stop.set()
     with pytest.raises(Abandoned):
-        gradients.attribute(ids, special, 0, 256, stop=stop)
+        gradients.attribute(ids, special, head, 0, 256, stop=stop)
     # A call waiting for the model while another holds it gives up at its deadline too.
     with gradients._lock, pytest.raises(DeadlineExceeded):
-        gradients.attribute(ids, special, 0, 256, deadline=time.monotonic() + 0.2)
+        gradients.attribute(ids, special, head, 0, 256, deadline=time.monotonic() + 0.2)
     assert [(call.passes, call.raised) for call in gradient_calls] == [(0, True)] * 3
 
 
@@ -249,12 +265,19 @@ async def test_a_call_whose_deadline_passes_while_it_waits_never_starts() -> Non
 
 
 class FakeInference:
-    """An inference service that answers fixed probabilities once `gate` is open, and
+    """An inference service that answers fixed probabilities once `gate` is open (and, for
+    `logits`, logits that calibrate to them at `temperature`, the default version's), and
     ModelMetadata with the headers ours sends naming what serves (`served`; None: answers
     no ModelMetadata at all)."""
 
-    def __init__(self, row: list[float], served: tuple[tuple[str, str], ...] | None = None) -> None:
+    def __init__(
+        self,
+        row: list[float],
+        served: tuple[tuple[str, str], ...] | None = None,
+        temperature: float = VERSION_2_TEMPERATURE,
+    ) -> None:
         self.row = np.array(row, dtype=np.float32)
+        self.temperature = temperature
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = 0
@@ -281,15 +304,13 @@ class FakeInference:
         finally:
             self.waiting -= 1
         rows = int(request.inputs[0].shape[0])
-        out = np.tile(self.row, (rows, 1))
+        (asked,) = [output.name for output in request.outputs] or ["probabilities"]
+        row = np.log(self.row) * self.temperature if asked == "logits" else self.row
+        out = np.tile(row, (rows, 1))
         return infer_pb.ModelInferResponse(
             model_name=request.model_name,
             model_version=request.model_version,
-            outputs=[
-                infer_pb.ModelInferResponse.InferOutputTensor(
-                    name="probabilities", datatype="FP32", shape=list(out.shape)
-                )
-            ],
+            outputs=[infer_pb.ModelInferResponse.InferOutputTensor(name=asked, datatype="FP32", shape=list(out.shape))],
             raw_output_contents=[out.astype("<f4").tobytes()],
         )
 
