@@ -85,7 +85,7 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
         "A three-class (negative / neutral / positive) sentiment classifier for English finance",
         "headlines and posts"
         + (
-            ", with a second head over the same encoder that names the text's topic (20 finance topics):"
+            ", with a second head over the same encoder that names the text's topic (20 finance topics);"
             if two_heads
             else ","
         )
@@ -132,7 +132,7 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
         ]
         lines += figure_tables(news)
     if topic is not None:
-        default = topic["variants"][topic["default_variant"]]
+        default = topic["variants"][topic.get("default_variant", "int8")]
         lines += [
             "",
             f"## Topic: validation figures ({topic['examples']:,} examples of `{topic['data']}`,"
@@ -140,7 +140,7 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
             "",
             f"Anchor: fully fine-tuned BERT-base models report about {_pct(TOPIC_ANCHOR_ACCURACY)} accuracy on this"
             f" set; this head, on a 6-layer encoder a fifth of that size sharing its pass with sentiment, reaches"
-            f" {_pct(default['accuracy'])} ({topic['default_variant']}).",
+            f" {_pct(default['accuracy'])} ({topic.get('default_variant', 'int8')}).",
         ]
         lines += figure_tables(topic)
     lines += [
