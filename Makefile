@@ -93,6 +93,7 @@ run: model
 	$(VENV)/bin/infermesh run --repository $(MODEL_REPOSITORY)
 
 # ARGS=--gpu: the GPU table instead (torch, ONNX Runtime CUDA, TensorRT on an NVIDIA GPU).
+# ARGS=--heads-only: only the several-heads rows (benchmarks/heads.py, docs/benchmarks.md).
 bench: model
 	$(PY) -m benchmarks.e2e --repository $(MODEL_REPOSITORY) --model $(MODEL_NAME) $(ARGS)
 

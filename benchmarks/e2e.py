@@ -7,9 +7,13 @@
    model's GFLOP per headline and the inference service's resident memory;
 4. the cost of tracing: the mesh above exports every span over OTLP to a receiver in this
    process (default sampling, as `make run` does); a second mesh with the OpenTelemetry SDK
-   disabled runs beside it, and the two take turns on the same workloads.
+   disabled runs beside it, and the two take turns on the same workloads;
+5. a version with several heads against single-head slices of it (benchmarks/heads.py):
+   both tasks in one call against two single-head calls, and against today's one-head
+   model; skipped, with the reason printed, for a version with one head.
 
 Usage: python -m benchmarks.e2e [--repository models] [--model finance-sentiment]
+       python -m benchmarks.e2e --heads-only   (5. alone)
 """
 
 from __future__ import annotations
@@ -642,6 +646,21 @@ def run_mesh_benchmarks(
     return rows, memory, lags, tracing
 
 
+def bench_heads(repository: Path, model: str, headlines: list[str], rounds: int) -> dict[str, object]:
+    """The several-heads rows (benchmarks/heads.py), printed; or the reason they are skipped."""
+    import tempfile
+
+    from benchmarks import heads
+
+    with tempfile.TemporaryDirectory(prefix="infermesh-heads-") as scratch:
+        result = heads.run(repository, model, headlines, Path(scratch), rounds)
+    if isinstance(result, str):
+        print(f"several heads in one pass: skipped: {result}")
+    else:
+        print("\n".join(heads.render(result)))
+    return heads.as_json(result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repository", type=Path, default=Path("models"))
@@ -651,6 +670,12 @@ def main() -> None:
     parser.add_argument(
         "--gpu", action="store_true", help="only the GPU table: every backend on the model alone, on CUDA"
     )
+    parser.add_argument(
+        "--heads-only",
+        action="store_true",
+        help="only the several-heads rows: the version's heads in one pass against single-head slices of it",
+    )
+    parser.add_argument("--heads-rounds", type=int, default=3, help="alternating rounds of the several-heads rows")
     args = parser.parse_args()
     if args.gpu:
         from benchmarks.gpu import run as run_gpu_table
@@ -662,6 +687,12 @@ def main() -> None:
     config = repository.config(args.model)
     folder = repository.path(args.model, config.version)
     headlines = make_headlines(folder / "tokenizer.json", args.headlines)
+    if args.heads_only:
+        print(read_cpu().describe())
+        heads = bench_heads(args.repository, args.model, headlines, args.heads_rounds)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name("heads.json").write_text(json.dumps(heads, indent=2))
+        return
     batched = [headlines[i : i + 32] for i in range(0, len(headlines), 32)]
     counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
     counter.no_padding()
@@ -744,11 +775,14 @@ def main() -> None:
             f"  {cost.workload:<34} on {cost.on_per_second:7.1f}/s  off {cost.off_per_second:7.1f}/s  "
             f"overhead {cost.overhead * 100:5.1f}%  ({cost.spans_exported} spans exported)"
         )
+    print()
+    heads = bench_heads(args.repository, args.model, headlines, args.heads_rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "rows": [asdict(r) for r in rows],
+                "heads": heads,
                 "gemm_gflops": gflops,
                 "gflop_per_headline": per_headline,
                 "mean_tokens": mean_tokens,

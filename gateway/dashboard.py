@@ -24,8 +24,12 @@ from shared.messages import (
     DLQ_TOPIC,
     NEWS_TOPIC,
     SENTIMENT_TOPIC,
+    TOPIC_ALERTS_TOPIC,
+    TOPIC_WINDOWS_TOPIC,
     WINDOWS_TOPIC,
     Alert,
+    TopicAlert,
+    TopicWindow,
     WindowAggregate,
 )
 
@@ -35,18 +39,31 @@ PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
 
 #: The topics the feed follows.
-TOPICS = (WINDOWS_TOPIC, ALERTS_TOPIC, SENTIMENT_TOPIC, DLQ_TOPIC, NEWS_TOPIC)
+TOPICS = (
+    WINDOWS_TOPIC,
+    ALERTS_TOPIC,
+    TOPIC_WINDOWS_TOPIC,
+    TOPIC_ALERTS_TOPIC,
+    SENTIMENT_TOPIC,
+    DLQ_TOPIC,
+    NEWS_TOPIC,
+)
+
+#: Entries of a window's mix (topics of a ticker, tickers of a topic) the summary keeps.
+MIX_ENTRIES = 5
 
 #: Seconds of throughput `scored_per_second` averages over.
 RATE_SECONDS = 10
 
 
 class DashboardFeed:
-    """A bounded summary of windows, alerts, throughput and lag; thread-safe snapshots.
+    """A bounded summary of ticker and topic windows, their alerts, throughput and lag;
+    thread-safe snapshots.
 
     Sized for many gateway replicas, each with its own feed: a partition is read from
     `history_records` before its high watermark, never from the earliest offset, and the
-    summary keeps a bounded number of tickers, windows and alerts. The high watermark comes
+    summary keeps a bounded number of tickers, topics, windows and alerts (topics are
+    bounded like tickers, by `max_tickers` and `windows_per_ticker`). The high watermark comes
     from the first fetch of the partition (`consumer.highwater`), not from `end_offsets`,
     `seek_to_end` or `offsets_for_times`, which the embedded broker answers wrongly."""
 
@@ -59,7 +76,10 @@ class DashboardFeed:
         self._lock = threading.Lock()
         self._windows: dict[str, dict[str, dict[str, Any]]] = {}
         self._newest: dict[str, str] = {}  # ticker: start of its newest window
+        self._topics: dict[str, dict[str, dict[str, Any]]] = {}
+        self._topic_newest: dict[str, str] = {}  # topic: start of its newest window
         self._alerts: deque[dict[str, Any]] = deque(maxlen=self._settings.alerts)
+        self._topic_alerts: deque[dict[str, Any]] = deque(maxlen=self._settings.alerts)
         # (whole monotonic second, records scored live in it): RATE_SECONDS + 1 entries at most.
         self._scored_per_second: deque[list[int]] = deque(maxlen=RATE_SECONDS + 1)
         self._scored_total = 0
@@ -91,7 +111,12 @@ class DashboardFeed:
                     ticker: sorted(windows.values(), key=lambda w: str(w["start"]))
                     for ticker, windows in sorted(self._windows.items())
                 },
+                "topics": {
+                    topic: sorted(windows.values(), key=lambda w: str(w["start"]))
+                    for topic, windows in sorted(self._topics.items())
+                },
                 "alerts": list(reversed(self._alerts)),
+                "topic_alerts": list(reversed(self._topic_alerts)),
                 "scored_total": self._scored_total,
                 "scored_per_second": recent / RATE_SECONDS,
                 "dead_letters": self._dead_letters,
@@ -180,24 +205,46 @@ class DashboardFeed:
                         self._add_window(WindowAggregate.model_validate_json(record.value))
                     elif topic == ALERTS_TOPIC:
                         self._alerts.append(json.loads(Alert.model_validate_json(record.value).model_dump_json()))
+                    elif topic == TOPIC_WINDOWS_TOPIC:
+                        self._add_topic_window(TopicWindow.model_validate_json(record.value))
+                    elif topic == TOPIC_ALERTS_TOPIC:
+                        alert = TopicAlert.model_validate_json(record.value)
+                        self._topic_alerts.append(json.loads(alert.model_dump_json()))
                 except ValidationError:
                     logger.warning("unreadable record on %s", topic)
 
     def _add_window(self, window: WindowAggregate) -> None:
-        start = window.window_start.isoformat()
-        windows = self._windows.setdefault(window.ticker, {})
-        windows[window.id] = {
-            "start": start,
-            "count": window.count,
-            "mean_score": round(window.mean_score, 4),
-            "share_negative": round(window.share_negative, 4),
+        entry = _summary(window) | {
+            "topics": dict(list(window.topics.items())[:MIX_ENTRIES]),
+            "negative_topics": dict(list(window.negative_topics.items())[:MIX_ENTRIES]),
         }
-        self._newest[window.ticker] = max(start, self._newest.get(window.ticker, start))
+        self._keep(self._windows, self._newest, window.ticker, window.id, entry)
+
+    def _add_topic_window(self, window: TopicWindow) -> None:
+        entry = _summary(window) | {
+            "tickers": dict(list(window.tickers.items())[:MIX_ENTRIES]),
+            "without_ticker": window.without_ticker,
+        }
+        self._keep(self._topics, self._topic_newest, window.topic, window.id, entry)
+
+    def _keep(
+        self,
+        store: dict[str, dict[str, dict[str, Any]]],
+        newest: dict[str, str],
+        key: str,
+        window_id: str,
+        entry: dict[str, Any],
+    ) -> None:
+        """Keeps a window of `key` (a ticker or a topic), bounded per key and in keys."""
+        start = str(entry["start"])
+        windows = store.setdefault(key, {})
+        windows[window_id] = entry
+        newest[key] = max(start, newest.get(key, start))
         while len(windows) > self._settings.windows_per_ticker:
-            del windows[min(windows, key=lambda key: str(windows[key]["start"]))]
-        while len(self._windows) > self._settings.max_tickers:
-            stalest = min(self._newest, key=lambda ticker: self._newest[ticker])
-            del self._windows[stalest], self._newest[stalest]
+            del windows[min(windows, key=lambda old: str(windows[old]["start"]))]
+        while len(store) > self._settings.max_tickers:
+            stalest = min(newest, key=lambda old: newest[old])
+            del store[stalest], newest[stalest]
 
     def _scorer_lag(self, consumer: KafkaConsumer, admin: KafkaAdminClient) -> int | None:
         """Records on finance.news.v1 the scoring group has not committed yet."""
@@ -207,6 +254,15 @@ class DashboardFeed:
         offsets = admin.list_group_offsets({self._scorer_group: None}).get(self._scorer_group, {})
         committed = {p: o.offset for p, o in offsets.items() if p.topic == NEWS_TOPIC}
         return int(sum(max(0, (end or 0) - committed.get(p, 0)) for p, end in ends.items()))
+
+
+def _summary(window: WindowAggregate | TopicWindow) -> dict[str, Any]:
+    return {
+        "start": window.window_start.isoformat(),
+        "count": window.count,
+        "mean_score": round(window.mean_score, 4),
+        "share_negative": round(window.share_negative, 4),
+    }
 
 
 router = APIRouter(include_in_schema=False)

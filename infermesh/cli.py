@@ -272,6 +272,7 @@ def finetune(
     lora_rank: Annotated[int, typer.Option(min=1)] = 8,
     max_length: Annotated[int, typer.Option(min=8, max=512, help="Tokens per training text.")] = 64,
     seed: Annotated[int, typer.Option(help="Same seed, data and machine give the same weights.")] = 13,
+    languages: Annotated[str, typer.Option(help="Comma-separated languages the model is for.")] = "en",
 ) -> None:
     """Fine-tune LoRA adapters and a head on your labelled data into a new model version."""
     from infermesh.model.data import parse_label_map
@@ -299,7 +300,10 @@ def finetune(
             lora_alpha=2 * lora_rank,
             max_length=max_length,
         )
-        target = run_finetune(spec, repository, model, version, config)
+        codes = [code.strip() for code in languages.split(",") if code.strip()]
+        if not codes:
+            raise ValueError("give at least one language (--languages en,de)")
+        target = run_finetune(spec, repository, model, version, config, codes)
     metrics = json.loads((target / "metrics.json").read_text())
     default = metrics["variants"][metrics["default_variant"]]
     typer.echo(

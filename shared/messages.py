@@ -5,10 +5,16 @@ Topics (all JSON, UTF-8):
 - `finance.sentiment.v1`: ScoredItem, one per (item, ticker), keyed by ticker.
 - `finance.sentiment.windows.v1`: WindowAggregate, keyed by ticker.
 - `finance.alerts.v1`: Alert, keyed by ticker.
+- `finance.sentiment.topics.v1`: ScoredItem, one per item whose version has a topic head,
+  keyed by topic: the repartition the per-topic windows read (a topic's items from every
+  ticker, and from none, in one partition).
+- `finance.topics.windows.v1`: TopicWindow, keyed by topic.
+- `finance.topics.alerts.v1`: TopicAlert, keyed by topic.
 - `finance.news.v1.dlq`: the original bytes of poison records, reasons in headers (also
   unreadable records of the monitor's own topics, with their source topic).
 Every output carries a deterministic `id`, so consumers can drop duplicates that
-at-least-once delivery may produce.
+at-least-once delivery may produce. The `.v1` records only ever gain optional fields, so
+readers of older records (and older readers of newer ones) keep working.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ NEWS_TOPIC = "finance.news.v1"
 SENTIMENT_TOPIC = "finance.sentiment.v1"
 WINDOWS_TOPIC = "finance.sentiment.windows.v1"
 ALERTS_TOPIC = "finance.alerts.v1"
+TOPIC_SENTIMENT_TOPIC = "finance.sentiment.topics.v1"
+TOPIC_WINDOWS_TOPIC = "finance.topics.windows.v1"
+TOPIC_ALERTS_TOPIC = "finance.topics.alerts.v1"
 DLQ_TOPIC = f"{NEWS_TOPIC}.dlq"
 
 TICKER_PATTERN = (
@@ -91,6 +100,15 @@ class ScoredItem(BaseModel):
     (`scores` in its config.json); P(positive) - P(negative), in [-1, 1], for sentiment."""
     model_name: str
     model_version: str
+    topic: str | None = None
+    """The top label of the version's topic head (`INFERMESH_WORKER_TOPIC_HEAD`, default
+    `topic`); None when the version has no such head, or it abstained."""
+    topic_probabilities: dict[str, float] = Field(default_factory=dict)
+    """The topic head's calibrated probabilities; empty without a topic head."""
+    tickers: list[str] = Field(default_factory=list)
+    """Every ticker the item was attributed to (the records of one item on
+    `finance.sentiment.v1` share it; on `finance.sentiment.topics.v1`, where `ticker` is
+    None, it is the item's ticker mix)."""
 
 
 class HeadlineEvidence(BaseModel):
@@ -99,6 +117,8 @@ class HeadlineEvidence(BaseModel):
     item_id: str
     headline: str
     negative_probability: float
+    tickers: list[str] = Field(default_factory=list)
+    """The item's tickers (topic windows' evidence; empty in ticker windows)."""
 
 
 class WindowAggregate(BaseModel):
@@ -115,6 +135,16 @@ class WindowAggregate(BaseModel):
     mean_score: float
     share_negative: Annotated[float, Field(ge=0.0, le=1.0)]
     top_negative: list[HeadlineEvidence]
+    topics: dict[str, int] = Field(default_factory=dict)
+    """The topic mix: items per topic (items without a topic are not in it), so a reader
+    sees why a ticker turned negative (mostly `Legal | Regulation`)."""
+    negative_topics: dict[str, int] = Field(default_factory=dict)
+    """Negative items per topic."""
+
+    @property
+    def key(self) -> str:
+        """What the window is about: its ticker."""
+        return self.ticker
 
 
 class Alert(BaseModel):
@@ -128,6 +158,50 @@ class Alert(BaseModel):
     baseline_stddev: float
     baseline_windows: int
     z_score: float
+
+
+class TopicWindow(BaseModel):
+    """One closed window of one topic across tickers (items naming no ticker count too)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    """`<topic>:<window start, RFC 3339>`."""
+    topic: str
+    window_start: EventTime
+    window_end: EventTime
+    count: Annotated[int, Field(ge=0)]
+    mean_score: float
+    share_negative: Annotated[float, Field(ge=0.0, le=1.0)]
+    top_negative: list[HeadlineEvidence]
+    """The most negative headlines, each with its tickers."""
+    tickers: dict[str, int] = Field(default_factory=dict)
+    """Items per ticker named (an item naming two counts for both)."""
+    negative_tickers: dict[str, int] = Field(default_factory=dict)
+    """Negative items per ticker named."""
+    without_ticker: Annotated[int, Field(ge=0)] = 0
+    """Items naming no ticker."""
+
+    @property
+    def key(self) -> str:
+        """What the window is about: its topic."""
+        return self.topic
+
+
+class TopicAlert(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    """`<topic>:<window start>`: one window raises at most one alert."""
+    topic: str
+    window: TopicWindow
+    baseline_share_negative: float
+    baseline_stddev: float
+    baseline_windows: int
+    z_score: float
+    largest_ticker_share: Annotated[float, Field(ge=0.0, le=1.0)]
+    """Share of the window's negative items that name its most-named ticker (0 when none
+    names one): a topic alert needs the news to be broader than one company."""
 
 
 class PoisonRecord(Exception):
@@ -181,6 +255,28 @@ def decode_internal(model: type[Model], value: bytes | None) -> Model:
             raise PoisonRecord("not-json", first["msg"]) from None
         where = ".".join(str(part) for part in first["loc"]) or "record"
         raise PoisonRecord("schema", f"{where}: {first['msg']}") from None
+
+
+def record_json_schema(model: type[BaseModel], topic: str) -> dict[str, Any]:
+    """The published JSON Schema of the records of one output topic (docs/schemas/)."""
+    schema = model.model_json_schema()
+    schema["title"] = topic
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://infermesh.dev/schemas/{topic}.json"
+    return schema
+
+
+def output_json_schemas() -> dict[str, dict[str, Any]]:
+    """Per output topic, the JSON Schema of its records (docs/schemas/<topic>.json)."""
+    models: dict[str, type[BaseModel]] = {
+        SENTIMENT_TOPIC: ScoredItem,
+        WINDOWS_TOPIC: WindowAggregate,
+        ALERTS_TOPIC: Alert,
+        TOPIC_SENTIMENT_TOPIC: ScoredItem,
+        TOPIC_WINDOWS_TOPIC: TopicWindow,
+        TOPIC_ALERTS_TOPIC: TopicAlert,
+    }
+    return {topic: record_json_schema(model, topic) for topic, model in models.items()}
 
 
 def news_json_schema() -> dict[str, Any]:

@@ -172,11 +172,7 @@ class ModelConfig(BaseModel):
     @property
     def heads(self) -> list[Head]:
         """Every head, primary first, with its columns in the graph's `logits`."""
-        heads = [
-            Head(
-                self.head, self.labels, self.activation, self.temperature, self.thresholds, self.scores, 0, True
-            )
-        ]
+        heads = [Head(self.head, self.labels, self.activation, self.temperature, self.thresholds, self.scores, 0, True)]
         for extra in self.extra_heads:
             heads.append(
                 Head(

@@ -68,6 +68,7 @@ def finetuned(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
             *("--train", str(train), "--valid", str(valid), "--model", MODEL),
             *("--repository", str(repository), "--text-column", "headline", "--label-column", "tone"),
             *("--epochs", "4", "--batch-size", "8", "--learning-rate", "0.003", "--max-length", "32"),
+            *("--languages", "en,de"),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -81,6 +82,7 @@ def test_finetune_writes_a_complete_version_with_figures_and_a_card(finetuned: P
     config = json.loads((version / "config.json").read_text())
     assert config["labels"] == ["bearish", "bullish"]
     assert config["outputs"][0]["shape"] == [-1, 2]
+    assert config["languages"] == ["en", "de"], "--languages is what the version declares it reads"
     for artifact in ("model.fp32.onnx", "model.int8.onnx", "tokenizer.json", "adapter/adapter_model.safetensors"):
         assert (version / artifact).is_file(), artifact
     metrics = json.loads((version / "metrics.json").read_text())

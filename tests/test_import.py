@@ -309,16 +309,15 @@ async def test_multi_label_model_is_served_with_sigmoid_and_several_labels(
     assert [r["labels"] for r in answer["results"]] == [r.labels for r in result.results]
 
     # The explainer's torch side applies the same rule to the same weights.
-    gradients = IntegratedGradients(
-        repository / "events" / "1" / "hf", config.temperature, pad_id=config.pad_token_id, activation="sigmoid"
-    )
+    gradients = IntegratedGradients(repository / "events" / "1" / "hf", pad_id=config.pad_token_id)
     ids = (
         Tokenizer(repository / "events" / "1" / "tokenizer.json", "events", TokenizerLimits(64, 0, 1, 4096))
         .tokenize(TEXTS[:1])[0]
         .chunks[0]
         .input_ids
     )
-    attribution = gradients.attribute(ids, [i in (0, len(ids) - 1) for i in range(len(ids))], target=0, steps=4)
+    special = [i in (0, len(ids) - 1) for i in range(len(ids))]
+    attribution = gradients.attribute(ids, special, config.heads[0], target=0, steps=4)
     assert np.abs(attribution.probabilities - expected[0]).max() < PROBABILITY_TOLERANCE
 
 

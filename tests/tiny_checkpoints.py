@@ -8,6 +8,7 @@ DistilBERT, ELECTRA), byte-level BPE (RoBERTa, ModernBERT), SentencePiece-style 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+from typer.testing import CliRunner
+
+from infermesh.cli import app
 
 CORPUS = [
     "Acme shares plunge after profit warning",
@@ -190,12 +194,6 @@ def two_head_version(repository: Path, name: str, scratch: Path, family_name: st
     side, imported and then described as two heads (`sentiment`, softmax, with a score
     mapping; `topic`, sigmoid, with its own temperature): what `make model` builds for the
     default model, at test size. Returns the version folder."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from infermesh.cli import app
-
     family = next(f for f in FAMILIES if f.name == family_name)
     columns = TWO_HEAD_PRIMARY[1] + TWO_HEAD_EXTRA[1]
     checkpoint = build_checkpoint(family, scratch / f"{name}-checkpoint", labels=columns)

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,7 @@ def build_model_repository(
     name: str,
     version: str = "1",
     before_publish: Callable[[Path], None] | None = None,
+    languages: Sequence[str] = ("en",),
 ) -> Path:
     """Builds `repository/name/version` from `weights_dir`; returns the version folder.
 
@@ -274,6 +275,7 @@ def build_model_repository(
             default_variant="int8",
             base_model=f"{BASE_PACKAGE}=={base_package_version()}",
             scores=sentiment_scores(summary["labels"]),
+            languages=list(languages),
             **head_fields(summary),
         )
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -86,9 +86,11 @@ def finetune(
     name: str,
     version: str = "",
     config: TrainConfig | None = None,
+    languages: Sequence[str] = ("en",),
 ) -> Path:
     """Trains LoRA adapters and a head for `spec`'s labels, builds the serving artifacts and
-    publishes them as `repository/name/version` (the next free version by default)."""
+    publishes them as `repository/name/version` (the next free version by default).
+    `languages`: what the version declares it reads (routing sends those texts to it)."""
     from infermesh.model.build import build_model_repository
     from infermesh.model.card import render_version_card
     from infermesh.model.evaluate import evaluate_version
@@ -135,4 +137,6 @@ def finetune(
         adapter = Path(scratch) / ADAPTER_FOLDER
         save_adapter(fitted.model, adapter)
         (adapter / TRAINING_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        return build_model_repository(adapter, repository, name, version, before_publish=add_figures)
+        return build_model_repository(
+            adapter, repository, name, version, before_publish=add_figures, languages=languages
+        )

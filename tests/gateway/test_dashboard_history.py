@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from gateway.dashboard import DashboardFeed
+from gateway.dashboard import TOPICS, DashboardFeed
 from gateway.settings import DashboardSettings
 from shared.messages import SENTIMENT_TOPIC, WINDOWS_TOPIC, WindowAggregate
 from workers.sentiment_monitor.topics import monitor_topics
@@ -21,7 +21,7 @@ from workers.sentiment_monitor.topics import monitor_topics
 T0 = datetime(2100, 1, 1, tzinfo=UTC)
 PARTITIONS = 2  # as the kafka_config fixture creates the monitor's topics
 #: Partitions the feed follows (the dead-letter topic has one).
-FOLLOWED = sum(topic.partitions for topic in monitor_topics(partitions=PARTITIONS))
+FOLLOWED = sum(topic.partitions for topic in monitor_topics(partitions=PARTITIONS) if topic.name in TOPICS)
 
 
 def window(ticker: str, minute: int) -> bytes:

@@ -22,7 +22,7 @@ from workers.sentiment_monitor.runner import StageRunner
 from workers.sentiment_monitor.scoring import BlockingPipeline, check_score_mapping
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
-from workers.sentiment_monitor.windowing import WindowStage
+from workers.sentiment_monitor.windowing import TOPICS, WindowStage
 
 logger = logging.getLogger("workers.sentiment_monitor")
 
@@ -93,6 +93,12 @@ def main() -> None:
             return WindowStage(*clients(settings.windows_group), client, settings)
 
         runners.append(StageRunner("windows", windows, client, topics))
+    if "topics" in settings.stages:
+
+        def topic_windows() -> WindowStage:
+            return WindowStage(*clients(settings.topics_group), client, settings, dimension=TOPICS)
+
+        runners.append(StageRunner("topics", topic_windows, client, topics))
 
     def stop(signum: int, frame: FrameType | None) -> None:
         logger.info("signal %d: finishing the current batches", signum)

@@ -1,7 +1,9 @@
-"""The scoring stage: `finance.news.v1` in, `finance.sentiment.v1` (and dead letters) out.
+"""The scoring stage: `finance.news.v1` in, `finance.sentiment.v1` (and dead letters) out,
+and `finance.sentiment.topics.v1` when the model's version has a topic head.
 
 At least once: poll up to `max_batch` records, dead-letter the poison, score the rest
-through the mesh, produce one ScoredItem per (item, ticker), wait for the broker to
+through the mesh, produce one ScoredItem per (item, ticker), and one per item with a
+topic keyed by its topic (the topic windows' repartition), wait for the broker to
 acknowledge every output, and only then commit the offsets.
 Transient failures of the mesh are retried with back-off and nothing is committed
 meanwhile; a crash re-delivers the batch, and the deterministic output ids let
@@ -32,6 +34,7 @@ from shared.messages import (
     DLQ_TOPIC,
     NEWS_TOPIC,
     SENTIMENT_TOPIC,
+    TOPIC_SENTIMENT_TOPIC,
     NewsItem,
     PoisonRecord,
     ScoredItem,
@@ -219,13 +222,25 @@ class NewsScorer:
                 attributes={"messaging.destination.name": record.topic, "infermesh.item_id": item.id},
             ):
                 headers = inject_headers()
-                for scored_item in self._scored_items(item, outcome):
+                scored_items = self._scored_items(item, outcome)
+                for scored_item in scored_items:
                     KAFKA_PRODUCED.labels(SENTIMENT_TOPIC).inc()
                     batch.acks.append(
                         self.producer.send(
                             SENTIMENT_TOPIC,
                             key=scored_item.ticker.encode() if scored_item.ticker else None,
                             value=scored_item.model_dump_json().encode(),
+                            headers=headers,
+                        )
+                    )
+                by_topic = topic_record(scored_items[0])
+                if by_topic is not None and by_topic.topic is not None:
+                    KAFKA_PRODUCED.labels(TOPIC_SENTIMENT_TOPIC).inc()
+                    batch.acks.append(
+                        self.producer.send(
+                            TOPIC_SENTIMENT_TOPIC,
+                            key=by_topic.topic.encode(),
+                            value=by_topic.model_dump_json().encode(),
                             headers=headers,
                         )
                     )
@@ -299,6 +314,12 @@ class NewsScorer:
                     classification.model_name or result.model_name, classification.model_version or result.model_version
                 )
             )
+        topic, topic_probabilities = None, {}
+        head = classification.heads.get(self.settings.topic_head)
+        if head is not None:
+            topic = None if head.abstained else head.label
+            topic_probabilities = dict(head.probabilities)
+        tickers = self.attributor.tickers(item)
         base = {
             "item_id": item.id,
             "published_at": item.published_at,
@@ -309,8 +330,10 @@ class NewsScorer:
             "score": classification.score,
             "model_name": classification.model_name or result.model_name,
             "model_version": classification.model_version or result.model_version,
+            "topic": topic,
+            "topic_probabilities": topic_probabilities,
+            "tickers": tickers,
         }
-        tickers = self.attributor.tickers(item)
         if not tickers:
             return [ScoredItem(id=item.id, ticker=None, **base)]
         return [ScoredItem(id=f"{item.id}:{ticker}", ticker=ticker, **base) for ticker in tickers]
@@ -321,6 +344,14 @@ class NewsScorer:
             partition = TopicPartition(record.topic, record.partition)
             offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
         self.consumer.commit(offsets)
+
+
+def topic_record(scored: ScoredItem) -> ScoredItem | None:
+    """The item's record on `finance.sentiment.topics.v1` (one per item, whatever its
+    tickers; id the item id, no `ticker`), or None when it has no topic."""
+    if scored.topic is None:
+        return None
+    return scored.model_copy(update={"id": scored.item_id, "ticker": None})
 
 
 def _pause_for_test(marker: str, batch: _Batch) -> None:

@@ -1,7 +1,10 @@
 """The bundled demo stream: several tickers over three simulated hours, mostly calm, with
-one scripted negative episode for TSLA, replayed onto `finance.news.v1`.
+one scripted negative episode for TSLA, and central-bank news naming no ticker with one
+scripted hawkish burst (a `Fed | Central Banks` topic alert), replayed onto
+`finance.news.v1`.
 
-The stream is generated from a fixed seed, so every run shows the same story; its
+The stream is generated from fixed seeds (the ticker items from one, the central-bank
+items from another, so the ticker story is the same with or without them); its
 timestamps are shifted at replay time so it ends now.
 """
 
@@ -48,16 +51,77 @@ NEGATIVE = [
     "Analysts downgrade ${t} to sell, citing weak deliveries",
     "{name} misses estimates and warns of lower margins",
 ]
+CENTRAL_BANK_CALM = [
+    "Fed officials see policy in a good place, minutes show",
+    "ECB keeps rates unchanged, as expected",
+    "Bank of England holds rates in a split vote",
+    "Fed chair to speak at the Jackson Hole symposium on Friday",
+    "Bank of Japan keeps its yield curve policy unchanged",
+    "Fed's balance sheet little changed this week",
+]
+CENTRAL_BANK_NEGATIVE = [
+    "Fed signals more rate hikes as inflation stays hot; markets slide",
+    "Fed minutes show officials ready to hike again; stocks fall",
+    "Hawkish Fed remarks send yields soaring and shares lower",
+    "Fed's Waller says inflation is still too high and rate cuts must wait; stocks slide",
+    "Fed chair says rate cuts are not coming soon; Wall Street sinks",
+]
+CENTRAL_BANKS = "Fed | Central Banks"
+TEMPLATE_TOPICS = {
+    NEUTRAL[0]: "Company | Product News",
+    NEUTRAL[1]: "Earnings",
+    NEUTRAL[2]: "Personnel Change",
+    NEUTRAL[3]: "Stock Commentary",
+    NEUTRAL[4]: "Legal | Regulation",
+    POSITIVE[0]: "Earnings",
+    POSITIVE[1]: "Analyst Update",
+    POSITIVE[2]: "Earnings",
+    NEGATIVE[0]: "Stock Movement",
+    NEGATIVE[1]: "Legal | Regulation",
+    NEGATIVE[2]: "Company | Product News",
+    NEGATIVE[3]: "Analyst Update",
+    NEGATIVE[4]: "Earnings",
+    **dict.fromkeys(CENTRAL_BANK_CALM + CENTRAL_BANK_NEGATIVE, CENTRAL_BANKS),
+}
+"""The topic each template means (Twitter Financial News Topic labels), as a two-headed
+model is expected to read it; tests/workers/test_demo.py windows the stream with these."""
 _tracer = trace.get_tracer(__name__)
 SPAN = timedelta(hours=3)
 EPISODE = (timedelta(minutes=140), timedelta(minutes=160))
 """When TSLA's negative episode runs, from the start of the stream."""
+CENTRAL_BANK_EPISODE = (timedelta(minutes=95), timedelta(minutes=115))
+"""When the hawkish central-bank burst runs, from the start of the stream."""
 WINDOW = timedelta(minutes=5)
 """The worker's default window size, which the replay aligns the stream to."""
 
 
-def demo_stream(seed: int = 11) -> list[dict[str, Any]]:
-    """Items with `offset_seconds` from the stream start instead of a timestamp."""
+def demo_stream(seed: int = 11, central_bank_seed: int = 7) -> list[dict[str, Any]]:
+    """Items with `offset_seconds` from the stream start instead of a timestamp, in
+    event-time order: the ticker stream and the central-bank stream merged."""
+    items = sorted(
+        _ticker_stream(seed) + _central_bank_stream(central_bank_seed), key=lambda item: item["offset_seconds"]
+    )
+    return [{**item, "n": n} for n, item in enumerate(items)]
+
+
+def _central_bank_stream(seed: int) -> list[dict[str, Any]]:
+    """Central-bank news naming no company: a calm item every few minutes, then a
+    hawkish burst (about one negative item every 15 s for 20 minutes)."""
+    rng = random.Random(seed)
+    items: list[dict[str, Any]] = []
+    second = 0.0
+    start, end = (bound.total_seconds() for bound in CENTRAL_BANK_EPISODE)
+    while second < SPAN.total_seconds():
+        in_episode = start <= second < end
+        second += rng.uniform(10, 20) if in_episode else rng.uniform(40, 80)
+        if second >= SPAN.total_seconds():
+            break
+        pool = CENTRAL_BANK_NEGATIVE if in_episode and rng.random() < 0.9 else CENTRAL_BANK_CALM
+        items.append({"offset_seconds": round(second, 1), "source": "demo-macro", "headline": rng.choice(pool)})
+    return items
+
+
+def _ticker_stream(seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     items: list[dict[str, Any]] = []
     second = 0.0

@@ -74,8 +74,17 @@ class MonitorSettings(RoutingSettings):
     windows_group: str = "infermesh-sentiment-windows"
     """Consumer group of the windowing stage (reads finance.sentiment.v1, keyed by ticker)."""
 
-    stages: list[str] = ["score", "windows"]
-    """Stages this process runs: `score` (news to scored items), `windows` (windows, alerts)."""
+    topics_group: str = "infermesh-sentiment-topics"
+    """Consumer group of the topic windowing stage (reads finance.sentiment.topics.v1,
+    keyed by topic)."""
+
+    stages: list[str] = ["score", "windows", "topics"]
+    """Stages this process runs: `score` (news to scored items), `windows` (ticker windows
+    and alerts), `topics` (topic windows and alerts)."""
+
+    topic_head: str = "topic"
+    """The head of the model's version whose label is an item's topic. A version without
+    it (or a result without heads) gives items no topic: they are windowed per ticker only."""
 
     window_minutes: float = 5.0
     """Tumbling window size."""
@@ -126,3 +135,12 @@ class MonitorSettings(RoutingSettings):
 
     alert_cooldown_minutes: float = 30.0
     """Quiet period after an alert, so one episode raises one alert."""
+
+    topic_alert_min_items: int = 8
+    """A topic window needs this many items to raise an alert (topic windows gather news
+    from every ticker, so they are fuller than a ticker's; the other alert settings are
+    the ticker alert's)."""
+
+    topic_alert_max_ticker_share: float = 0.5
+    """A topic window alerts only when no single ticker names more than this share of its
+    negative items: one company's storm is its ticker's alert, not its topic's."""

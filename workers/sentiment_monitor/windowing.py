@@ -1,7 +1,10 @@
-"""The windowing stage: `finance.sentiment.v1` in; windows and alerts out.
+"""The windowing stages: `finance.sentiment.v1` in, ticker windows and alerts out
+(`TICKERS`); `finance.sentiment.topics.v1` in, topic windows and alerts out (`TOPICS`).
 
-Scored items are keyed by ticker, so each ticker's items sit in one partition and one
-member of the group owns its windows. State survives restarts and rebalances:
+Scored items are keyed by ticker (by topic on the topics stream, which the scoring stage
+writes as a repartition, like a Kafka Streams `-repartition` topic), so each key's items
+sit in one partition and one member of the group owns its windows. Both stages are the
+same code over a `Dimension`. State survives restarts and rebalances:
 - open windows: offsets are committed only up to the earliest record still held in an
   open window, so the next owner re-reads exactly what it needs to rebuild them;
 - alert baselines and cooldowns: rebuilt on assignment from the windows and alerts
@@ -53,16 +56,31 @@ from shared.metrics import (
     WORKER_WINDOWS_CLOSED,
 )
 from workers.sentiment_monitor.consumer import dead_letter_headers
-from workers.sentiment_monitor.core import AlertRule, AlertSettings, TumblingWindows, WindowSettings
+from workers.sentiment_monitor.core import (
+    AlertRule,
+    AlertSettings,
+    KeyedWindows,
+    SpikeRule,
+    TopicAlertRule,
+    TopicAlertSettings,
+    TopicWindows,
+    TumblingWindows,
+    WindowSettings,
+)
 from workers.sentiment_monitor.messages import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
     NEWS_TOPIC,
     SENTIMENT_TOPIC,
+    TOPIC_ALERTS_TOPIC,
+    TOPIC_SENTIMENT_TOPIC,
+    TOPIC_WINDOWS_TOPIC,
     WINDOWS_TOPIC,
     Alert,
     PoisonRecord,
     ScoredItem,
+    TopicAlert,
+    TopicWindow,
     WindowAggregate,
     decode_internal,
 )
@@ -87,8 +105,8 @@ is not dead-lettered twice by the same process."""
 
 @dataclass
 class PartitionState:
-    windows: TumblingWindows
-    rule: AlertRule
+    windows: KeyedWindows[Any]
+    rule: SpikeRule[Any, Any]
     emitted: OrderedDict[str, None] = field(default_factory=OrderedDict)
     first_offset: dict[str, int] = field(default_factory=dict)
     """Offset of the first record of each open window."""
@@ -130,10 +148,18 @@ class PipelineCaughtUp:
     offsets were read is then on the scored topic in time to count as unread. Any error is
     "not caught up"."""
 
-    def __init__(self, client_config: dict[str, Any], scorer_group: str, timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        client_config: dict[str, Any],
+        scorer_group: str,
+        timeout_seconds: float = 5.0,
+        source: str = SENTIMENT_TOPIC,
+    ) -> None:
+        """`source`: the topic the windowing stage reads (the scored or topics stream)."""
         self.client_config = client_config
         self.scorer_group = scorer_group
         self.timeout_seconds = timeout_seconds
+        self.source = source
         self._failing = False
 
     def __call__(self, positions: Mapping[int, int]) -> set[int]:
@@ -151,7 +177,7 @@ class PipelineCaughtUp:
                 for partition, meta in committed.items()
                 if partition.topic == NEWS_TOPIC and meta.offset >= 0
             }
-            offsets.update({TopicPartition(SENTIMENT_TOPIC, n): position for n, position in positions.items()})
+            offsets.update({TopicPartition(self.source, n): position for n, position in positions.items()})
             unread = unread_partitions(self.client_config, offsets, [NEWS_TOPIC], self.timeout_seconds)
         except Exception as error:  # never idle-close on doubt
             if not self._failing:
@@ -161,7 +187,7 @@ class PipelineCaughtUp:
         self._failing = False
         if any(partition.topic == NEWS_TOPIC for partition in unread):
             return set()  # news not yet scored (or scored but not acknowledged and committed)
-        return {n for n in positions if TopicPartition(SENTIMENT_TOPIC, n) not in unread}
+        return {n for n in positions if TopicPartition(self.source, n) not in unread}
 
 
 def window_settings(settings: MonitorSettings) -> WindowSettings:
@@ -183,6 +209,57 @@ def alert_settings(settings: MonitorSettings) -> AlertSettings:
     )
 
 
+def topic_alert_settings(settings: MonitorSettings) -> TopicAlertSettings:
+    return TopicAlertSettings(
+        min_items=settings.topic_alert_min_items,
+        z_threshold=settings.alert_z_threshold,
+        min_share_negative=settings.alert_min_share_negative,
+        baseline_windows=settings.alert_baseline_windows,
+        cooldown=timedelta(minutes=settings.alert_cooldown_minutes),
+        max_ticker_share=settings.topic_alert_max_ticker_share,
+    )
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """What a windowing stage windows by: its input, its outputs and its rules."""
+
+    name: str
+    """`ticker` or `topic`: span attribute `infermesh.<name>`, logs."""
+    source: str
+    windows_topic: str
+    alerts_topic: str
+    window_model: type[WindowAggregate] | type[TopicWindow]
+    alert_model: type[Alert] | type[TopicAlert]
+    make_windows: Callable[[MonitorSettings], KeyedWindows[Any]]
+    make_rule: Callable[[MonitorSettings], SpikeRule[Any, Any]]
+    group: Callable[[MonitorSettings], str]
+
+
+TICKERS = Dimension(
+    "ticker",
+    SENTIMENT_TOPIC,
+    WINDOWS_TOPIC,
+    ALERTS_TOPIC,
+    WindowAggregate,
+    Alert,
+    lambda settings: TumblingWindows(window_settings(settings)),
+    lambda settings: AlertRule(alert_settings(settings)),
+    lambda settings: settings.windows_group,
+)
+TOPICS = Dimension(
+    "topic",
+    TOPIC_SENTIMENT_TOPIC,
+    TOPIC_WINDOWS_TOPIC,
+    TOPIC_ALERTS_TOPIC,
+    TopicWindow,
+    TopicAlert,
+    lambda settings: TopicWindows(window_settings(settings)),
+    lambda settings: TopicAlertRule(topic_alert_settings(settings)),
+    lambda settings: settings.topics_group,
+)
+
+
 class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(
         self,
@@ -192,10 +269,13 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         settings: MonitorSettings,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         caught_up: CaughtUpCheck | None = None,
+        dimension: Dimension = TICKERS,
     ) -> None:
         """`caught_up` tells which partitions may be closed by the clock when quiet
         (default: `PipelineCaughtUp` on the broker, asked at most every
-        `caught_up_check_seconds`)."""
+        `caught_up_check_seconds`). `dimension`: ticker windows (the default) or topic
+        windows (`TOPICS`)."""
+        self.dimension = dimension
         self.consumer = consumer
         self.producer = producer
         self.client_config = client_config
@@ -210,13 +290,15 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self.read_back_records = 0
         """Window and alert records read back at the last assignment."""
         self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
-        self._caught_up_check = caught_up or PipelineCaughtUp(client_config, settings.scorer_group)
+        self._caught_up_check = caught_up or PipelineCaughtUp(
+            client_config, settings.scorer_group, source=dimension.source
+        )
         self._caught_up: set[int] = set()
         self._caught_up_at: float | None = None
         """When `_caught_up` was asked (monotonic); None: ask before using it."""
         self._holding: set[int] = set()
         """Partitions whose idle closing waits for the pipeline to catch up (for the log)."""
-        for topic in (SENTIMENT_TOPIC, WINDOWS_TOPIC, ALERTS_TOPIC):
+        for topic in (dimension.source, dimension.windows_topic, dimension.alerts_topic):
             WORKER_INTERNAL_DEAD_LETTERED.labels(topic)  # exported at 0 from the start
 
     # ConsumerRebalanceListener: called inside poll().
@@ -230,7 +312,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._caught_up_at = None
         for number in numbers:
             self.states[number] = PartitionState(
-                TumblingWindows(window_settings(self.settings)), AlertRule(alert_settings(self.settings))
+                self.dimension.make_windows(self.settings), self.dimension.make_rule(self.settings)
             )
         if not numbers:
             return
@@ -242,16 +324,16 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         reader = restore_reader(self.client_config, str(self.consumer.config["group_id"]))
         try:
             since = self._read_back_since(reader, numbers)
-            windows = read_back(reader, WINDOWS_TOPIC, since)
-            alerts = read_back(reader, ALERTS_TOPIC, since)
+            windows = read_back(reader, self.dimension.windows_topic, since)
+            alerts = read_back(reader, self.dimension.alerts_topic, since)
         finally:
             reader.close(autocommit=False)
         self.read_back_records = len(windows) + len(alerts)
         dead_letters = []
         restored = 0
-        for record in windows:  # per partition in offset order: each ticker's windows as emitted
+        for record in windows:  # per partition in offset order: each key's windows as emitted
             try:
-                window = decode_internal(WindowAggregate, record.value)
+                window = decode_internal(self.dimension.window_model, record.value)
             except PoisonRecord as poison:
                 dead_letters.append(self._dead_letter(record, poison.reason, poison.detail))
                 continue
@@ -262,7 +344,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 restored += 1
         for record in alerts:
             try:
-                alert = decode_internal(Alert, record.value)
+                alert = decode_internal(self.dimension.alert_model, record.value)
                 self.states[record.partition].rule.remember_alert(alert)
             except PoisonRecord as poison:
                 dead_letters.append(self._dead_letter(record, poison.reason, poison.detail))
@@ -270,7 +352,8 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                 dead_letters.append(self._dead_letter(record, "schema", "window.window_end: out of range"))
         confirmed = self._confirm(dead_letters)
         logger.info(
-            "windowing partitions %s (%d emitted windows and %d alerts read back, %d dead-lettered)",
+            "windowing %ss on partitions %s (%d emitted windows and %d alerts read back, %d dead-lettered)",
+            self.dimension.name,
             numbers,
             restored,
             len(alerts),
@@ -285,7 +368,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         lookback = self.clock() - timedelta(hours=self.settings.restore_lookback_hours)
         since = {}
         for number in numbers:
-            partition = TopicPartition(SENTIMENT_TOPIC, number)
+            partition = TopicPartition(self.dimension.source, number)
             committed = reader.committed(partition)
             first = timestamp_at(reader, partition, committed) if committed is not None else None
             resume = datetime.fromtimestamp(first / 1000, UTC) - CLOCK_SKEW_MARGIN if first is not None else lookback
@@ -296,7 +379,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         self._stopping.set()
 
     def run(self) -> None:
-        self.consumer.subscribe([SENTIMENT_TOPIC], listener=self)
+        self.consumer.subscribe([self.dimension.source], listener=self)
         while not self._stopping.is_set():
             self.run_once()
 
@@ -313,7 +396,7 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
             if state is None:
                 continue  # revoked meanwhile
             touched.add(partition.partition)
-            KAFKA_CONSUMED.labels(SENTIMENT_TOPIC).inc(len(records))
+            KAFKA_CONSUMED.labels(self.dimension.source).inc(len(records))
             windows = state.windows
             late, future, emitted = windows.dropped_late, windows.dropped_future, windows.dropped_emitted
             for record in records:
@@ -353,12 +436,12 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         for ack in window_acks:
             ack.get(timeout=30)
         self._confirm(dead_letters)
-        KAFKA_PRODUCED.labels(WINDOWS_TOPIC).inc(len(window_acks))
+        KAFKA_PRODUCED.labels(self.dimension.windows_topic).inc(len(window_acks))
         offsets = {}
         for number in touched:
             offset = self.states[number].commit_offset()
             if offset is not None:
-                offsets[TopicPartition(SENTIMENT_TOPIC, number)] = OffsetAndMetadata(offset, "", -1)
+                offsets[TopicPartition(self.dimension.source, number)] = OffsetAndMetadata(offset, "", -1)
         if offsets:
             self.consumer.commit(offsets)
         WORKER_BATCH_DURATION.labels("windows").observe(time.perf_counter() - started)
@@ -372,14 +455,14 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
         if checked is None or time.monotonic() - checked >= self.settings.caught_up_check_seconds:
             positions = {}
             for number in self.states:
-                position = self.consumer.position(TopicPartition(SENTIMENT_TOPIC, number), timeout_ms=100)
+                position = self.consumer.position(TopicPartition(self.dimension.source, number), timeout_ms=100)
                 if position is not None:
                     positions[number] = position
             self._caught_up = self._caught_up_check(positions)
             self._caught_up_at = time.monotonic()
         caught_up = set()
         for number in self._caught_up & self.states.keys():
-            partition = TopicPartition(SENTIMENT_TOPIC, number)
+            partition = TopicPartition(self.dimension.source, number)
             highwater = self.consumer.highwater(partition)
             position = self.consumer.position(partition, timeout_ms=100)
             if position is not None and (highwater is None or position >= highwater):
@@ -436,16 +519,17 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
             if item_span.is_valid:
                 links.append(trace.Link(item_span))
 
-    def _emit(self, state: PartitionState, closed: WindowAggregate) -> Any:
+    def _emit(self, state: PartitionState, closed: WindowAggregate | TopicWindow) -> Any:
         """Raises the window's alert if due, then sends the window; returns the window's ack."""
+        attribute = f"infermesh.{self.dimension.name}"
         with _tracer.start_as_current_span(
             "close window",
             links=state.links.pop(closed.id, []),
-            attributes={"infermesh.ticker": closed.ticker, "infermesh.items": closed.count},
+            attributes={attribute: closed.key, "infermesh.items": closed.count},
         ):
             alert = state.rule.observe(closed)
             if alert is not None:
-                with _tracer.start_as_current_span("emit alert", attributes={"infermesh.ticker": alert.ticker}):
+                with _tracer.start_as_current_span("emit alert", attributes={attribute: closed.key}):
                     logger.warning(
                         "alert %s: share negative %.2f vs baseline %.2f",
                         alert.id,
@@ -455,17 +539,17 @@ class WindowStage(ConsumerRebalanceListener):  # type: ignore[misc]
                     # The alert is acknowledged before its window is written: a restart
                     # treats emitted windows as done, so the window must never land alone.
                     self.producer.send(
-                        ALERTS_TOPIC,
-                        key=alert.ticker.encode(),
+                        self.dimension.alerts_topic,
+                        key=closed.key.encode(),
                         value=alert.model_dump_json().encode(),
                         headers=inject_headers(),
                     ).get(timeout=30)
-                KAFKA_PRODUCED.labels(ALERTS_TOPIC).inc()
+                KAFKA_PRODUCED.labels(self.dimension.alerts_topic).inc()
                 WORKER_ALERTS.inc()
                 self.alerts_raised += 1
             ack = self.producer.send(
-                WINDOWS_TOPIC,
-                key=closed.ticker.encode(),
+                self.dimension.windows_topic,
+                key=closed.key.encode(),
                 value=closed.model_dump_json().encode(),
                 headers=inject_headers(),
             )
