@@ -43,6 +43,7 @@ from benchmarks.e2e import (
     mesh_env,
     workload_name,
 )
+from benchmarks.heads import slice_head
 from infermesh.mesh import LocalMesh
 from shared.cpu import read_cpu
 from shared.model_repository import ModelRepository
@@ -578,12 +579,20 @@ def main() -> None:
     peers = [peer for peer in PEERS if not wanted or peer.name in wanted]
     print(f"peers against infermesh {args.model} v{config.version}: {args.seconds:g} s per row")
 
+    peer_model = folder / "hf"
+    if len(config.heads) > 1:
+        # A peer's text-classification pipeline would softmax over every head's columns at
+        # once; it gets the primary head alone (same encoder, same cost), infermesh the whole
+        # version, and labels are compared on that head.
+        primary = config.heads[0]
+        print(f"{args.model} has {len(config.heads)} heads; peers serve its {primary.name!r} head alone")
+        peer_model = slice_head(folder, config, primary, args.peers_dir / "models", f"{args.model}-peers") / "hf"
     rows, ours = bench_infermesh(args.repository, texts, args.seconds)
     for peer in peers:
         rows += bench_peer(
             peer,
             args.peers_dir,
-            folder / "hf",
+            peer_model,
             args.model,
             texts,
             args.seconds,
