@@ -40,6 +40,9 @@ class Topic(StrEnum):
     sentiment = "sentiment"
     windows = "windows"
     alerts = "alerts"
+    topics = "topics"
+    topic_windows = "topic-windows"
+    topic_alerts = "topic-alerts"
     dlq = "dlq"
 
 
@@ -110,7 +113,7 @@ def run(
                 typer.echo("  demo feed      replaying the bundled news stream onto finance.news.v1")
         typer.echo('ready. try: infermesh classify "Apple shares plunge after weak iPhone sales"')
         if kafka:
-            typer.echo("       infermesh tail alerts    (windows | sentiment | dlq)")
+            typer.echo("       infermesh tail alerts    (windows | sentiment | topic-alerts | topic-windows | dlq)")
         typer.echo("Ctrl-C stops everything.")
         exited = mesh.wait()
         typer.echo(f"{exited} exited; stopping the others", err=True)
@@ -730,12 +733,24 @@ def produce(
 
 @app.command()
 def tail(
-    topic: Annotated[Topic, typer.Argument(help="Which topic to print.")],
+    topic: Annotated[
+        Topic,
+        typer.Argument(
+            help="Which topic to print: news (finance.news.v1), sentiment (finance.sentiment.v1), windows"
+            " (finance.sentiment.windows.v1), alerts (finance.alerts.v1), topics (finance.sentiment.topics.v1),"
+            " topic-windows (finance.topics.windows.v1), topic-alerts (finance.topics.alerts.v1),"
+            " dlq (finance.news.v1.dlq).",
+            show_default=False,
+        ),
+    ],
     from_beginning: Annotated[bool, typer.Option(help="Start at the oldest record.")] = True,
     limit: Annotated[int, typer.Option(help="Stop after this many records (0: never).")] = 0,
     idle_seconds: Annotated[float, typer.Option(help="Stop after this long without records (0: never).")] = 0,
 ) -> None:
-    """Print a topic's records as JSON lines (dead letters with their reason headers)."""
+    """Print a topic's records as JSON lines (dead letters with their reason headers).
+
+    Per ticker: sentiment (scored items), windows, alerts. Per topic: topics (scored items
+    keyed by topic), topic-windows, topic-alerts. Also news (the input) and dlq."""
     from kafka import KafkaConsumer
 
     from shared import messages
@@ -746,6 +761,9 @@ def tail(
         Topic.sentiment: messages.SENTIMENT_TOPIC,
         Topic.windows: messages.WINDOWS_TOPIC,
         Topic.alerts: messages.ALERTS_TOPIC,
+        Topic.topics: messages.TOPIC_SENTIMENT_TOPIC,
+        Topic.topic_windows: messages.TOPIC_WINDOWS_TOPIC,
+        Topic.topic_alerts: messages.TOPIC_ALERTS_TOPIC,
         Topic.dlq: messages.DLQ_TOPIC,
     }[topic]
     consumer = KafkaConsumer(

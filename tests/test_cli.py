@@ -12,9 +12,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+from kafka import KafkaProducer
+from typer.testing import CliRunner
 
 from gateway.settings import GatewaySettings
 from infermesh.broker import EmbeddedBroker
+from infermesh.cli import Topic, app
 from infermesh.mesh import DEFAULT_OTLP_RECEIVER_PORT, SERVICES, WORKER_METRICS_PORT
 from services.explainer.settings import ExplainerSettings
 from services.inference.settings import InferenceSettings
@@ -24,6 +29,7 @@ from shared.settings import BaseServiceSettings
 from tests.conftest import free_port
 from tests.test_pipeline import CLEAR_HEADLINES
 from workers.sentiment_monitor.settings import MonitorSettings
+from workers.sentiment_monitor.topics import monitor_topics
 
 
 def test_run_serves_classify_prints_json_and_ctrl_c_stops_everything(model_repository: Path) -> None:
@@ -253,3 +259,30 @@ def test_make_run_default_ports_come_from_the_settings_and_never_collide() -> No
     for name, port in ports.items():
         by_port.setdefault(port, []).append(name)
     assert {port: names for port, names in by_port.items() if len(names) > 1} == {}
+
+
+def test_tail_prints_every_topic_of_the_monitor_by_its_choice(kafka_config: dict[str, Any]) -> None:
+    """Every topic the monitor creates can be tailed, the topic stage's three included, and
+    each choice reads its own topic."""
+    names = [spec.name for spec in monitor_topics()]
+    producer = KafkaProducer(**kafka_config, acks="all")
+    for name in names:
+        producer.send(name, key=b"k", value=json.dumps({"on": name}).encode(), headers=[("error-type", b"schema")])
+    producer.flush()
+    producer.close()
+
+    runner = CliRunner()
+    env = {"KAFKA_BOOTSTRAP_SERVERS": ",".join(kafka_config["bootstrap_servers"])}
+    read: dict[str, str] = {}
+    for choice in Topic:
+        result = runner.invoke(app, ["tail", choice.value, "--limit", "1", "--idle-seconds", "20"], env=env)
+        assert result.exit_code == 0, result.output
+        printed = json.loads(result.stdout)
+        if choice is Topic.dlq:
+            assert printed["headers"] == {"error-type": "schema"}
+            printed = json.loads(printed["value"])
+        read[choice.value] = printed["on"]
+    assert sorted(read.values()) == sorted(names)
+    assert read["topics"] == "finance.sentiment.topics.v1"
+    assert read["topic-windows"] == "finance.topics.windows.v1"
+    assert read["topic-alerts"] == "finance.topics.alerts.v1"

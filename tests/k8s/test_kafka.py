@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.kafka import KafkaSettings
-from shared.messages import NEWS_TOPIC, SENTIMENT_TOPIC
+from shared.messages import NEWS_TOPIC, SENTIMENT_TOPIC, TOPIC_SENTIMENT_TOPIC
 from tests.k8s.manifests import EnvRef, Manifests, Obj, Process, load_settings, pod_spec
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
@@ -194,7 +194,7 @@ def test_acls_cover_what_the_code_reads_and_writes(manifests: Manifests) -> None
         for operation in ("Describe", "Read"):
             assert acl_allows(users["gateway"], "topic", topic, operation), f"gateway: {operation} {topic}"
         assert not acl_allows(users["gateway"], "topic", topic, "Write"), f"gateway may write {topic}"
-    for group in (settings.scorer_group, settings.windows_group):
+    for group in (settings.scorer_group, settings.windows_group, settings.topics_group):
         assert acl_allows(users["worker"], "group", group, "Read"), f"worker: group {group}"
     assert acl_allows(users["gateway"], "group", settings.scorer_group, "Describe"), "gateway: the scorer's lag"
     for user in manifests.of_kind("KafkaUser"):
@@ -216,6 +216,7 @@ def test_keda_reads_the_lag_of_the_workers_groups(prod: Manifests) -> None:
     assert {(t["metadata"]["consumerGroup"], t["metadata"]["topic"]) for t in triggers} == {
         (settings.scorer_group, NEWS_TOPIC),
         (settings.windows_group, SENTIMENT_TOPIC),
+        (settings.topics_group, TOPIC_SENTIMENT_TOPIC),
     }
     partitions = {spec.name: spec.partitions for spec in monitor_topics(settings.partitions)}
     for trigger in triggers:
