@@ -9,6 +9,7 @@ DistilBERT, ELECTRA), byte-level BPE (RoBERTa, ModernBERT), SentencePiece-style 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,19 +145,59 @@ def build_tokenizer(kind: str, folder: Path, specials: tuple[str, ...] | None = 
     return wrapped
 
 
+def build_character_tokenizer(folder: Path, texts: list[str]) -> Any:
+    """A SentencePiece-style Unigram tokenizer (XLM-R's specials and ids) whose vocabulary
+    is the characters of `texts` after NFKC, one piece each: what a small Chinese model's
+    vocabulary is like, and any other character is `<unk>`. Saved to `folder`; returns the
+    PreTrainedTokenizerFast wrapper."""
+    cls, pad, sep, unk, mask = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+    normalizer = normalizers.NFKC()
+    counts: dict[str, int] = {}
+    for text in texts:
+        for char in normalizer.normalize_str(text).replace(" ", "▁"):
+            counts[char] = counts.get(char, 0) + 1
+    counts["▁"] = counts.get("▁", 0) + len(texts)  # Metaspace starts each text with one
+    total = sum(counts.values())
+    pieces = [(token, 0.0) for token in (cls, pad, sep, unk, mask)]
+    pieces += [(char, math.log(count / total)) for char, count in sorted(counts.items())]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=3))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, 0), (sep, 2)]
+    )
+    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer,
+        cls_token=cls,
+        sep_token=sep,
+        pad_token=pad,
+        unk_token=unk,
+        mask_token=mask,
+        bos_token=cls,
+        eos_token=sep,
+        model_max_length=512,
+    )
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
 def build_checkpoint(
     family: Family,
     folder: Path,
     labels: list[str] | None = None,
     problem_type: str | None = None,
     seed: int = 0,
+    tokenizer: Any = None,
 ) -> Path:
     """A tiny `<family>ForSequenceClassification` with random weights and its tokenizer in
-    `folder`; returns `folder`."""
+    `folder`; returns `folder`. `tokenizer`: one already saved in `folder` (such as
+    `build_character_tokenizer`'s); by default one of the family's kind trained on CORPUS."""
     labels = labels or LABELS
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]") if family.model_type == "modernbert" else None
-    tokenizer = build_tokenizer(family.tokenizer_kind, folder, specials)
+    if tokenizer is None:
+        specials = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]") if family.model_type == "modernbert" else None
+        tokenizer = build_tokenizer(family.tokenizer_kind, folder, specials)
     extra: dict[str, Any] = {}
     if problem_type:
         extra["problem_type"] = problem_type
