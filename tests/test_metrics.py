@@ -62,6 +62,12 @@ async def test_grpc_calls_are_counted_by_method_and_status_code(
     await tokenizer_stub.Tokenize(tok_pb.TokenizeRequest(texts=["Acme beats estimates", "Acme misses"]))
     with pytest.raises(grpc.aio.AioRpcError):
         await tokenizer_stub.Tokenize(tok_pb.TokenizeRequest(texts=["   "]))
+    # The server counts a call as it finishes, which may be just after the client has its
+    # answer: give a loaded machine a moment before reading.
+    for _ in range(50):
+        if sample("infermesh_grpc_server_duration_seconds_count", method=TOKENIZE) == timed_before + 2:
+            break
+        await asyncio.sleep(0.02)
     assert sample("infermesh_grpc_server_requests_total", method=TOKENIZE, code="OK") == ok_before + 1
     assert sample("infermesh_grpc_server_requests_total", method=TOKENIZE, code="INVALID_ARGUMENT") == bad_before + 1
     assert sample("infermesh_grpc_server_duration_seconds_count", method=TOKENIZE) == timed_before + 2
