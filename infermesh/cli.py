@@ -14,12 +14,15 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from shared.errors import InfermeshError
 from shared.model_repository import RolloutRule
+
+if TYPE_CHECKING:
+    from infermesh.model.finetune import DataSpec
 
 app = typer.Typer(help="infermesh: finance sentiment inference mesh.", no_args_is_help=True)
 
@@ -253,6 +256,17 @@ def refusals(exit_code: int) -> Iterator[None]:
         raise typer.Exit(exit_code) from None
 
 
+def labelled_files(
+    train: Path, valid: Path, text_column: str, label_column: str, labels: str, label_map: str
+) -> DataSpec:
+    """The `--train`/`--valid` files and how to read them, as finetune and add-head take them."""
+    from infermesh.model.data import parse_label_map
+    from infermesh.model.finetune import DataSpec
+
+    names = tuple(name.strip() for name in labels.split(",") if name.strip())
+    return DataSpec(train, valid, text_column, label_column, names, parse_label_map(label_map))
+
+
 @app.command()
 def finetune(
     train_file: Annotated[Path, typer.Option("--train", help="Training data: .csv with a header, or .jsonl.")],
@@ -278,21 +292,12 @@ def finetune(
     languages: Annotated[str, typer.Option(help="Comma-separated languages the model is for.")] = "en",
 ) -> None:
     """Fine-tune LoRA adapters and a head on your labelled data into a new model version."""
-    from infermesh.model.data import parse_label_map
-    from infermesh.model.finetune import DataSpec
     from infermesh.model.finetune import finetune as run_finetune
     from infermesh.model.train import TrainConfig
 
     logging.basicConfig(level=logging.WARNING)
     with refusals(2):
-        spec = DataSpec(
-            train_file,
-            valid_file,
-            text_column,
-            label_column,
-            tuple(name.strip() for name in labels.split(",") if name.strip()),
-            parse_label_map(label_map),
-        )
+        spec = labelled_files(train_file, valid_file, text_column, label_column, labels, label_map)
         config = TrainConfig(
             seed=seed,
             epochs=epochs,
@@ -624,20 +629,11 @@ def add_head(
 ) -> None:
     """Add a head for a new label set onto a version's encoder (head only): a new version whose
     existing heads answer exactly as before, all from one forward pass."""
-    from infermesh.model.data import parse_label_map
-    from infermesh.model.finetune import DataSpec
     from infermesh.model.heads import add_head as run_add_head
 
     logging.basicConfig(level=logging.WARNING)
     with refusals(2):
-        spec = DataSpec(
-            train_file,
-            valid_file,
-            text_column,
-            label_column,
-            tuple(name.strip() for name in labels.split(",") if name.strip()),
-            parse_label_map(label_map),
-        )
+        spec = labelled_files(train_file, valid_file, text_column, label_column, labels, label_map)
         target = run_add_head(spec, repository, model, head, base_version, version)
     metrics = json.loads((target / "metrics.json").read_text())
     default = metrics["variants"][metrics["default_variant"]]

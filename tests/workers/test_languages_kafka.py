@@ -60,7 +60,7 @@ from tests.test_import import import_cli
 from tests.tiny_checkpoints import FAMILIES, LABELS, build_character_tokenizer, build_checkpoint
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import UNSUPPORTED_LANGUAGE_REASON, NewsScorer
-from workers.sentiment_monitor.runner import StageRunner
+from workers.sentiment_monitor.runner import StageRunner, group_consumer
 from workers.sentiment_monitor.scoring import BlockingPipeline, check_score_mapping
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
@@ -254,21 +254,6 @@ def produce(kafka_config: dict[str, Any], items: list[News]) -> None:
         producer.send(NEWS_TOPIC, key=item.id.encode(), value=item.value(), partition=0)
     producer.flush()
     producer.close()
-
-
-def group_consumer(client: dict[str, Any], group: str, max_poll_records: int) -> KafkaConsumer:
-    """workers/sentiment_monitor/__main__.py's (importing that module runs the worker)."""
-    return KafkaConsumer(
-        **client,
-        group_id=group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=max_poll_records,
-        fetch_min_bytes=64 * 1024,
-        fetch_max_wait_ms=50,
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
 
 
 def stage_runners(client: dict[str, Any], settings: MonitorSettings, pipeline: BlockingPipeline) -> list[StageRunner]:

@@ -7,7 +7,6 @@ import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -18,31 +17,13 @@ from shared.telemetry import configure_logging, configure_tracing
 from shared.tls import TlsMisconfigured, environment_tls
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import NewsScorer
-from workers.sentiment_monitor.runner import StageRunner
+from workers.sentiment_monitor.runner import StageRunner, group_consumer
 from workers.sentiment_monitor.scoring import BlockingPipeline, check_score_mapping
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.topics import monitor_topics
 from workers.sentiment_monitor.windowing import TOPICS, WindowStage
 
 logger = logging.getLogger("workers.sentiment_monitor")
-
-
-def group_consumer(client: dict[str, Any], group: str, max_poll_records: int) -> KafkaConsumer:
-    return KafkaConsumer(
-        **client,
-        group_id=group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=max_poll_records,
-        # Let a fetch gather a batch's worth of records (or wait 50 ms) rather than
-        # returning the first few: small batches leave the inference service idle.
-        fetch_min_bytes=64 * 1024,
-        fetch_max_wait_ms=50,
-        # The broker holds a group join for half the session timeout; the 45 s default
-        # would mean ~23 s of nothing after every rebalance.
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
 from shared.kafka import TopicSpec, broker_reachable, ensure_topics
@@ -149,3 +150,22 @@ def _close_quietly(close: Callable[..., object], **options: Any) -> None:
         close(**options)
     except Exception as error:
         logger.warning("closing a Kafka client failed: %s", error)
+
+
+def group_consumer(client: dict[str, Any], group: str, max_poll_records: int) -> KafkaConsumer:
+    """A stage's consumer: manual commits, batches of `max_poll_records`, quick rejoins."""
+    return KafkaConsumer(
+        **client,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=max_poll_records,
+        # Let a fetch gather a batch's worth of records (or wait 50 ms) rather than
+        # returning the first few: small batches leave the inference service idle.
+        fetch_min_bytes=64 * 1024,
+        fetch_max_wait_ms=50,
+        # The broker holds a group join for half the session timeout; the 45 s default
+        # would mean ~23 s of nothing after every rebalance.
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1500,
+    )
