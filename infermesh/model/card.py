@@ -112,7 +112,7 @@ def render_model_card(training: dict[str, Any], metrics: dict[str, Any]) -> str:
         *_head_lines(training, metrics),
         f"- {config['epochs']} epochs max, batch {config['batch_size']}, AdamW lr {config['learning_rate']},"
         f" seed {config['seed']}; best epoch {training['best_epoch']};"
-        f" {training['training_seconds']:.0f} s on 2 CPU cores.",
+        f" {training['training_seconds']:.0f} s wall-clock on a 2-core CPU machine.",
         "- Calibration: temperature scaling per head, fitted on that head's dev split.",
         "- Serving artifacts (`infermesh build-model`): LoRA merged into the encoder, ONNX opset 17",
         "  (fp32), then ONNX Runtime BERT fusion and dynamic per-channel int8 quantisation (the default).",
