@@ -231,7 +231,7 @@ def test_auto_on_the_built_model_resolves_to_a_valid_backend_and_says_why(built_
     assert choice.record["reason"] and choice.record["chosen"] == f"{choice.backend}-{choice.variant}"
     assert set(choice.record["median_ms"]) <= {c.label for c in candidates}
     logits = choice.loaded.run(np.ones((2, 8), dtype=np.int64), np.ones((2, 8), dtype=np.int64))
-    assert logits.shape == (2, len(config.labels))
+    assert logits.shape == (2, config.num_logits)
     choice.loaded.close()
 
     again = autotune_version(built_model, config, cpu, settings)

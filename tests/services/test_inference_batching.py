@@ -49,7 +49,7 @@ async def run_lengths(model_repository: Path, static_shapes: bool, lengths: list
     recorders: list[ShapeRecorder] = []
 
     def factory(config: ModelConfig, path: Path) -> ShapeRecorder:
-        recorders.append(ShapeRecorder(static_shapes, len(config.labels)))
+        recorders.append(ShapeRecorder(static_shapes, config.num_logits))
         return recorders[-1]
 
     policy = BatchPolicy(max_batch_size=16, max_queue_delay_seconds=0.05, length_buckets=(8, 16, 32))
@@ -80,7 +80,7 @@ async def test_a_model_version_can_set_its_own_batching(built_model: Path, tmp_p
     recorders: dict[str, ShapeRecorder] = {}
 
     def factory(config: ModelConfig, path: Path) -> ShapeRecorder:
-        recorders[config.version] = ShapeRecorder(static_shapes=True, labels=len(config.labels))
+        recorders[config.version] = ShapeRecorder(static_shapes=True, labels=config.num_logits)
         return recorders[config.version]
 
     policy = BatchPolicy(max_batch_size=16, max_queue_delay_seconds=0.05, length_buckets=(8, 16, 32))
