@@ -37,7 +37,7 @@ from services.inference.backends.base import Backend
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from services.inference.backends.pytorch import TorchBackend
 from shared.cpu import KERNEL_FLAGS, CpuInfo
-from shared.model_repository import ModelConfig
+from shared.model_repository import Head, ModelConfig
 from shared.padding import pad_right
 
 logger = logging.getLogger(__name__)
@@ -269,12 +269,18 @@ def measure(
     return figures, trials
 
 
-def label_agreement(reference: npt.NDArray[np.float32], other: npt.NDArray[np.float32], multi_label: bool) -> float:
-    """Share of rows given the same decision: the top label (softmax), or every label's
-    side of 0 in logit space (sigmoid, the uncalibrated 0.5 threshold)."""
-    if multi_label:
-        return float(((reference > 0) == (other > 0)).all(axis=1).mean())
-    return float((reference.argmax(-1) == other.argmax(-1)).mean())
+def label_agreement(reference: npt.NDArray[np.float32], other: npt.NDArray[np.float32], heads: Sequence[Head]) -> float:
+    """Share of rows given the same decision by every head, each on its own columns: the
+    top label (softmax), or every label's side of 0 in logit space (sigmoid, the
+    uncalibrated 0.5 threshold)."""
+    same = np.ones(len(reference), dtype=bool)
+    for head in heads:
+        ours, theirs = reference[:, head.start : head.stop], other[:, head.start : head.stop]
+        if head.activation == "sigmoid":
+            same &= ((ours > 0) == (theirs > 0)).all(axis=1)
+        else:
+            same &= ours.argmax(-1) == theirs.argmax(-1)
+    return float(same.mean())
 
 
 def check_inputs(folder: Path, config: ModelConfig) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], str]:
@@ -463,9 +469,7 @@ def autotune_version(
             reference = loaded[REFERENCE.label].run(ids, mask)
             for label, backend in loaded.items():
                 if label not in agreement and label != REFERENCE.label:
-                    agreement[label] = label_agreement(
-                        reference, backend.run(ids, mask), config.activation == "sigmoid"
-                    )
+                    agreement[label] = label_agreement(reference, backend.run(ids, mask), config.heads)
                     sources[label] = described
         if clock() < deadline:
             figures, trials = measure(

@@ -4,6 +4,7 @@ checks only that a valid choice is made and explained (never which backend is fa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from services.inference.autotune import (
     cache_key,
     choose,
     cpu_candidates,
+    label_agreement,
     measure,
     recorded_agreement,
     report_choice,
@@ -240,3 +242,37 @@ def test_auto_on_the_built_model_resolves_to_a_valid_backend_and_says_why(built_
     report_choice(config.name, "autotune-test", choice.backend, choice.variant, choice.source)
     labels = {"model": config.name, "version": "autotune-test", "backend": choice.backend, "variant": choice.variant}
     assert REGISTRY.get_sample_value("infermesh_inference_backend_choice", {**labels, "source": "measured"}) == 1
+
+
+def test_agreement_is_judged_per_head_on_its_own_columns() -> None:
+    config = ModelConfig.model_validate(
+        {
+            "name": "m",
+            "version": "1",
+            "platform": "onnxruntime_onnx",
+            "labels": ["negative", "neutral", "positive"],
+            "max_sequence_length": 16,
+            "vocab_size": 10,
+            "temperature": 1.0,
+            "inputs": [],
+            "outputs": [],
+            "variants": {},
+            "default_variant": "fp32",
+            "head": "sentiment",
+            "extra_heads": [{"name": "topic", "labels": ["earnings", "macro"]}],
+        }
+    )
+    reference = np.array([[3.0, 0.0, 0.0, 1.0, -1.0], [0.0, 0.0, 2.0, 1.0, -1.0]], dtype=np.float32)
+    # Row 0: both heads decide alike, though a topic logit outgrows every sentiment logit
+    # (one argmax over all columns would call that a disagreement); row 1: the topic flips.
+    other = np.array([[3.0, 0.0, 0.0, 9.0, -1.0], [0.0, 0.0, 2.0, -1.0, 1.0]], dtype=np.float32)
+    assert label_agreement(reference, other, config.heads) == 0.5
+    assert label_agreement(reference, reference, config.heads) == 1.0
+    tags = config.model_copy(update={"extra_heads": []}).heads + [
+        dataclasses.replace(config.heads[1], activation="sigmoid")
+    ]
+    # A sigmoid head agrees only when every label stays on its side of 0.
+    crossed = reference.copy()
+    crossed[0, 4] = 0.5
+    assert label_agreement(reference, crossed, config.heads) == 1.0
+    assert label_agreement(reference, crossed, tags) == 0.5
