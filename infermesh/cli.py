@@ -626,15 +626,37 @@ def add_head(
     label_column: Annotated[str, typer.Option(help="Column or key holding the label.")] = "label",
     repository: Annotated[Path, typer.Option(help="Model repository folder.")] = Path("models"),
     version: Annotated[str, typer.Option(help="Version to write; default: the next free one.")] = "",
+    lora: Annotated[
+        bool,
+        typer.Option(
+            "--lora/--head-only",
+            help="Also adapt the encoder with LoRA, the existing heads distilled from the base version"
+            " (docs/models.md); default: head only, the existing heads unchanged.",
+        ),
+    ] = False,
+    epochs: Annotated[int, typer.Option(help="With --lora: training epochs.", min=1)] = 3,
+    lora_rank: Annotated[int, typer.Option(help="With --lora: the adapters' rank.", min=1)] = 8,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            help="With --lora: least share of validation texts on which every existing head keeps the base"
+            " version's label; below it, nothing is written.",
+            min=0.0,
+            max=1.0,
+        ),
+    ] = 0.95,
 ) -> None:
-    """Add a head for a new label set onto a version's encoder (head only): a new version whose
-    existing heads answer exactly as before, all from one forward pass."""
+    """Add a head for a new label set onto a version's encoder: a new version whose heads all
+    answer from one forward pass. Head only, the existing heads answer exactly as before;
+    with --lora, the encoder adapts to the new task too and they stay close (measured)."""
+    from infermesh.model.heads import EncoderTraining
     from infermesh.model.heads import add_head as run_add_head
 
     logging.basicConfig(level=logging.WARNING)
+    encoder = EncoderTraining(epochs=epochs, lora_rank=lora_rank, lora_alpha=2 * lora_rank, min_agreement=min_agreement)
     with refusals(2):
         spec = labelled_files(train_file, valid_file, text_column, label_column, labels, label_map)
-        target = run_add_head(spec, repository, model, head, base_version, version)
+        target = run_add_head(spec, repository, model, head, base_version, version, encoder=encoder if lora else None)
     metrics = json.loads((target / "metrics.json").read_text())
     default = metrics["variants"][metrics["default_variant"]]
     typer.echo(
@@ -642,9 +664,13 @@ def add_head(
             {
                 "version": str(target),
                 "head": head,
+                "encoder": metrics["encoder"],
                 "accuracy": round(default["accuracy"], 4),
                 "macro_f1": round(default["macro_f1"], 4),
                 "default_variant": metrics["default_variant"],
+                "existing_heads_label_agreement": {
+                    name: round(figures["label_agreement"], 4) for name, figures in metrics["kept_heads"].items()
+                },
             },
             indent=2,
         )

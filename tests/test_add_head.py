@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from infermesh.cli import app
+from infermesh.cli import app, labelled_files
+from infermesh.model.heads import EncoderTraining, HeadRefused, add_head
 from services.inference.backends.onnxruntime import OnnxRuntimeBackend
 from shared.calibration import softmax
 from shared.model_repository import ModelRepository
@@ -127,3 +128,76 @@ def test_a_head_that_cannot_be_added_is_refused_with_nothing_written(
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in (repository / MODEL).iterdir()) == before
+
+
+def import_family(root: Path, family_name: str, problem_type: str | None = None) -> Path:
+    """A fresh repository holding one tiny imported model of `family_name` as version 1."""
+    family = next(f for f in FAMILIES if f.name == family_name)
+    checkpoint = build_checkpoint(family, root / "checkpoint", problem_type=problem_type)
+    result = runner.invoke(app, ["import", str(checkpoint), "--model", MODEL, "--repository", str(root / "models")])
+    assert result.exit_code == 0, result.output
+    return root / "models"
+
+
+@pytest.mark.parametrize(
+    ("family", "problem_type"),
+    [
+        ("bert", None),
+        ("roberta", None),
+        ("deberta-v2", None),
+        ("modernbert", None),
+        ("distilbert", "multi_label_classification"),
+    ],
+    ids=["bert", "roberta", "deberta-v2", "modernbert", "multi-label-distilbert"],
+)
+def test_with_lora_the_encoder_adapts_and_the_existing_head_stays_close(
+    tmp_path: Path, family: str, problem_type: str | None
+) -> None:
+    models_folder = import_family(tmp_path, family, problem_type)
+    train, valid = write_csv(tmp_path / "train.csv", rows(90, 1)), write_csv(tmp_path / "valid.csv", rows(30, 2))
+    result = runner.invoke(
+        app,
+        [
+            "add-head",
+            *("--train", str(train), "--valid", str(valid), "--model", MODEL, "--head", "topic", "--lora"),
+            *("--epochs", "2", "--repository", str(models_folder)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["encoder"] == "lora"
+    models = ModelRepository(models_folder)
+    base, added = models.config(MODEL, "1"), models.config(MODEL, "2")
+    assert [h.name for h in added.heads] == [base.head, "topic"]
+    assert models.serving_version(MODEL) == "1"
+
+    metrics = json.loads((models.path(MODEL, "2") / "metrics.json").read_text())
+    kept = metrics["kept_heads"][base.head]
+    assert answer["existing_heads_label_agreement"][base.head] == round(kept["label_agreement"], 4)
+    assert kept["label_agreement"] >= 0.95
+    texts = [r["text"] for r in rows(12, 3)]
+    before = onnx_logits(models.path(MODEL, "1"), texts)
+    after = onnx_logits(models.path(MODEL, "2"), texts)
+    # The encoder did move (head only leaves the old columns within 1e-5), and the merged
+    # adapters are in the graph and in hf/ alike.
+    assert np.abs(after[:, :3] - before).max() > 1e-4
+    hf = AutoModelForSequenceClassification.from_pretrained(models.path(MODEL, "2") / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(models.path(MODEL, "2") / "hf")
+    with torch.no_grad():
+        reference = hf(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+    np.testing.assert_allclose(after, reference, atol=1e-4)
+    topic = added.head_named("topic")
+    predicted = [topic.labels[i] for i in after[:, topic.start : topic.stop].argmax(-1)]
+    assert np.mean([p == r["label"] for p, r in zip(predicted, rows(12, 3), strict=True)]) >= 0.9
+    card = (models.path(MODEL, "2") / "model-card.md").read_text()
+    assert "--lora" in card and "learning without forgetting" in card
+
+
+def test_lora_that_would_move_the_existing_heads_too_far_writes_nothing(tmp_path: Path) -> None:
+    models_folder = import_family(tmp_path, "bert")
+    train, valid = write_csv(tmp_path / "train.csv", rows(40, 1)), write_csv(tmp_path / "valid.csv", rows(12, 2))
+    spec = labelled_files(train, valid, "text", "label", "", "")
+    # No epoch can keep more than every label: the refusal path, deterministically.
+    with pytest.raises(HeadRefused, match="existing heads kept the base version's labels on less than"):
+        add_head(spec, models_folder, MODEL, "topic", encoder=EncoderTraining(epochs=1, min_agreement=1.01))
+    assert sorted(p.name for p in (models_folder / MODEL).iterdir()) == ["1"]

@@ -1,18 +1,24 @@
-"""`infermesh add-head`: a new label set on an existing version's encoder, head only.
+"""`infermesh add-head`: a new label set on an existing version's encoder.
 
-The encoder stays exactly as it is, so the version's existing heads answer exactly as
-before and the new task costs no second forward pass: the new head is one more block of
-columns in the same output layer. Its weights are a linear classifier fitted on the
-features that layer already reads (the pooled encoder output for BERT-like models), from
-the user's labelled files; its temperature is fitted on the validation file.
+The new task costs no second forward pass: the new head is one more block of columns in
+the same output layer. Its weights start as a linear classifier fitted on the features
+that layer already reads (the pooled encoder output for BERT-like models), from the
+user's labelled files; its temperature is fitted on the validation file.
 
-To change the encoder for a new task as well (LoRA), train the heads together instead
-(`infermesh train` with several label sets, as `make train` does for the default model):
-adapting the encoder moves every head's answers.
+Head only (the default), the encoder stays exactly as it is, so the existing heads answer
+exactly as before. With `EncoderTraining` (`--lora`), LoRA adapters on the encoder's
+attention train with the new head, for tasks the frozen features do not separate well.
+Adapting the encoder moves every head's answers, so the existing heads are kept close by
+distillation ("learning without forgetting", Li and Hoiem, 2016): on the new task's texts,
+each existing head's output is pulled towards what the base version answers. How close
+they stayed is measured on the validation texts, and a version whose existing heads
+agree with the base version's labels less than `min_agreement` is refused, with nothing
+written. The adapters are merged into the encoder, so serving costs what head only costs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -28,7 +34,7 @@ import numpy.typing as npt
 from infermesh.model.data import Example
 from infermesh.model.finetune import CARD_FILE, METRICS_FILE, DataSpec, load_dataset, next_version
 from infermesh.model.importer import INT8_AGREEMENT_NEEDED, TOKENIZER_FILES, ImportRefused
-from shared.model_repository import HEAD_NAME_PATTERN, ModelConfig, ModelRepository
+from shared.model_repository import HEAD_NAME_PATTERN, Head, ModelConfig, ModelRepository
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,32 @@ class HeadTraining:
     weight_decay: float = 1e-3
     """L2 penalty on the weights, relative to the mean cross-entropy."""
     max_iterations: int = 300
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class EncoderTraining:
+    """LoRA on the encoder while the new head trains (`add-head --lora`); the existing
+    heads are distilled from the base version on the new task's texts."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ()
+    """Module names to adapt; empty: the attention's query and value projections
+    (`attention_projections`)."""
+    distillation_weight: float = 1.0
+    """Weight of the existing heads' distillation loss against the new head's cross-entropy."""
+    distillation_temperature: float = 2.0
+    dev_fraction: float = 0.1
+    """Share of the training file held out to pick the epoch (the validation file stays
+    unseen until the version's figures)."""
+    min_agreement: float = 0.95
+    """Every existing head must keep the base version's label on at least this share of
+    the validation texts (and of the held-out ones, for an epoch to be chosen)."""
     seed: int = 13
 
 
@@ -123,6 +155,221 @@ def widen_output_layer(model: Any, weight: npt.NDArray[np.float32], bias: npt.ND
     model.config.label2id = {f"{i}:{label}": i for i, label in model.config.id2label.items()}
 
 
+def model_logits(model: Any, ids: Sequence[Sequence[int]], batch_size: int = 64) -> npt.NDArray[np.float32]:
+    """The model's logits for each text (padded right, as the services run it), in eval mode."""
+    import torch
+
+    from shared.padding import pad_right
+
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            input_ids, attention_mask = pad_right(list(ids[start : start + batch_size]))
+            output = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+            chunks.append(output.logits.float().numpy())
+    return np.concatenate(chunks)
+
+
+def _agreements(kept: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{figures['label_agreement']:.1%} ({name})" for name, figures in kept.items())
+
+
+def _labels_of(probabilities: npt.NDArray[np.float64], head: Head) -> npt.NDArray[np.int64]:
+    """A head's decision per text, comparable between versions: the top label (softmax),
+    or the set of labels at or above their thresholds as one bit pattern (sigmoid)."""
+    if head.activation == "softmax":
+        return np.asarray(probabilities.argmax(-1), dtype=np.int64)
+    limits = np.array([head.thresholds.get(label, 0.5) for label in head.labels])
+    bits = (probabilities >= limits).astype(np.int64)
+    return np.asarray(bits @ (1 << np.arange(len(head.labels))), dtype=np.int64)
+
+
+def kept_heads(
+    reference: npt.NDArray[np.float32], logits: npt.NDArray[np.float32], heads: Sequence[Head]
+) -> dict[str, dict[str, float]]:
+    """How closely `logits` answer each of `heads` as `reference` (the base version) does,
+    on the same texts: the share with the same labels, and the largest difference in a
+    calibrated probability."""
+    from shared.calibration import calibrated
+
+    figures = {}
+    for head in heads:
+        before = calibrated(reference[:, head.start : head.stop], head)
+        after = calibrated(logits[:, head.start : head.stop], head)
+        figures[head.name] = {
+            "label_agreement": float((_labels_of(before, head) == _labels_of(after, head)).mean()),
+            "max_probability_diff": float(np.abs(before - after).max()),
+        }
+    return figures
+
+
+def _distillation_loss(student: Any, teacher: Any, heads: Sequence[Head], temperature: float) -> Any:
+    """Each existing head's output pulled towards the base version's, softened by
+    `temperature` (Hinton et al.'s T^2 scaling keeps its gradients comparable)."""
+    import torch
+    from torch.nn import functional
+
+    total = student.new_zeros(())
+    for head in heads:
+        columns = slice(head.start, head.stop)
+        if head.activation == "sigmoid":
+            total = total + functional.binary_cross_entropy_with_logits(
+                student[:, columns] / temperature, torch.sigmoid(teacher[:, columns] / temperature)
+            )
+        else:
+            total = total + functional.kl_div(
+                functional.log_softmax(student[:, columns] / temperature, dim=-1),
+                functional.log_softmax(teacher[:, columns] / temperature, dim=-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+    return total * temperature**2
+
+
+#: The attention's query and value projections (or its fused query-key-value one), by the
+#: names the encoder families give them: BERT, RoBERTa, XLM-R, ELECTRA; DistilBERT;
+#: DeBERTa-v2/v3; ModernBERT. peft's own defaults miss DistilBERT and ModernBERT.
+ATTENTION_PROJECTIONS = ("query", "value", "q_lin", "v_lin", "query_proj", "value_proj", "Wqkv")
+
+
+def attention_projections(model: Any) -> list[str]:
+    """The names of `model`'s attention projections LoRA adapts by default; HeadRefused,
+    naming the architecture, when it has none of the known ones."""
+    import torch
+
+    found = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS
+        }
+    )
+    if not found:
+        raise HeadRefused(
+            f"{type(model).__name__} has no attention projection LoRA knows by name"
+            f" ({', '.join(ATTENTION_PROJECTIONS)}); add the head only (without --lora)"
+        )
+    return found
+
+
+def adapt_encoder(
+    model: Any,
+    existing: Sequence[Head],
+    columns: slice,
+    train: tuple[Sequence[Sequence[int]], npt.NDArray[np.int64], npt.NDArray[np.float32]],
+    dev: tuple[Sequence[Sequence[int]], npt.NDArray[np.int64], npt.NDArray[np.float32]],
+    training: EncoderTraining,
+) -> tuple[Any, list[dict[str, float]]]:
+    """Trains LoRA adapters on `model`'s encoder and the new head's rows of its (already
+    widened) output layer; the existing heads' rows, the pooler and the rest stay frozen,
+    and the existing heads are distilled from the base version's logits (`train[2]`,
+    `dev[2]`). Keeps the epoch with the best macro-F1 of the new head on `dev` among those
+    whose existing heads keep at least `min_agreement` of the base version's labels there.
+    Returns the model with the adapters merged in, and each epoch's figures; raises
+    HeadRefused when no epoch keeps the existing heads close enough."""
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    from infermesh.model.metrics import classification_report
+    from shared.padding import pad_right
+
+    torch.manual_seed(training.seed)
+    layer = output_layer(model)
+    old_rows = columns.start
+    lora = LoraConfig(
+        r=training.lora_rank,
+        lora_alpha=training.lora_alpha,
+        lora_dropout=training.lora_dropout,
+        target_modules=list(training.lora_targets) or attention_projections(model),
+    )
+    try:
+        adapted = get_peft_model(model, lora)
+    except ValueError as error:
+        raise HeadRefused(f"LoRA cannot adapt {type(model).__name__}: {error}") from None
+    layer.weight.requires_grad_(True)
+    layer.bias.requires_grad_(True)
+    # Only the new head's rows learn: the existing heads' rows get no gradient, and with
+    # none, AdamW leaves them exactly as they were (their decay is off, below).
+    hooks = [
+        parameter.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:old_rows]), grad[old_rows:]]))
+        for parameter in (layer.weight, layer.bias)
+    ]
+    adapters = [p for n, p in adapted.named_parameters() if p.requires_grad and "lora_" in n]
+    groups: list[dict[str, Any]] = [
+        {"params": adapters},
+        {"params": [layer.weight, layer.bias], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=training.learning_rate)
+    train_ids, train_labels, train_teacher = train
+    dev_ids, dev_labels, dev_teacher = dev
+    steps_per_epoch = (len(train_ids) + training.batch_size - 1) // training.batch_size
+    total_steps = steps_per_epoch * training.epochs
+    scheduler = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]
+        optimizer, int(0.06 * total_steps), total_steps
+    )
+    rng = random.Random(training.seed)
+    labels = tuple(str(i) for i in range(columns.stop - columns.start))
+    best: tuple[float, int, dict[str, Any]] | None = None
+    history: list[dict[str, float]] = []
+    for epoch in range(1, training.epochs + 1):
+        adapted.train()
+        order = list(range(len(train_ids)))
+        rng.shuffle(order)
+        for start in range(0, len(order), training.batch_size):
+            rows = order[start : start + training.batch_size]
+            input_ids, attention_mask = pad_right([list(train_ids[i]) for i in rows])
+            logits = adapted(
+                input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask)
+            ).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, columns], torch.from_numpy(train_labels[rows]))
+            loss = loss + training.distillation_weight * _distillation_loss(
+                logits, torch.from_numpy(train_teacher[rows]), existing, training.distillation_temperature
+            )
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        dev_logits = model_logits(adapted, dev_ids)
+        report = classification_report(dev_logits[:, columns].argmax(-1), dev_labels, labels)
+        kept = kept_heads(dev_teacher, dev_logits, existing)
+        agreement = min((figures["label_agreement"] for figures in kept.values()), default=1.0)
+        history.append(
+            {"epoch": epoch, "dev_macro_f1": report["macro_f1"], "dev_accuracy": report["accuracy"]}
+            | {f"{name}_dev_agreement": figures["label_agreement"] for name, figures in kept.items()}
+        )
+        logger.info("epoch %d: %s", epoch, history[-1])
+        if agreement >= training.min_agreement and (best is None or report["macro_f1"] > best[0]):
+            state = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}
+            best = (report["macro_f1"], epoch, state)
+    if best is None:
+        worst = ", ".join(
+            f"epoch {row['epoch']:.0f}: "
+            + ", ".join(
+                f"{key.removesuffix('_dev_agreement')} {value:.1%}"
+                for key, value in row.items()
+                if key.endswith("_agreement")
+            )
+            for row in history
+        )
+        raise HeadRefused(
+            f"with LoRA, the existing heads kept the base version's labels on less than {training.min_agreement:.0%}"
+            f" of the held-out texts in every epoch ({worst}); add the head only (without --lora), or lower"
+            " --min-agreement"
+        )
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if name in best[2]:
+                parameter.copy_(best[2][name])
+    for hook in hooks:
+        hook.remove()
+    history.append({"chosen_epoch": best[1]})
+    return adapted.merge_and_unload(), history
+
+
 def add_head(
     spec: DataSpec,
     repository: Path,
@@ -131,10 +378,12 @@ def add_head(
     base_version: str = "",
     version: str = "",
     training: HeadTraining | None = None,
+    encoder: EncoderTraining | None = None,
 ) -> Path:
     """Writes `repository/name/version` (the next free one by default): `base_version` (the
-    serving one by default) with a head named `head` for `spec`'s labels. Returns the
-    version folder; raises HeadRefused, DatasetError or FileExistsError with nothing written."""
+    serving one by default) with a head named `head` for `spec`'s labels; with `encoder`,
+    LoRA adapts the encoder too (module docstring). Returns the version folder; raises
+    HeadRefused, DatasetError or FileExistsError with nothing written."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -172,13 +421,28 @@ def add_head(
         tokenized = tokenizer.tokenize([e.text for e in examples], overflow=Overflow.TRUNCATE)
         return [list(t.chunks[0].input_ids) for t in tokenized]
 
-    train_ids, valid_ids = ids(dataset.train), ids(dataset.valid)
-    train_labels = np.array([e.label for e in dataset.train])
+    fit_examples, dev_examples = list(dataset.train), list[Example]()
+    if encoder is not None:
+        from infermesh.model.train import split_dev
+
+        fit_examples, dev_examples = split_dev(dataset.train, encoder.dev_fraction, encoder.seed)
+    fit_ids, valid_ids = ids(fit_examples), ids(dataset.valid)
+    fit_labels = np.array([e.label for e in fit_examples])
     valid_labels = np.array([e.label for e in dataset.valid])
-    logger.info("features of %d training texts", len(train_ids))
-    weight, bias = fit_linear_head(head_features(model, train_ids), train_labels, len(dataset.labels), training)
+    base_valid = model_logits(model, valid_ids)  # the base version's answers, for kept_heads
+    logger.info("features of %d training texts", len(fit_ids))
+    weight, bias = fit_linear_head(head_features(model, fit_ids), fit_labels, len(dataset.labels), training)
+    if encoder is not None:
+        dev_ids = ids(dev_examples)
+        fit_teacher, dev_teacher = model_logits(model, fit_ids), model_logits(model, dev_ids)
     widen_output_layer(model, weight, bias)
     columns = slice(base.num_logits, base.num_logits + len(dataset.labels))
+    history: list[dict[str, float]] = []
+    if encoder is not None:
+        dev_labels = np.array([e.label for e in dev_examples])
+        model, history = adapt_encoder(
+            model, base.heads, columns, (fit_ids, fit_labels, fit_teacher), (dev_ids, dev_labels, dev_teacher), encoder
+        )
 
     def onnx_logits(path: Path) -> npt.NDArray[np.float32]:
         backend = OnnxRuntimeBackend(path)
@@ -206,6 +470,13 @@ def add_head(
         export_gap = float(np.abs(softmax(fp32[: len(reference), columns]) - softmax(reference[:, columns])).max())
         if export_gap > EXPORT_TOLERANCE:
             raise HeadRefused(f"the widened graph disagrees with transformers by {export_gap:.2g} in probability")
+        kept = kept_heads(base_valid, fp32, base.heads)
+        if encoder is not None and min(each["label_agreement"] for each in kept.values()) < encoder.min_agreement:
+            raise HeadRefused(
+                f"with LoRA, the existing heads keep the base version's labels on {_agreements(kept)} of the"
+                f" validation texts, under {encoder.min_agreement:.0%}; add the head only (without --lora), or"
+                " lower --min-agreement"
+            )
         temperature = fit_temperature(fp32[:, columns], valid_labels)
         # int8 stays the default only where every head keeps fp32's labels.
         agreements = {
@@ -252,7 +523,9 @@ def add_head(
             "base_version": base.version,
             "data": spec.valid.name,
             "examples": len(dataset.valid),
-            "train_examples": len(dataset.train),
+            "train_examples": len(fit_examples),
+            "encoder": "frozen" if encoder is None else "lora",
+            "kept_heads": kept,
             "temperature": temperature,
             "default_variant": default_variant,
             "variants": variants,
@@ -263,6 +536,12 @@ def add_head(
             ),
             "onnx_torch_max_probability_diff": export_gap,
         }
+        if encoder is not None:
+            metrics["dev_examples"] = len(dev_examples)
+            metrics["encoder_training"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(encoder).items()
+            }
+            metrics["history"] = history
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / CARD_FILE).write_text(render_head_card(base, metrics))
         # What serves now keeps serving until this version is rolled out.
