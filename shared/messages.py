@@ -5,9 +5,9 @@ Topics (all JSON, UTF-8):
 - `finance.sentiment.v1`: ScoredItem, one per (item, ticker), keyed by ticker.
 - `finance.sentiment.windows.v1`: WindowAggregate, keyed by ticker.
 - `finance.alerts.v1`: Alert, keyed by ticker.
-- `finance.sentiment.topics.v1`: ScoredItem, one per item whose version has a topic head,
-  keyed by topic: the repartition the per-topic windows read (a topic's items from every
-  ticker, and from none, in one partition).
+- `finance.sentiment.topics.v1`: ScoredItem, one per item with a topic, keyed by topic:
+  the repartition the per-topic windows read (a topic's items from every ticker, and from
+  none, in one partition).
 - `finance.topics.windows.v1`: TopicWindow, keyed by topic.
 - `finance.topics.alerts.v1`: TopicAlert, keyed by topic.
 - `finance.news.v1.dlq`: the original bytes of poison records, reasons in headers (also
@@ -83,6 +83,40 @@ class NewsItem(BaseModel):
         return f"{self.headline}\n\n{self.body}" if self.body else self.headline
 
 
+class HeadResult(BaseModel):
+    """One head's answer for one item, from a model applied beside the scoring model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    """The head's top label, or `abstain`."""
+    probabilities: dict[str, float] = Field(default_factory=dict)
+    """The head's calibrated probabilities."""
+
+
+class ModelClassification(BaseModel):
+    """One item's result from a model applied beside the scoring model
+    (`INFERMESH_WORKER_MODELS`, `INFERMESH_WORKER_TOPIC_MODEL`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_version: str = ""
+    """The version that answered (empty when the model could read none of the batch's texts)."""
+    status: str = "ok"
+    """`ok`, or `unsupported_language`: the model cannot read the item's text (too many of its
+    tokens unknown to the model's tokenizer); then there is no label, and the item is still
+    scored by the scoring model."""
+    label: str | None = None
+    """The primary head's top label (or `abstain`); None when the status is not `ok`."""
+    probabilities: dict[str, float] = Field(default_factory=dict)
+    """The primary head's calibrated probabilities; empty when the status is not `ok`."""
+    score: float | None = None
+    """The version's score from its label-to-score mapping; None without one."""
+    heads: dict[str, HeadResult] = Field(default_factory=dict)
+    """Every head of the version, primary first, by head name (an imported single-head
+    checkpoint's is `label`)."""
+
+
 class ScoredItem(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -101,14 +135,20 @@ class ScoredItem(BaseModel):
     model_name: str
     model_version: str
     topic: str | None = None
-    """The top label of the version's topic head (`INFERMESH_WORKER_TOPIC_HEAD`, default
-    `topic`); None when the version has no such head, or it abstained."""
+    """The top label of the topic head (`INFERMESH_WORKER_TOPIC_HEAD`, default `topic`) of
+    the topic model (`INFERMESH_WORKER_TOPIC_MODEL`; by default the scoring model's version);
+    None when the version has no such head, it abstained, or the topic model could not read
+    the item."""
     topic_probabilities: dict[str, float] = Field(default_factory=dict)
     """The topic head's calibrated probabilities; empty without a topic head."""
     tickers: list[str] = Field(default_factory=list)
     """Every ticker the item was attributed to (the records of one item on
     `finance.sentiment.v1` share it; on `finance.sentiment.topics.v1`, where `ticker` is
     None, it is the item's ticker mix)."""
+    classifications: dict[str, ModelClassification] = Field(default_factory=dict)
+    """By model name, the results of the models applied beside the scoring model
+    (`INFERMESH_WORKER_MODELS`, and the topic model when it is another); the scoring model's
+    result is the fields above. Empty when no other model is applied."""
 
 
 class HeadlineEvidence(BaseModel):

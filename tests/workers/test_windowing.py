@@ -280,7 +280,7 @@ class KeywordScorer:
             results.append(Classification(label, probabilities, False, 1, 8, 0, [label], score=score))
         return ClassifyResult("m", "1", results)
 
-    def submit(self, texts: Sequence[str], timeout_seconds: float) -> Future[ClassifyResult]:
+    def submit(self, texts: Sequence[str], timeout_seconds: float, model_name: str = "") -> Future[ClassifyResult]:
         future: Future[ClassifyResult] = Future()
         future.set_result(self.classify(texts, timeout_seconds))
         return future

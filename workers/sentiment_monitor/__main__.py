@@ -56,7 +56,13 @@ def main() -> None:
             settings.model_name,
             settings.language_routing(),
         )
-        refusal = check_score_mapping(pipeline, settings.model_name)
+        refusal = check_score_mapping(
+            pipeline,
+            settings.model_name,
+            models=settings.models,
+            topic_model=settings.topic_model,
+            topic_head=settings.topic_head,
+        )
         if refusal is not None:
             logger.error("worker cannot score: %s", refusal)
             pipeline.close()

@@ -1,13 +1,14 @@
 """The scoring stage: `finance.news.v1` in, `finance.sentiment.v1` (and dead letters) out,
-and `finance.sentiment.topics.v1` when the model's version has a topic head.
+and `finance.sentiment.topics.v1` when the topic model's version has a topic head.
 
 At least once: poll up to `max_batch` records, dead-letter the poison, score the rest
-through the mesh, produce one ScoredItem per (item, ticker), and one per item with a
-topic keyed by its topic (the topic windows' repartition), wait for the broker to
-acknowledge every output, and only then commit the offsets.
-Transient failures of the mesh are retried with back-off and nothing is committed
-meanwhile; a crash re-delivers the batch, and the deterministic output ids let
-consumers drop the duplicates.
+through the mesh (one call per applied model: the scoring model, routed by language, and
+each of `MonitorSettings.applied_models()` by name, concurrently), produce one ScoredItem
+per (item, ticker), and one per item with a topic keyed by its topic (the topic windows'
+repartition), wait for the broker to acknowledge every output, and only then commit the
+offsets. Transient failures of the mesh are retried with back-off (all the calls again)
+and nothing is committed meanwhile; a crash re-delivers the batch, and the deterministic
+output ids let consumers drop the duplicates.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ from shared.messages import (
     NEWS_TOPIC,
     SENTIMENT_TOPIC,
     TOPIC_SENTIMENT_TOPIC,
+    HeadResult,
+    ModelClassification,
     NewsItem,
     PoisonRecord,
     ScoredItem,
@@ -59,13 +62,36 @@ _test_pause_before_commit = os.environ.get(TEST_PAUSE_BEFORE_COMMIT_ENV)
 
 
 class Scorer(Protocol):
-    def classify(self, texts: Sequence[str], timeout_seconds: float) -> ClassifyResult:
-        """Blocks until scored; raises shared.errors types."""
+    def submit(self, texts: Sequence[str], timeout_seconds: float, model_name: str = "") -> Future[ClassifyResult]:
+        """Starts scoring with `model_name` (empty: the scoring model, routed by language;
+        the stage then passes no `model_name`) and returns at once; the future raises
+        shared.errors types."""
         ...
 
-    def submit(self, texts: Sequence[str], timeout_seconds: float) -> Future[ClassifyResult]:
-        """Starts scoring and returns at once."""
-        ...
+
+SCORING = ""
+"""The key of the scoring model's result among a batch's results (the call that names no
+model); the other keys are the applied models' names."""
+
+
+@dataclass(frozen=True)
+class ItemResults:
+    """One item's results from every model applied to it: each model's result for the
+    batch (or for the item alone, when it was scored alone) and the item's index into it."""
+
+    results: Mapping[str, ClassifyResult]
+    """By model, `SCORING` for the scoring model."""
+    index: int
+
+    @property
+    def scoring(self) -> tuple[ClassifyResult, int]:
+        """The scoring model's result and the item's index into it."""
+        return self.results[SCORING], self.index
+
+    @property
+    def applied(self) -> dict[str, tuple[ClassifyResult, int]]:
+        """The other models' results, by name."""
+        return {model: (result, self.index) for model, result in self.results.items() if model != SCORING}
 
 
 @dataclass
@@ -79,7 +105,8 @@ class _Batch:
     """The producer span of each record that carried a trace context."""
     acks: list[Any] = field(default_factory=list)
     """Broker acknowledgements to wait for before committing."""
-    scoring: Future[ClassifyResult] | None = None
+    scoring: dict[str, Future[ClassifyResult]] = field(default_factory=dict)
+    """Each applied model's call, by model (`SCORING` for the scoring model)."""
     span: trace.Span = trace.INVALID_SPAN
     """"score news batch", from the scoring call until the commit."""
 
@@ -131,6 +158,8 @@ class NewsScorer:
         self.scorer = scorer
         self.attributor = attributor
         self.settings = settings
+        self.applied_models = settings.applied_models()
+        """Called by name beside the scoring model, for every batch."""
         self._sleep = sleep
         self._stopping = threading.Event()
         self.assigned_partitions = 0
@@ -191,7 +220,7 @@ class NewsScorer:
                 attributes={"messaging.batch.message_count": len(records)},
             )
             with trace.use_span(batch.span, end_on_exit=False):
-                batch.scoring = self.scorer.submit(texts, self.settings.score_timeout_seconds)
+                batch.scoring = self._submit(texts)
         return batch
 
     def _finish(self, batch: _Batch) -> BatchOutcome:
@@ -206,7 +235,8 @@ class NewsScorer:
             if isinstance(outcome, InfermeshError):
                 batch.acks.append(self._dead_letter(record, "rejected", outcome.detail))
                 continue
-            classification = outcome[0].results[outcome[1]]
+            result, index = outcome.scoring
+            classification = result.results[index]
             if classification.status is TextStatus.UNSUPPORTED_LANGUAGE:
                 # No served model reads it: a label would be a guess, so it waits on the DLQ
                 # (committed, not lost) for a model in its language to be routed.
@@ -222,7 +252,7 @@ class NewsScorer:
                 attributes={"messaging.destination.name": record.topic, "infermesh.item_id": item.id},
             ):
                 headers = inject_headers()
-                scored_items = self._scored_items(item, outcome)
+                scored_items = self._scored_items(item, outcome.scoring, outcome.applied)
                 for scored_item in scored_items:
                     KAFKA_PRODUCED.labels(SENTIMENT_TOPIC).inc()
                     batch.acks.append(
@@ -262,38 +292,47 @@ class NewsScorer:
             DLQ_TOPIC, key=record.key, value=record.value or b"", headers=dead_letter_headers(record, reason, detail)
         )
 
+    def _submit(self, texts: list[str]) -> dict[str, Future[ClassifyResult]]:
+        """Starts one call per applied model (they run concurrently); returns at once."""
+        timeout = self.settings.score_timeout_seconds
+        calls = {SCORING: self.scorer.submit(texts, timeout)}
+        for model in self.applied_models:
+            calls[model] = self.scorer.submit(texts, timeout, model_name=model)
+        return calls
+
     def _score(
-        self, items: list[NewsItem], submitted: Future[ClassifyResult] | None
-    ) -> list[tuple[ClassifyResult, int] | InfermeshError]:
-        """Per item, its result (and index into it) or the error that rejects it alone."""
-        if not items or submitted is None:
+        self, items: list[NewsItem], submitted: Mapping[str, Future[ClassifyResult]]
+    ) -> list[ItemResults | InfermeshError]:
+        """Per item, its results or the error that rejects it alone."""
+        if not items or not submitted:
             return []
         texts = [item.text() for item in items]
         try:
             try:
-                result = submitted.result()
+                results = _results(submitted)
             except TRANSIENT:
-                result = self._classify(texts)  # from here on with back-off
-            return [(result, index) for index in range(len(items))]
+                results = self._classify(texts)  # from here on with back-off
+            return [ItemResults(results, index) for index in range(len(items))]
         except (InvalidInput, InputTooLarge) as error:
             if len(items) == 1:
                 return [error]
         # One item spoils the batch: score each alone so only the bad one is rejected.
-        outcomes: list[tuple[ClassifyResult, int] | InfermeshError] = []
+        outcomes: list[ItemResults | InfermeshError] = []
         for text in texts:
             try:
-                outcomes.append((self._classify([text]), 0))
+                outcomes.append(ItemResults(self._classify([text]), 0))
             except (InvalidInput, InputTooLarge) as error:
                 outcomes.append(error)
         return outcomes
 
-    def _classify(self, texts: list[str]) -> ClassifyResult:
-        """Scores with back-off on transient failures; caller-attributable errors raise at once."""
+    def _classify(self, texts: list[str]) -> dict[str, ClassifyResult]:
+        """Every applied model's result, with back-off on transient failures (a failed call
+        makes all of them again); caller-attributable errors raise at once."""
         delay = self.settings.retry_initial_seconds
         deadline = time.monotonic() + self.settings.retry_budget_seconds
         while True:
             try:
-                return self.scorer.classify(texts, self.settings.score_timeout_seconds)
+                return _results(self._submit(texts))
             except TRANSIENT as error:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -302,7 +341,14 @@ class NewsScorer:
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
 
-    def _scored_items(self, item: NewsItem, outcome: tuple[ClassifyResult, int]) -> list[ScoredItem]:
+    def _scored_items(
+        self,
+        item: NewsItem,
+        outcome: tuple[ClassifyResult, int],
+        applied: Mapping[str, tuple[ClassifyResult, int]] | None = None,
+    ) -> list[ScoredItem]:
+        """The item's records: `outcome` is the scoring model's result (and the item's index
+        into it), `applied` the other applied models', by name."""
         result, index = outcome
         classification = result.results[index]
         probabilities = classification.probabilities
@@ -314,8 +360,14 @@ class NewsScorer:
                     classification.model_name or result.model_name, classification.model_version or result.model_version
                 )
             )
+        applied = applied or {}
+        topic_source: Classification | None = classification
+        topic_model = self.settings.topic_model
+        if topic_model and topic_model != self.settings.model_name:
+            topic_result = applied.get(topic_model)
+            topic_source = topic_result[0].results[topic_result[1]] if topic_result else None
         topic, topic_probabilities = None, {}
-        head = classification.heads.get(self.settings.topic_head)
+        head = topic_source.heads.get(self.settings.topic_head) if topic_source is not None else None
         if head is not None:
             topic = None if head.abstained else head.label
             topic_probabilities = dict(head.probabilities)
@@ -333,6 +385,7 @@ class NewsScorer:
             "topic": topic,
             "topic_probabilities": topic_probabilities,
             "tickers": tickers,
+            "classifications": {model: model_classification(*answer) for model, answer in applied.items()},
         }
         if not tickers:
             return [ScoredItem(id=item.id, ticker=None, **base)]
@@ -344,6 +397,32 @@ class NewsScorer:
             partition = TopicPartition(record.topic, record.partition)
             offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
         self.consumer.commit(offsets)
+
+
+def _results(calls: Mapping[str, Future[ClassifyResult]]) -> dict[str, ClassifyResult]:
+    """Waits for every call (none is left running behind a retry), then gives their results
+    or raises the first failed call's error (in the calls' order)."""
+    wait(calls.values())
+    return {model: call.result() for model, call in calls.items()}
+
+
+def model_classification(result: ClassifyResult, index: int) -> ModelClassification:
+    """An applied model's answer for one item, as scored items carry it."""
+    classification = result.results[index]
+    version = classification.model_version or result.model_version
+    if classification.status is not TextStatus.OK:
+        return ModelClassification(model_version=version, status=classification.status.value)
+    return ModelClassification(
+        model_version=version,
+        status=classification.status.value,
+        label=classification.label,
+        probabilities=dict(classification.probabilities),
+        score=classification.score,
+        heads={
+            name: HeadResult(label=head.label, probabilities=dict(head.probabilities))
+            for name, head in classification.heads.items()
+        },
+    )
 
 
 def topic_record(scored: ScoredItem) -> ScoredItem | None:

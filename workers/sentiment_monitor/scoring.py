@@ -49,14 +49,16 @@ class BlockingPipeline:
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def classify(self, texts: Sequence[str], timeout_seconds: float) -> ClassifyResult:
-        """Raises shared.errors types, as PipelineClient.classify does."""
-        return self._call(self._client.classify(texts, timeout_seconds=timeout_seconds))
+    def classify(self, texts: Sequence[str], timeout_seconds: float, model_name: str = "") -> ClassifyResult:
+        """Raises shared.errors types, as PipelineClient.classify does. `model_name` empty:
+        the scoring model, routed by language; named: that model for every text."""
+        return self._call(self._client.classify(texts, timeout_seconds=timeout_seconds, model_name=model_name))
 
-    def submit(self, texts: Sequence[str], timeout_seconds: float) -> Future[ClassifyResult]:
-        """Starts scoring on the pipeline's loop; the future raises shared.errors types."""
+    def submit(self, texts: Sequence[str], timeout_seconds: float, model_name: str = "") -> Future[ClassifyResult]:
+        """Starts scoring on the pipeline's loop (calls submitted together run concurrently
+        there); the future raises shared.errors types. `model_name` as for `classify`."""
         return asyncio.run_coroutine_threadsafe(
-            self._client.classify(list(texts), timeout_seconds=timeout_seconds), self._loop
+            self._client.classify(list(texts), timeout_seconds=timeout_seconds, model_name=model_name), self._loop
         )
 
     def models(self, timeout_seconds: float) -> list[ModelInfo]:
@@ -69,19 +71,41 @@ class BlockingPipeline:
         self._thread.join(timeout=5)
 
 
-def check_score_mapping(pipeline: BlockingPipeline, model_name: str, timeout_seconds: float = 5.0) -> str | None:
+def check_score_mapping(
+    pipeline: BlockingPipeline,
+    model_name: str,
+    timeout_seconds: float = 5.0,
+    *,
+    models: Sequence[str] = (),
+    topic_model: str = "",
+    topic_head: str = "topic",
+) -> str | None:
     """Why the worker must not start scoring `model_name` (its serving version has no score
-    mapping, or the repository lacks it), or None. A mesh that cannot be asked yet is no
+    mapping, or the repository lacks it), applying `models` (one is not in the repository)
+    or taking topics from `topic_model`'s `topic_head` (not in the repository, or its
+    serving version has no such head), or None. A mesh that cannot be asked yet is no
     reason: the scoring stage stops on the first result without a score anyway."""
     try:
-        models = pipeline.models(timeout_seconds)
+        listed = pipeline.models(timeout_seconds)
     except InfermeshError as error:
         logger.warning("could not ask the post-processor for %r's score mapping (%s)", model_name, error.detail)
         return None
-    named = {model.name: model for model in models}
-    model = named.get(model_name)
-    if model is None:
-        return f"model {model_name!r} is not in the model repository; models: {', '.join(sorted(named)) or 'none'}"
+    named = {model.name: model for model in listed}
+    there = ", ".join(sorted(named)) or "none"
+    wanted = [("model", model_name), *(("listed model", m) for m in models)]
+    if topic_model:
+        wanted.append(("topic model", topic_model))
+    for role, name in wanted:
+        if name not in named:
+            return f"{role} {name!r} is not in the model repository; models: {there}"
+    model = named[model_name]
     if not model.scores:
         return no_score_message(model.name, model.serving_version)
+    if topic_model:
+        heads = [head.name for head in named[topic_model].heads]
+        if topic_head not in heads:
+            return (
+                f"topic model {topic_model!r} version {named[topic_model].serving_version} has no head"
+                f" {topic_head!r} (INFERMESH_WORKER_TOPIC_HEAD); its heads: {', '.join(heads) or 'none'}"
+            )
     return None

@@ -41,7 +41,21 @@ class MonitorSettings(RoutingSettings):
     """Post-processor address."""
 
     model_name: str = "finance-sentiment"
-    """Model to score with."""
+    """Model to score with (with the language routes): it gives a scored item's label,
+    probabilities and score."""
+
+    models: list[str] = []
+    """More models applied to every item beside `model_name`, as JSON: `["finance-esg"]`.
+    Each is called by name (no language routing: a text it cannot read is recorded as
+    `unsupported_language`, and the item is still scored); its result lands in the scored
+    item's `classifications`. The worker refuses to start when one is not in the model
+    repository."""
+
+    topic_model: str = ""
+    """The model whose `topic_head` gives an item's topic; empty: the scoring model. Another
+    model is applied like one in `models` (it need not be listed there). Set, the worker
+    refuses to start when it is not in the model repository or its serving version has no
+    `topic_head` (an imported single-head checkpoint's head is `label`)."""
 
     max_batch: int = 256
     """Records polled, scored and committed together; with the next batch scored while
@@ -83,8 +97,9 @@ class MonitorSettings(RoutingSettings):
     and alerts), `topics` (topic windows and alerts)."""
 
     topic_head: str = "topic"
-    """The head of the model's version whose label is an item's topic. A version without
-    it (or a result without heads) gives items no topic: they are windowed per ticker only."""
+    """The head of the topic model's version whose label is an item's topic. A version
+    without it (or a result without heads) gives items no topic: they are windowed per
+    ticker only."""
 
     window_minutes: float = 5.0
     """Tumbling window size."""
@@ -144,3 +159,9 @@ class MonitorSettings(RoutingSettings):
     topic_alert_max_ticker_share: float = 0.5
     """A topic window alerts only when no single ticker names more than this share of its
     negative items: one company's storm is its ticker's alert, not its topic's."""
+
+    def applied_models(self) -> list[str]:
+        """The models applied beside the scoring model, each once: `models`, then the topic
+        model when it is another."""
+        named = [*self.models, self.topic_model]
+        return [model for model in dict.fromkeys(named) if model and model != self.model_name]

@@ -1,0 +1,313 @@
+"""The models the scoring stage applies beside the scoring model (`INFERMESH_WORKER_MODELS`,
+`INFERMESH_WORKER_TOPIC_MODEL`), with a fake mesh: one call per model and batch, results in
+the scored items' `classifications`, the topic from a separate topic model, and today's
+retry, isolation and dead-letter rules over the whole set of calls. The real services and
+a tiny imported model are in test_models_kafka.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from shared.errors import InvalidInput, Unavailable
+from shared.kafka import read_to_end
+from shared.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, TOPIC_SENTIMENT_TOPIC, NewsItem, ScoredItem
+from shared.pipeline import Classification, ClassifyResult, HeadClassification
+from shared.routing import TextStatus
+from workers.sentiment_monitor.attribution import TickerAttributor
+from workers.sentiment_monitor.consumer import UNSUPPORTED_LANGUAGE_REASON, ItemResults, NewsScorer
+from workers.sentiment_monitor.settings import MonitorSettings
+
+SCORING, ESG, TOPICS = "finance-sentiment", "finance-esg", "finance-topic"
+FED, MARKETS = "Fed | Central Banks", "Markets"
+
+
+def classification(model: str, label: str, probabilities: dict[str, float], head: str, **extra: Any) -> Classification:
+    heads = {head: HeadClassification(label, [label] if label != "abstain" else [], probabilities, label == "abstain")}
+    return Classification(
+        label,
+        probabilities,
+        label == "abstain",
+        1,
+        8,
+        0,
+        [label],
+        model_name=model,
+        model_version="3",
+        heads=heads,
+        **extra,
+    )
+
+
+def unsupported() -> Classification:
+    return Classification("abstain", {}, True, 1, 8, 0, status=TextStatus.UNSUPPORTED_LANGUAGE, language="ja")
+
+
+class FakeMesh:
+    """Three models. The scoring one (no `model_name`): "fall" is negative, Japanese text
+    unreadable, "BAD" rejects any batch it is in. `finance-esg`: "spill" is high risk, text
+    with "Ω" unreadable. `finance-topic` (single head `label`): "hike" is central-bank news,
+    "unsure" abstains, "Ω" unreadable. `failures[model]` calls of a model fail first as if
+    the mesh were down."""
+
+    def __init__(self, failures: dict[str, int] | None = None) -> None:
+        self.failures = dict(failures or {})
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def submit(self, texts: Sequence[str], timeout_seconds: float, model_name: str = "") -> Future[ClassifyResult]:
+        model = model_name or SCORING
+        self.calls.append((model, tuple(texts)))
+        future: Future[ClassifyResult] = Future()
+        if self.failures.get(model, 0) > 0:
+            self.failures[model] -= 1
+            future.set_exception(Unavailable(f"{model} unreachable"))
+        elif model == SCORING and "BAD" in texts and len(texts) > 1:
+            future.set_exception(InvalidInput("text 3 has no tokens"))
+        elif model == SCORING and "BAD" in texts:
+            future.set_exception(InvalidInput("text 0 has no tokens"))
+        else:
+            future.set_result(ClassifyResult(model, "3", [self._one(model, text) for text in texts]))
+        return future
+
+    @staticmethod
+    def _one(model: str, text: str) -> Classification:
+        if model == SCORING:
+            if any("\u3040" <= char <= "\u30ff" for char in text):
+                return unsupported()
+            negative = 0.8 if "fall" in text else 0.1
+            probabilities = {"negative": negative, "neutral": 0.9 - negative, "positive": 0.1}
+            label = max(probabilities, key=lambda name: probabilities[name])
+            return classification(model, label, probabilities, "sentiment", score=0.1 - negative)
+        if "Ω" in text:
+            return unsupported()
+        if model == ESG:
+            high = 0.7 if "spill" in text else 0.2
+            return classification(model, "high" if high > 0.5 else "low", {"high": high, "low": 1 - high}, "risk")
+        fed = 0.9 if "hike" in text else 0.3
+        label = "abstain" if "unsure" in text else FED if fed > 0.5 else MARKETS
+        return classification(model, label, {FED: fed, MARKETS: 1 - fed}, "label")
+
+
+def settings(**changes: Any) -> MonitorSettings:
+    return MonitorSettings(**({"models": [ESG], "topic_model": TOPICS, "topic_head": "label"} | changes))
+
+
+def stage(mesh: FakeMesh, monitor: MonitorSettings, sleeps: list[float] | None = None) -> NewsScorer:
+    """A scoring stage without Kafka, for its scoring steps."""
+    naps = sleeps if sleeps is not None else []
+    return NewsScorer(None, None, mesh, TickerAttributor.from_csv(), monitor, sleep=naps.append)
+
+
+def item(item_id: str, headline: str) -> NewsItem:
+    return NewsItem(id=item_id, published_at="2026-11-24T09:00:00Z", source="test", headline=headline)
+
+
+def score(scorer: NewsScorer, items: list[NewsItem]) -> list[ItemResults | Exception]:
+    texts = [i.text() for i in items]
+    return list(scorer._score(items, scorer._submit(texts)))
+
+
+def scored(scorer: NewsScorer, news: NewsItem, outcome: ItemResults | Exception) -> ScoredItem:
+    assert isinstance(outcome, ItemResults), outcome
+    return scorer._scored_items(news, outcome.scoring, outcome.applied)[0]
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def test_applied_models_come_from_the_environment_each_once_never_the_scoring_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert MonitorSettings().applied_models() == []  # today's worker: the scoring model only
+    assert MonitorSettings(models=[TOPICS], topic_model=TOPICS).applied_models() == [TOPICS]
+    assert MonitorSettings(topic_model=SCORING).applied_models() == []
+    monkeypatch.setenv("INFERMESH_WORKER_MODELS", json.dumps([ESG, SCORING, ESG, "finance-zh-esg"]))
+    monkeypatch.setenv("INFERMESH_WORKER_TOPIC_MODEL", TOPICS)
+    monitor = MonitorSettings()
+    assert monitor.models == [ESG, SCORING, ESG, "finance-zh-esg"] and monitor.topic_model == TOPICS
+    assert monitor.applied_models() == [ESG, "finance-zh-esg", TOPICS]
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def test_one_call_per_model_and_batch_and_the_results_land_in_classifications() -> None:
+    mesh = FakeMesh()
+    scorer = stage(mesh, settings())
+    items = [item("a", "Fed hike makes stocks fall"), item("b", "Oil spill at $XOM rig"), item("c", "unsure")]
+    outcomes = score(scorer, items)
+    texts = tuple(i.text() for i in items)
+    assert sorted(mesh.calls) == sorted([(SCORING, texts), (ESG, texts), (TOPICS, texts)])
+
+    a, b, c = (scored(scorer, news, outcome) for news, outcome in zip(items, outcomes, strict=True))
+    # The scoring model's result is the record's own fields; the others are in classifications.
+    assert (a.model_name, a.model_version, a.label) == (SCORING, "3", "negative") and a.score == pytest.approx(-0.7)
+    assert set(a.classifications) == {ESG, TOPICS}
+    esg = b.classifications[ESG]
+    assert (esg.model_version, esg.status, esg.label, esg.score) == ("3", "ok", "high", None)
+    assert esg.probabilities == {"high": 0.7, "low": pytest.approx(0.3)}
+    assert esg.heads["risk"].label == "high" and esg.heads["risk"].probabilities == esg.probabilities
+    # The topic comes from the topic model's `label` head, not from the scoring model.
+    assert (a.topic, a.topic_probabilities) == (FED, {FED: 0.9, MARKETS: pytest.approx(0.1)})
+    assert b.topic == MARKETS and b.ticker == "XOM"
+    assert c.topic is None and c.topic_probabilities and c.classifications[TOPICS].label == "abstain"
+    assert "sentiment" not in a.topic_probabilities
+
+
+def test_without_a_topic_model_the_topic_is_the_scoring_models_and_classifications_stay_empty() -> None:
+    news = item("a", "Fed hike")
+    for topic_head, topic in [("label", None), ("sentiment", "neutral")]:
+        mesh = FakeMesh()
+        scorer = stage(mesh, MonitorSettings(topic_head=topic_head))
+        (outcome,) = score(scorer, [news])
+        assert mesh.calls == [(SCORING, (news.text(),))]
+        record = scored(scorer, news, outcome)
+        assert (record.topic, record.classifications) == (topic, {})
+
+
+def test_a_text_a_listed_model_cannot_read_is_recorded_and_the_item_still_scored() -> None:
+    scorer = stage(FakeMesh(), settings())
+    news = item("a", "Ωmega Corp shares fall")
+    record = scored(scorer, news, score(scorer, [news])[0])
+    assert record.label == "negative" and record.topic is None and record.topic_probabilities == {}
+    for model in (ESG, TOPICS):
+        result = record.classifications[model]
+        assert (result.status, result.label, result.probabilities, result.heads) == (
+            "unsupported_language",
+            None,
+            {},
+            {},
+        )
+        assert result.model_version == "3"
+
+
+def test_a_transient_failure_of_any_call_retries_the_whole_set_with_back_off() -> None:
+    mesh = FakeMesh(failures={ESG: 3})
+    naps: list[float] = []
+    scorer = stage(mesh, settings(retry_initial_seconds=0.25), naps)
+    items = [item("a", "Fed hike"), item("b", "Oil spill")]
+    outcomes = score(scorer, items)
+    assert all(isinstance(outcome, ItemResults) for outcome in outcomes)
+    texts = tuple(i.text() for i in items)
+    # The first round and three retries, each with every model and the whole batch.
+    assert sorted(mesh.calls) == sorted([(model, texts) for model in (SCORING, ESG, TOPICS)] * 4)
+    assert naps == [0.25, 0.5]
+    assert scored(scorer, items[1], outcomes[1]).classifications[ESG].label == "high"
+
+
+def test_a_retry_budget_spent_raises_and_nothing_is_scored() -> None:
+    mesh = FakeMesh(failures={TOPICS: 100})
+    scorer = stage(mesh, settings(retry_initial_seconds=1.0, retry_budget_seconds=2.5))
+    with pytest.raises(Unavailable):
+        score(scorer, [item("a", "Fed hike")])
+
+
+def test_an_item_that_spoils_the_batch_is_rejected_alone_with_every_model_for_the_others() -> None:
+    mesh = FakeMesh(failures={TOPICS: 2})
+    scorer = stage(mesh, settings())
+    items = [item("a", "Fed hike"), item("bad", "BAD"), item("c", "Oil spill")]
+    outcomes = score(scorer, items)
+    assert isinstance(outcomes[1], InvalidInput)
+    for news in (items[0], items[2]):
+        outcome = outcomes[items.index(news)]
+        assert isinstance(outcome, ItemResults) and outcome.index == 0
+        assert set(outcome.results) == {"", ESG, TOPICS}
+        assert all(result.results[0].model_name for result in outcome.results.values())
+    # Each item alone, by every model (the topic model's transient failure retried).
+    alone = {(model, texts) for model, texts in mesh.calls if len(texts) == 1}
+    assert alone == {(model, (i.text(),)) for model in (SCORING, ESG, TOPICS) for i in items}
+
+
+# --- the stage, through the embedded broker ---------------------------------------------------
+
+
+def news_value(item_id: str, headline: str) -> bytes:
+    return json.dumps(
+        {"id": item_id, "published_at": "2026-11-24T09:00:00Z", "source": "test", "headline": headline},
+        ensure_ascii=False,
+    ).encode()
+
+
+async def test_the_stage_dead_letters_what_the_scoring_model_cannot_read_and_records_the_rest(
+    kafka_config: dict[str, Any],
+) -> None:
+    values = {
+        "fed": "Fed hike makes stocks fall",
+        "spill": "Oil spill at $XOM rig",
+        "omega": "Ωmega Corp shares fall",  # the listed models cannot read it: recorded
+        "sony": "ソニー株が急落",  # the scoring model cannot read it: dead-lettered
+        "bad": "BAD",  # spoils the batch: rejected alone
+    }
+    producer = KafkaProducer(**kafka_config, acks="all")
+    for item_id, headline in values.items():
+        producer.send(NEWS_TOPIC, value=news_value(item_id, headline), partition=0)
+    producer.flush()
+    producer.close()
+    monitor = settings()
+    consumer = KafkaConsumer(
+        **kafka_config,
+        group_id=monitor.scorer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1500,
+    )
+    consumer.subscribe([NEWS_TOPIC])
+    scorer = NewsScorer(
+        consumer, KafkaProducer(**kafka_config, acks="all"), FakeMesh(), TickerAttributor.from_csv(), monitor
+    )
+    seen = scored_count = 0
+    try:
+        for _ in range(60):
+            outcome = await asyncio.to_thread(scorer.run_once, 500)
+            seen, scored_count = seen + outcome.records, scored_count + outcome.scored
+            if seen >= len(values):
+                break
+    finally:
+        consumer.close(autocommit=False)
+        scorer.producer.close()
+    assert (seen, scored_count) == (len(values), 3)
+
+    records = [ScoredItem.model_validate_json(r.value) for r in read_to_end(kafka_config, SENTIMENT_TOPIC, [0, 1])]
+    by_item = {record.item_id: record for record in records}
+    dead = {
+        json.loads(r.value)["id"]: dict(r.headers)["error-type"].decode()
+        for r in read_to_end(kafka_config, DLQ_TOPIC, [0])
+    }
+    assert dead == {"sony": UNSUPPORTED_LANGUAGE_REASON, "bad": "rejected"}
+    assert set(by_item) | set(dead) == set(values) and not set(by_item) & set(dead)
+    assert by_item["omega"].classifications[ESG].status == "unsupported_language"
+    assert by_item["spill"].classifications[ESG].label == "high" and by_item["spill"].ticker == "XOM"
+    assert {s.item_id: s.topic for s in records} == {"fed": FED, "spill": MARKETS, "omega": None}
+    by_topic = read_to_end(kafka_config, TOPIC_SENTIMENT_TOPIC, [0, 1])
+    assert sorted((r.key, ScoredItem.model_validate_json(r.value).item_id) for r in by_topic) == [
+        (FED.encode(), "fed"),
+        (MARKETS.encode(), "spill"),
+    ]
+
+
+def test_older_records_without_classifications_still_decode() -> None:
+    record = ScoredItem.model_validate_json(
+        json.dumps(
+            {
+                "id": "a",
+                "item_id": "a",
+                "ticker": None,
+                "published_at": "2026-11-24T09:00:00Z",
+                "source": "test",
+                "headline": "h",
+                "label": "neutral",
+                "probabilities": {"neutral": 1.0},
+                "score": 0.0,
+                "model_name": SCORING,
+                "model_version": "1",
+            }
+        )
+    )
+    assert record.classifications == {}
