@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -634,17 +635,25 @@ def add_head(
             " (docs/models.md); default: head only, the existing heads unchanged.",
         ),
     ] = False,
-    epochs: Annotated[int, typer.Option(help="With --lora: training epochs.", min=1)] = 3,
-    lora_rank: Annotated[int, typer.Option(help="With --lora: the adapters' rank.", min=1)] = 8,
+    epochs: Annotated[int | None, typer.Option(help="With --lora: training epochs [default: 3].", min=1)] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="With --lora: the adapters' rank [default: 8].", min=1)] = None,
     min_agreement: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="With --lora: least share of validation texts on which every existing head keeps the base"
-            " version's label; below it, nothing is written.",
+            " version's answer; below it, nothing is written [default: 0.95].",
             min=0.0,
             max=1.0,
         ),
-    ] = 0.95,
+    ] = None,
+    distillation_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="With --lora: weight of keeping the existing heads' answers against learning the new head"
+            " [default: 1.0].",
+            min=0.0,
+        ),
+    ] = None,
 ) -> None:
     """Add a head for a new label set onto a version's encoder: a new version whose heads all
     answer from one forward pass. Head only, the existing heads answer exactly as before;
@@ -653,10 +662,31 @@ def add_head(
     from infermesh.model.heads import add_head as run_add_head
 
     logging.basicConfig(level=logging.WARNING)
-    encoder = EncoderTraining(epochs=epochs, lora_rank=lora_rank, lora_alpha=2 * lora_rank, min_agreement=min_agreement)
+    lora_options = {
+        "epochs": epochs,
+        "lora_rank": lora_rank,
+        "min_agreement": min_agreement,
+        "distillation_weight": distillation_weight,
+    }
+    given = {name: value for name, value in lora_options.items() if value is not None}
+    if given and not lora:
+        typer.echo(f"error: {', '.join('--' + n.replace('_', '-') for n in given)} only apply with --lora", err=True)
+        raise typer.Exit(2)
+    encoder = None
+    if lora:
+        defaults = EncoderTraining()
+        rank = lora_rank or defaults.lora_rank
+        encoder = dataclasses.replace(
+            defaults,
+            epochs=epochs or defaults.epochs,
+            lora_rank=rank,
+            lora_alpha=2 * rank,
+            min_agreement=defaults.min_agreement if min_agreement is None else min_agreement,
+            distillation_weight=defaults.distillation_weight if distillation_weight is None else distillation_weight,
+        )
     with refusals(2):
         spec = labelled_files(train_file, valid_file, text_column, label_column, labels, label_map)
-        target = run_add_head(spec, repository, model, head, base_version, version, encoder=encoder if lora else None)
+        target = run_add_head(spec, repository, model, head, base_version, version, encoder=encoder)
     metrics = json.loads((target / "metrics.json").read_text())
     default = metrics["variants"][metrics["default_variant"]]
     typer.echo(
@@ -665,6 +695,7 @@ def add_head(
                 "version": str(target),
                 "head": head,
                 "encoder": metrics["encoder"],
+                **({"chosen_epoch": metrics["history"][-1]["chosen_epoch"]} if lora else {}),
                 "accuracy": round(default["accuracy"], 4),
                 "macro_f1": round(default["macro_f1"], 4),
                 "default_variant": metrics["default_variant"],

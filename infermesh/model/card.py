@@ -324,6 +324,7 @@ def render_head_card(base: Any, metrics: dict[str, Any]) -> str:
     heads = ", ".join(f"`{head.name}`" for head in base.heads)
     per_head = metrics["int8_fp32_label_agreement_per_head"]
     lora = metrics.get("encoder") == "lora"
+    tried = metrics.get("encoder_training")
     kept = metrics.get("kept_heads", {})
     base_version = metrics["base_version"]
     lines = [
@@ -355,7 +356,8 @@ def render_head_card(base: Any, metrics: dict[str, Any]) -> str:
         "## How the new head was made",
         "",
     ]
-    if lora:
+    decay = metrics.get("weight_decay")
+    if tried:
         training = metrics["encoder_training"]
         chosen = next((row["chosen_epoch"] for row in metrics["history"] if "chosen_epoch" in row), None)
         lines += [
@@ -365,13 +367,26 @@ def render_head_card(base: Any, metrics: dict[str, Any]) -> str:
             f" distilled from version {base_version} on the same texts (learning without forgetting). Epoch"
             f" {chosen} was kept, by the new head's macro-F1 on {metrics['dev_examples']:,} held-out training"
             f" examples, among the epochs keeping at least {_pct(training['min_agreement'])} of the existing"
-            " heads' labels there.",
+            " heads' labels there"
+            + (
+                "."
+                if lora
+                else " (epoch 0 is the linear layer on the unchanged encoder: LoRA did not beat it, so the"
+                " encoder and the existing heads are unchanged)."
+            ),
         ]
     else:
         lines += [
             f"- A linear layer on the features the output layer already reads, fitted on {metrics['train_examples']:,}"
             " training examples (multinomial logistic regression, L-BFGS); the encoder is frozen.",
         ]
+    if decay is not None:
+        lines.append(
+            f"- The linear layer's L2 penalty, {decay:g}, had the best macro-F1 of those tried on"
+            f" {metrics['dev_examples']:,} held-out training examples ("
+            + ", ".join(f"{name}: {value:.3f}" for name, value in metrics["weight_decay_dev_macro_f1"].items())
+            + ")."
+        )
     lines += [
         f"- Calibration: temperature T = {metrics['temperature']:.3f}, fitted on `{metrics['data']}`.",
         f"- ONNX fp32 reproduces transformers' probabilities to {metrics['onnx_torch_max_probability_diff']:.2g}.",

@@ -75,7 +75,8 @@ def split_dev(examples: Sequence[Example], fraction: float, seed: int) -> tuple[
     for label in sorted({e.label for e in examples}):
         group = [e for e in examples if e.label == label]
         order = rng.permutation(len(group))
-        cut = round(len(group) * fraction)
+        # At least one of a label's rows, when it has two, so every label is held out.
+        cut = max(round(len(group) * fraction), 1 if len(group) >= 2 else 0)
         dev.extend(group[i] for i in order[:cut])
         train.extend(group[i] for i in order[cut:])
     return train, dev
