@@ -50,7 +50,7 @@ class HeadRefused(ImportRefused):
 class HeadTraining:
     """How the new head's linear layer is fitted (full batch, L-BFGS)."""
 
-    weight_decays: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 1e-6)
+    weight_decays: tuple[float, ...] = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
     """Candidate L2 penalties on the weights (relative to the mean cross-entropy); the one
     with the best macro-F1 on `dev_fraction` of the training file held out is used. No one
     penalty suits every encoder and data size: on the default model's frozen sentiment
@@ -78,6 +78,12 @@ class EncoderTraining:
     distillation_weight: float = 1.0
     """Weight of the existing heads' distillation loss against the new head's cross-entropy."""
     distillation_temperature: float = 2.0
+    warm_start_weight_decay: float = 1e-3
+    """L2 penalty of the linear head LoRA starts from. The penalty chosen for the head alone
+    is often tiny, and a head that nearly fits the training texts leaves the encoder no
+    loss to learn from; this one is regularised enough to leave it some (Kumar et al.'s
+    linear-probe-then-fine-tune, with an underfit probe). Epoch 0, the head-only
+    candidate, is the head alone with its own penalty."""
     min_agreement: float = 0.95
     """Every existing head must keep the base version's label on at least this share of
     the validation texts (and of the held-out ones, for an epoch to be chosen)."""
@@ -311,15 +317,17 @@ def adapt_encoder(
     train: tuple[Sequence[Sequence[int]], npt.NDArray[np.int64], npt.NDArray[np.float32]],
     dev: tuple[Sequence[Sequence[int]], npt.NDArray[np.int64], npt.NDArray[np.float32]],
     training: EncoderTraining,
+    head_only: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None,
 ) -> tuple[Any, list[dict[str, float]]]:
     """Trains LoRA adapters on `model`'s encoder and the new head's rows of its (already
     widened) output layer; the existing heads' rows, the pooler and the rest stay frozen,
     and the existing heads are distilled from the base version's logits (`train[2]`,
     `dev[2]`). Keeps the epoch with the best macro-F1 of the new head on `dev` among those
     whose existing heads keep at least `min_agreement` of the base version's labels there,
-    epoch 0 (the untrained adapters: head only) included. Returns the model with the
-    adapters merged in, and each epoch's figures; raises HeadRefused when no epoch keeps
-    the existing heads close enough."""
+    epoch 0 (the untrained adapters: head only, with `head_only`'s rows when given, else
+    the rows training starts from) included. Returns the model with the adapters merged
+    in, and each epoch's figures; raises HeadRefused when no epoch keeps the existing heads
+    close enough."""
     import random
 
     import torch
@@ -386,7 +394,14 @@ def adapt_encoder(
 
     # Epoch 0 is the linear head on the unchanged encoder (LoRA starts as the identity): an
     # encoder that adapts must beat it on the held-out texts, or the head-only model ships.
-    judge(0)
+    start_rows = (layer.weight[old_rows:].detach().clone(), layer.bias[old_rows:].detach().clone())
+    with torch.no_grad():
+        if head_only is not None:
+            layer.weight[old_rows:] = torch.from_numpy(head_only[0])
+            layer.bias[old_rows:] = torch.from_numpy(head_only[1])
+        judge(0)
+        layer.weight[old_rows:] = start_rows[0]
+        layer.bias[old_rows:] = start_rows[1]
     for epoch in range(1, training.epochs + 1):
         # Dropout stays off: the head starts as a linear fit on the features without it, and
         # dropout's noise through those (often large) weights swamps the gradient. The
@@ -513,9 +528,17 @@ def add_head(
         trained_on = len(dataset.train)
     else:
         fit_teacher, dev_teacher = model_logits(model, fit_ids), model_logits(model, dev_ids)
-        widen_output_layer(model, *fit_linear_head(fit_features, fit_labels, classes, training, weight_decay))
+        head_only = fit_linear_head(fit_features, fit_labels, classes, training, weight_decay)
+        start = fit_linear_head(fit_features, fit_labels, classes, training, encoder.warm_start_weight_decay)
+        widen_output_layer(model, *start)
         model, history = adapt_encoder(
-            model, base.heads, columns, (fit_ids, fit_labels, fit_teacher), (dev_ids, dev_labels, dev_teacher), encoder
+            model,
+            base.heads,
+            columns,
+            (fit_ids, fit_labels, fit_teacher),
+            (dev_ids, dev_labels, dev_teacher),
+            encoder,
+            head_only,
         )
         trained_on = len(fit_examples)
 
