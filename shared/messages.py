@@ -92,6 +92,13 @@ class HeadResult(BaseModel):
     """The head's top label, or `abstain`."""
     probabilities: dict[str, float] = Field(default_factory=dict)
     """The head's calibrated probabilities."""
+    labels: list[str] = Field(default_factory=list)
+    """Every label that holds: for a multi-label (sigmoid) head each one at or above its
+    threshold, for a single-label (softmax) head the top one; empty when it abstained."""
+    abstained: bool = False
+    """No label cleared the head's threshold (`label` is then `abstain`)."""
+    score: float | None = None
+    """The head's score from its label-to-score mapping; None without one."""
 
 
 class ModelClassification(BaseModel):
@@ -103,11 +110,21 @@ class ModelClassification(BaseModel):
     model_version: str = ""
     """The version that answered (empty when the model could read none of the batch's texts)."""
     status: str = "ok"
-    """`ok`, or `unsupported_language`: the model cannot read the item's text (too many of its
-    tokens unknown to the model's tokenizer); then there is no label, and the item is still
-    scored by the scoring model."""
+    """`ok`; `unsupported_language`: the model cannot read the item's text (too many of its
+    tokens unknown to the model's tokenizer); or `rejected`: the model refused the item's
+    text as invalid input (`detail` says why). Either way there is no label, and the item is
+    still scored by the scoring model."""
+    detail: str = ""
+    """Why the model rejected the item (status `rejected`); empty otherwise."""
     label: str | None = None
     """The primary head's top label (or `abstain`); None when the status is not `ok`."""
+    labels: list[str] = Field(default_factory=list)
+    """Every label of the primary head that holds: for a multi-label (sigmoid) head each one
+    at or above its threshold, for a single-label (softmax) head the top one; empty when it
+    abstained or the status is not `ok`."""
+    abstained: bool = False
+    """The primary head abstained (no label cleared its threshold; `label` is `abstain`);
+    false when the status is not `ok`."""
     probabilities: dict[str, float] = Field(default_factory=dict)
     """The primary head's calibrated probabilities; empty when the status is not `ok`."""
     score: float | None = None
@@ -138,7 +155,7 @@ class ScoredItem(BaseModel):
     """The top label of the topic head (`INFERMESH_WORKER_TOPIC_HEAD`, default `topic`) of
     the topic model (`INFERMESH_WORKER_TOPIC_MODEL`; by default the scoring model's version);
     None when the version has no such head, it abstained, or the topic model could not read
-    the item."""
+    the item or rejected it."""
     topic_probabilities: dict[str, float] = Field(default_factory=dict)
     """The topic head's calibrated probabilities; empty without a topic head."""
     tickers: list[str] = Field(default_factory=list)

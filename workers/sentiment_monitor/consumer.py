@@ -6,9 +6,15 @@ through the mesh (one call per applied model: the scoring model, routed by langu
 each of `MonitorSettings.applied_models()` by name, concurrently), produce one ScoredItem
 per (item, ticker), and one per item with a topic keyed by its topic (the topic windows'
 repartition), wait for the broker to acknowledge every output, and only then commit the
-offsets. Transient failures of the mesh are retried with back-off (all the calls again)
-and nothing is committed meanwhile; a crash re-delivers the batch, and the deterministic
-output ids let consumers drop the duplicates.
+offsets. Transient failures of the mesh are retried with back-off (only the calls that
+failed; the answers already in are kept) and nothing is committed meanwhile; a crash
+re-delivers the batch, and the deterministic output ids let consumers drop the duplicates.
+
+A model that rejects a batch (InvalidInput, InputTooLarge) gets each of its texts alone;
+an item the scoring model rejects alone is dead-lettered, one another model rejects alone
+is recorded as `rejected` in its `classifications` and still scored. A model that stays
+unavailable past the retry budget, or fails otherwise (ModelNotReady, ModelLoadFailed,
+...), stops the stage with its batch uncommitted, whichever model it is; the log names it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -53,6 +59,9 @@ from workers.sentiment_monitor.settings import MonitorSettings
 logger = logging.getLogger(__name__)
 
 TRANSIENT = (Unavailable, Overloaded, DeadlineExceeded)
+REJECTIONS = (InvalidInput, InputTooLarge)
+Rejection: TypeAlias = InvalidInput | InputTooLarge
+"""A call's error that is its texts' fault: never retried."""
 _tracer = trace.get_tracer(__name__)
 
 TEST_PAUSE_BEFORE_COMMIT_ENV = "INFERMESH_TEST_PAUSE_BEFORE_COMMIT"
@@ -82,6 +91,9 @@ class ItemResults:
     results: Mapping[str, ClassifyResult]
     """By model, `SCORING` for the scoring model."""
     index: int
+    rejected: Mapping[str, Rejection] = field(default_factory=dict)
+    """By model, the applied models (never the scoring model) that rejected the item's text
+    alone: recorded as `rejected`, and the item is still scored."""
 
     @property
     def scoring(self) -> tuple[ClassifyResult, int]:
@@ -252,7 +264,16 @@ class NewsScorer:
                 attributes={"messaging.destination.name": record.topic, "infermesh.item_id": item.id},
             ):
                 headers = inject_headers()
-                scored_items = self._scored_items(item, outcome.scoring, outcome.applied)
+                for model, rejection in outcome.rejected.items():
+                    logger.warning(
+                        "model %s rejected %s[%d]@%d (%s); recorded as rejected, the item still scored",
+                        model,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        rejection.detail,
+                    )
+                scored_items = self._scored_items(item, outcome.scoring, outcome.applied, outcome.rejected)
                 for scored_item in scored_items:
                     KAFKA_PRODUCED.labels(SENTIMENT_TOPIC).inc()
                     batch.acks.append(
@@ -292,63 +313,129 @@ class NewsScorer:
             DLQ_TOPIC, key=record.key, value=record.value or b"", headers=dead_letter_headers(record, reason, detail)
         )
 
-    def _submit(self, texts: list[str]) -> dict[str, Future[ClassifyResult]]:
-        """Starts one call per applied model (they run concurrently); returns at once."""
+    def _submit(self, texts: list[str], models: Iterable[str] | None = None) -> dict[str, Future[ClassifyResult]]:
+        """Starts one call per model (they run concurrently); returns at once. `models`: by
+        default every applied model, `SCORING` (the scoring model, routed by language) first."""
         timeout = self.settings.score_timeout_seconds
-        calls = {SCORING: self.scorer.submit(texts, timeout)}
-        for model in self.applied_models:
-            calls[model] = self.scorer.submit(texts, timeout, model_name=model)
+        calls: dict[str, Future[ClassifyResult]] = {}
+        for model in [SCORING, *self.applied_models] if models is None else models:
+            if model == SCORING:
+                calls[model] = self.scorer.submit(texts, timeout)
+            else:
+                calls[model] = self.scorer.submit(texts, timeout, model_name=model)
         return calls
 
     def _score(
         self, items: list[NewsItem], submitted: Mapping[str, Future[ClassifyResult]]
     ) -> list[ItemResults | InfermeshError]:
-        """Per item, its results or the error that rejects it alone."""
+        """Per item, its results or the error that rejects it alone (the scoring model's)."""
         if not items or not submitted:
             return []
         texts = [item.text() for item in items]
-        try:
-            try:
-                results = _results(submitted)
-            except TRANSIENT:
-                results = self._classify(texts)  # from here on with back-off
-            return [ItemResults(results, index) for index in range(len(items))]
-        except (InvalidInput, InputTooLarge) as error:
-            if len(items) == 1:
-                return [error]
-        # One item spoils the batch: score each alone so only the bad one is rejected.
+        answers = self._classify(texts, made=submitted)
+        rejecting = [model for model, answer in answers.items() if isinstance(answer, REJECTIONS)]
+        if len(items) == 1 or not rejecting:
+            return [_item_outcome(answers, index) for index in range(len(items))]
+        # One item spoils a model's batch: that model gets each text alone, so only the bad
+        # one is rejected; the other models' answers for the batch are kept.
         outcomes: list[ItemResults | InfermeshError] = []
-        for text in texts:
-            try:
-                outcomes.append(ItemResults(self._classify([text]), 0))
-            except (InvalidInput, InputTooLarge) as error:
-                outcomes.append(error)
+        for index, text in enumerate(texts):
+            alone = self._classify([text], models=rejecting)
+            mine: dict[str, ClassifyResult | Rejection] = {}
+            for model, answer in answers.items():
+                if model in alone:
+                    mine[model] = alone[model]
+                elif isinstance(answer, ClassifyResult):
+                    mine[model] = ClassifyResult(answer.model_name, answer.model_version, [answer.results[index]])
+            outcomes.append(_item_outcome(mine, 0))
         return outcomes
 
-    def _classify(self, texts: list[str]) -> dict[str, ClassifyResult]:
-        """Every applied model's result, with back-off on transient failures (a failed call
-        makes all of them again); caller-attributable errors raise at once."""
+    def _classify(
+        self,
+        texts: list[str],
+        models: Iterable[str] | None = None,
+        made: Mapping[str, Future[ClassifyResult]] | None = None,
+    ) -> dict[str, ClassifyResult | Rejection]:
+        """Each model's answer for `texts`: its result, or its rejection (InvalidInput,
+        InputTooLarge: the texts' fault, not retried). `made`: calls already made (the
+        batch's first round, started before the previous batch was committed: one that
+        failed transiently is made again at once); else a call per model of `models`
+        (`_submit`'s default: every applied model).
+
+        The one place of retries: a call that fails transiently (Unavailable, Overloaded,
+        DeadlineExceeded) is made again, alone, with back-off, while the answers already in
+        are kept, until `retry_budget_seconds` after the first failure. A model still failing
+        then, or failing otherwise (ModelNotReady, ModelLoadFailed, ...), raises its error,
+        logged with the model's name: the stage stops with its batch uncommitted, whichever
+        model it is."""
+        calls = dict(made) if made is not None else self._submit(texts, models)
+        order = list(calls)
+        again_at_once = made is not None
+        answers: dict[str, ClassifyResult | Rejection] = {}
         delay = self.settings.retry_initial_seconds
-        deadline = time.monotonic() + self.settings.retry_budget_seconds
+        deadline: float | None = None
         while True:
-            try:
-                return _results(self._submit(texts))
-            except TRANSIENT as error:
-                if time.monotonic() + delay > deadline:
+            wait(calls.values())  # none is left running behind a retry
+            failed: dict[str, InfermeshError] = {}
+            for model, call in calls.items():
+                try:
+                    answers[model] = call.result()
+                except REJECTIONS as error:
+                    answers[model] = error
+                except TRANSIENT as error:
+                    failed[model] = error
+                except Exception as error:
+                    self._giving_up({model: error}, "failed")
                     raise
-                logger.warning("scoring failed (%s: %s); retrying in %.1f s", type(error).__name__, error.detail, delay)
+            if not failed:
+                return {model: answers[model] for model in order}
+            if deadline is None:
+                deadline = time.monotonic() + self.settings.retry_budget_seconds
+            if again_at_once:
+                again_at_once = False
+            else:
+                if time.monotonic() + delay > deadline:
+                    raise self._giving_up(failed, "still failing past the retry budget")
+                logger.warning(
+                    "%s failed (%s); retrying %s in %.1f s",
+                    ", ".join(self._named(model) for model in failed),
+                    "; ".join(f"{type(error).__name__}: {error.detail}" for error in failed.values()),
+                    "it" if len(failed) == 1 else "them",
+                    delay,
+                )
                 WORKER_RETRIES.inc()
                 self._sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
+            calls = self._submit(texts, failed)
+
+    def _named(self, model: str) -> str:
+        """The model as the log names it."""
+        return f"scoring model {self.settings.model_name}" if model == SCORING else f"model {model}"
+
+    def _giving_up(self, failed: Mapping[str, Exception], why: str) -> Exception:
+        """The first model's error, logged and noted with the models that failed, for the
+        stage to stop on."""
+        line = "; ".join(
+            f"{self._named(model)} {why} ({type(error).__name__}:"
+            f" {error.detail if isinstance(error, InfermeshError) else error})"
+            for model, error in failed.items()
+        )
+        line += "; stopping the stage with its batch uncommitted"
+        logger.error("%s", line)
+        error = next(iter(failed.values()))
+        error.add_note(line)
+        return error
 
     def _scored_items(
         self,
         item: NewsItem,
         outcome: tuple[ClassifyResult, int],
         applied: Mapping[str, tuple[ClassifyResult, int]] | None = None,
+        rejected: Mapping[str, Rejection] | None = None,
     ) -> list[ScoredItem]:
         """The item's records: `outcome` is the scoring model's result (and the item's index
-        into it), `applied` the other applied models', by name."""
+        into it), `applied` the other applied models', by name, and `rejected` the other
+        models that rejected the item's text."""
         result, index = outcome
         classification = result.results[index]
         probabilities = classification.probabilities
@@ -360,7 +447,7 @@ class NewsScorer:
                     classification.model_name or result.model_name, classification.model_version or result.model_version
                 )
             )
-        applied = applied or {}
+        applied, rejected = applied or {}, rejected or {}
         topic_source: Classification | None = classification
         topic_model = self.settings.topic_model
         if topic_model and topic_model != self.settings.model_name:
@@ -385,7 +472,10 @@ class NewsScorer:
             "topic": topic,
             "topic_probabilities": topic_probabilities,
             "tickers": tickers,
-            "classifications": {model: model_classification(*answer) for model, answer in applied.items()},
+            "classifications": {
+                **{model: model_classification(*answer) for model, answer in applied.items()},
+                **{model: rejected_classification(error) for model, error in rejected.items()},
+            },
         }
         if not tickers:
             return [ScoredItem(id=item.id, ticker=None, **base)]
@@ -399,11 +489,15 @@ class NewsScorer:
         self.consumer.commit(offsets)
 
 
-def _results(calls: Mapping[str, Future[ClassifyResult]]) -> dict[str, ClassifyResult]:
-    """Waits for every call (none is left running behind a retry), then gives their results
-    or raises the first failed call's error (in the calls' order)."""
-    wait(calls.values())
-    return {model: call.result() for model, call in calls.items()}
+def _item_outcome(answers: Mapping[str, ClassifyResult | Rejection], index: int) -> ItemResults | InfermeshError:
+    """One item's outcome from every model's answer (the item's at `index`): the scoring
+    model's rejection rejects the item; another model's is recorded beside the results."""
+    scoring = answers[SCORING]
+    if isinstance(scoring, REJECTIONS):
+        return scoring
+    results = {model: answer for model, answer in answers.items() if isinstance(answer, ClassifyResult)}
+    rejected = {model: answer for model, answer in answers.items() if isinstance(answer, REJECTIONS)}
+    return ItemResults(results, index, rejected)
 
 
 def model_classification(result: ClassifyResult, index: int) -> ModelClassification:
@@ -416,13 +510,26 @@ def model_classification(result: ClassifyResult, index: int) -> ModelClassificat
         model_version=version,
         status=classification.status.value,
         label=classification.label,
+        labels=list(classification.labels),
+        abstained=classification.abstained,
         probabilities=dict(classification.probabilities),
         score=classification.score,
         heads={
-            name: HeadResult(label=head.label, probabilities=dict(head.probabilities))
+            name: HeadResult(
+                label=head.label,
+                labels=list(head.labels),
+                abstained=head.abstained,
+                probabilities=dict(head.probabilities),
+                score=head.score,
+            )
             for name, head in classification.heads.items()
         },
     )
+
+
+def rejected_classification(error: Rejection) -> ModelClassification:
+    """An applied model's answer for an item whose text it rejected alone."""
+    return ModelClassification(status="rejected", detail=error.detail)
 
 
 def topic_record(scored: ScoredItem) -> ScoredItem | None:
