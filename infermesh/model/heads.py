@@ -520,11 +520,15 @@ def add_head(
     )
     columns = slice(base.num_logits, base.num_logits + classes)
     history: list[dict[str, float]] = []
-    if encoder is None:
-        # Head only: the chosen penalty, fitted again on the whole training file.
+
+    def head_alone() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The chosen penalty, fitted again on the whole training file."""
         features = np.concatenate([fit_features, dev_features])
         labels = np.concatenate([fit_labels, dev_labels])
-        widen_output_layer(model, *fit_linear_head(features, labels, classes, training, weight_decay))
+        return fit_linear_head(features, labels, classes, training, weight_decay)
+
+    if encoder is None:
+        widen_output_layer(model, *head_alone())
         trained_on = len(dataset.train)
     else:
         fit_teacher, dev_teacher = model_logits(model, fit_ids), model_logits(model, dev_ids)
@@ -541,6 +545,16 @@ def add_head(
             head_only,
         )
         trained_on = len(fit_examples)
+        if history[-1]["chosen_epoch"] == 0:
+            # LoRA lost to the head alone, so the head alone ships, as head only makes it.
+            import torch
+
+            weight, bias = head_alone()
+            layer = output_layer(model)
+            with torch.no_grad():
+                layer.weight[columns] = torch.from_numpy(weight)
+                layer.bias[columns] = torch.from_numpy(bias)
+            trained_on = len(dataset.train)
 
     def onnx_logits(path: Path) -> npt.NDArray[np.float32]:
         backend = OnnxRuntimeBackend(path)
