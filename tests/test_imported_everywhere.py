@@ -55,8 +55,7 @@ from shared.pipeline import PipelineTargets
 from tests.gateway.conftest import client_for, settings_for_targets
 from tests.test_import import import_cli
 from tests.tiny_checkpoints import FAMILIES, build_checkpoint, two_head_version
-from workers.sentiment_monitor.attribution import TickerAttributor
-from workers.sentiment_monitor.consumer import NewsScorer
+from tests.workers.stages import scoring_stage
 from workers.sentiment_monitor.scoring import BlockingPipeline, check_score_mapping
 from workers.sentiment_monitor.settings import MonitorSettings
 
@@ -470,22 +469,8 @@ async def test_the_worker_scores_news_with_transformers_probabilities(
             producer.send(NEWS_TOPIC, key=item_id.encode(), value=json.dumps(news).encode())
         producer.flush()
         producer.close()
-        consumer = KafkaConsumer(
-            **kafka_config,
-            group_id=f"test-imported-{case.model}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=6000,
-            heartbeat_interval_ms=1500,
-        )
-        consumer.subscribe([NEWS_TOPIC])
-        scorer = NewsScorer(
-            consumer,
-            KafkaProducer(**kafka_config, acks="all", enable_idempotence=True),
-            pipeline,
-            TickerAttributor.from_csv(settings.companies_csv),
-            settings,
-            sleep=lambda _: None,
+        scorer = scoring_stage(
+            kafka_config, pipeline, settings, group=f"test-imported-{case.model}", sleep=lambda _: None
         )
         try:
             seen = 0

@@ -15,13 +15,14 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from shared.errors import InvalidInput, ModelNotReady, Unavailable
 from shared.kafka import read_to_end
 from shared.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, TOPIC_SENTIMENT_TOPIC, NewsItem, ScoredItem
 from shared.pipeline import Classification, ClassifyResult, HeadClassification
 from shared.routing import TextStatus
+from tests.workers.stages import scoring_stage
 from workers.sentiment_monitor.attribution import TickerAttributor
 from workers.sentiment_monitor.consumer import UNSUPPORTED_LANGUAGE_REASON, ItemResults, NewsScorer
 from workers.sentiment_monitor.settings import MonitorSettings
@@ -354,18 +355,8 @@ async def test_the_stage_dead_letters_what_the_scoring_model_cannot_read_and_rec
     producer.flush()
     producer.close()
     monitor = settings()
-    consumer = KafkaConsumer(
-        **kafka_config,
-        group_id=monitor.scorer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
-    consumer.subscribe([NEWS_TOPIC])
-    scorer = NewsScorer(
-        consumer, KafkaProducer(**kafka_config, acks="all"), FakeMesh(), TickerAttributor.from_csv(), monitor
-    )
+    scorer = scoring_stage(kafka_config, FakeMesh(), monitor)
+    consumer = scorer.consumer
     seen = scored_count = 0
     try:
         for _ in range(60):

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from services.inference.server import start as start_inference
 from services.inference.settings import InferenceSettings
@@ -40,8 +40,8 @@ from shared.pipeline import PipelineTargets
 from tests.conftest import MODEL, link_version
 from tests.test_import import import_cli, transformers_probabilities
 from tests.tiny_checkpoints import FAMILIES, build_checkpoint
-from workers.sentiment_monitor.attribution import TickerAttributor
-from workers.sentiment_monitor.consumer import UNSUPPORTED_LANGUAGE_REASON, NewsScorer
+from tests.workers.stages import scoring_stage
+from workers.sentiment_monitor.consumer import UNSUPPORTED_LANGUAGE_REASON
 from workers.sentiment_monitor.scoring import BlockingPipeline, check_score_mapping
 from workers.sentiment_monitor.settings import MonitorSettings
 
@@ -128,22 +128,8 @@ async def test_the_worker_applies_the_default_and_an_imported_model_with_the_top
         settings.model_name,
         settings.language_routing(),
     )
-    consumer = KafkaConsumer(
-        **kafka_config,
-        group_id=settings.scorer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
-    consumer.subscribe([NEWS_TOPIC])
-    scorer = NewsScorer(
-        consumer,
-        KafkaProducer(**kafka_config, acks="all", enable_idempotence=True),
-        pipeline,
-        TickerAttributor.from_csv(settings.companies_csv),
-        settings,
-    )
+    scorer = scoring_stage(kafka_config, pipeline, settings)
+    consumer = scorer.consumer
     seen = scored = 0
     try:
         refusal = await asyncio.to_thread(

@@ -19,7 +19,7 @@ from shared.kafka_tracing import extract_context, inject_headers
 from shared.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, ScoredItem
 from shared.pipeline import ClassifyResult, PipelineTargets
 from tests.conftest import SPANS
-from workers.sentiment_monitor.attribution import TickerAttributor
+from tests.workers.stages import scoring_stage
 from workers.sentiment_monitor.consumer import NewsScorer
 from workers.sentiment_monitor.scoring import BlockingPipeline
 from workers.sentiment_monitor.settings import MonitorSettings
@@ -46,19 +46,7 @@ def pipeline(
 
 
 def make_scorer(kafka_config: dict[str, Any], scorer: Any, **settings: Any) -> NewsScorer:
-    consumer = KafkaConsumer(
-        **kafka_config,
-        group_id=GROUP,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
-    consumer.subscribe([NEWS_TOPIC])
-    producer = KafkaProducer(**kafka_config, acks="all", enable_idempotence=True)
-    return NewsScorer(
-        consumer, producer, scorer, TickerAttributor.from_csv(), MonitorSettings(**settings), sleep=lambda _: None
-    )
+    return scoring_stage(kafka_config, scorer, MonitorSettings(**settings), group=GROUP, sleep=lambda _: None)
 
 
 def produce(kafka_config: dict[str, Any], values: Sequence[bytes | None]) -> None:

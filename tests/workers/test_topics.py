@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from shared.grpc_server import RunningServer
 from shared.kafka import read_to_end
@@ -30,8 +30,8 @@ from shared.messages import (
     output_json_schemas,
 )
 from shared.pipeline import Classification, ClassifyResult, HeadClassification, PipelineTargets
-from workers.sentiment_monitor.attribution import TickerAttributor
-from workers.sentiment_monitor.consumer import NewsScorer, topic_record
+from tests.workers.stages import scoring_stage
+from workers.sentiment_monitor.consumer import topic_record
 from workers.sentiment_monitor.core import (
     TopicAlertRule,
     TopicAlertSettings,
@@ -39,6 +39,7 @@ from workers.sentiment_monitor.core import (
     TumblingWindows,
     WindowSettings,
 )
+from workers.sentiment_monitor.runner import group_consumer
 from workers.sentiment_monitor.scoring import BlockingPipeline
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.windowing import TOPICS, WindowStage
@@ -228,17 +229,8 @@ def produce_news(kafka_config: dict[str, Any], values: list[bytes]) -> None:
 
 
 async def score_all(kafka_config: dict[str, Any], scorer: Any, settings: MonitorSettings, expected: int) -> None:
-    consumer = KafkaConsumer(
-        **kafka_config,
-        group_id=settings.scorer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
-    consumer.subscribe([NEWS_TOPIC])
-    producer = KafkaProducer(**kafka_config, acks="all", enable_idempotence=True)
-    stage = NewsScorer(consumer, producer, scorer, TickerAttributor.from_csv(), settings)
+    stage = scoring_stage(kafka_config, scorer, settings)
+    consumer, producer = stage.consumer, stage.producer
     seen = 0
     try:
         for _ in range(60):
@@ -252,14 +244,7 @@ async def score_all(kafka_config: dict[str, Any], scorer: Any, settings: Monitor
 
 
 def topic_stage(kafka_config: dict[str, Any], settings: MonitorSettings) -> WindowStage:
-    consumer = KafkaConsumer(
-        **kafka_config,
-        group_id=settings.topics_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
+    consumer = group_consumer(kafka_config, settings.topics_group, settings.max_batch)
     producer = KafkaProducer(**kafka_config, acks="all", enable_idempotence=True)
     stage = WindowStage(consumer, producer, kafka_config, settings, clock=lambda: NOW, dimension=TOPICS)
     consumer.subscribe([TOPIC_SENTIMENT_TOPIC], listener=stage)

@@ -26,8 +26,7 @@ from shared.kafka_tracing import extract_context, inject_headers
 from shared.metrics import MetricsServer
 from shared.pipeline import Classification, ClassifyResult
 from tests.conftest import SPANS, free_port
-from workers.sentiment_monitor.attribution import TickerAttributor
-from workers.sentiment_monitor.consumer import NewsScorer
+from tests.workers.stages import scoring_stage
 from workers.sentiment_monitor.core import window_id
 from workers.sentiment_monitor.messages import (
     ALERTS_TOPIC,
@@ -38,6 +37,7 @@ from workers.sentiment_monitor.messages import (
     Alert,
     WindowAggregate,
 )
+from workers.sentiment_monitor.runner import group_consumer
 from workers.sentiment_monitor.settings import MonitorSettings
 from workers.sentiment_monitor.windowing import PipelineCaughtUp, WindowStage, restore_reader
 
@@ -81,14 +81,7 @@ def stage(
     settings: MonitorSettings | None = None,
     clock: Callable[[], datetime] = lambda: T0 + timedelta(days=1),
 ) -> WindowStage:
-    consumer = KafkaConsumer(
-        **kafka_config,
-        group_id="test-windows",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
+    consumer = group_consumer(kafka_config, "test-windows", (settings or MonitorSettings()).max_batch)
     producer = KafkaProducer(**kafka_config, acks="all", enable_idempotence=True)
     window_stage = WindowStage(consumer, producer, kafka_config, settings or MonitorSettings(), clock=clock)
     consumer.subscribe([SENTIMENT_TOPIC], listener=window_stage)
@@ -289,17 +282,8 @@ class KeywordScorer:
 async def score_all(kafka_config: dict[str, Any], settings: MonitorSettings, expected: int) -> None:
     """Runs the scoring stage (the real one, in its real group) until `expected` news
     records are scored and committed, then stops it."""
-    consumer = KafkaConsumer(
-        **kafka_config,
-        group_id=settings.scorer_group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1500,
-    )
-    consumer.subscribe([NEWS_TOPIC])
-    producer = KafkaProducer(**kafka_config, acks="all", enable_idempotence=True)
-    scorer = NewsScorer(consumer, producer, KeywordScorer(), TickerAttributor.from_csv(), settings)
+    scorer = scoring_stage(kafka_config, KeywordScorer(), settings)
+    consumer, producer = scorer.consumer, scorer.producer
     seen = 0
     try:
         for _ in range(60):
