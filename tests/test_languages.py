@@ -17,15 +17,8 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 from tokenizers import Tokenizer as RustTokenizer
 
-from services.inference.server import start as start_inference
-from services.inference.settings import InferenceSettings
-from services.postprocessor.server import start as start_postprocessor
-from services.postprocessor.settings import PostprocessorSettings
 from services.tokenizer.core import Tokenizer, TokenizerLimits, unknown_token_id
 from services.tokenizer.languages import LanguageDetector
-from services.tokenizer.server import start as start_tokenizer
-from services.tokenizer.settings import TokenizerSettings
-from shared.grpc_server import RunningServer
 from shared.messages import DLQ_TOPIC, SENTIMENT_TOPIC
 from shared.pb import pipeline_pb2 as pipeline_pb
 from shared.pb import pipeline_pb2_grpc as pipeline_grpc
@@ -33,6 +26,7 @@ from shared.pipeline import PipelineTargets
 from shared.routing import Detection, LanguageRouting, readable, route
 from tests.conftest import MODEL, link_version
 from tests.gateway.conftest import client_for, settings_for_targets
+from tests.mesh import running_mesh
 from tests.test_import import import_cli
 from tests.tiny_checkpoints import FAMILIES, build_checkpoint, build_tokenizer
 from tests.workers.test_scorer import make_scorer, news, produce, read_all
@@ -144,16 +138,8 @@ def two_models(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest_asyncio.fixture(scope="module")
 async def mesh(two_models: Path) -> AsyncIterator[list[str]]:
-    tokenizer = await start_tokenizer(TokenizerSettings(grpc_port=0, model_repository=two_models))
-    inference, core = await start_inference(InferenceSettings(grpc_port=0, model_repository=two_models, variant="fp32"))
-    postprocessor = await start_postprocessor(PostprocessorSettings(grpc_port=0, model_repository=two_models))
-    servers: list[RunningServer] = [tokenizer, inference, postprocessor]
-    try:
-        yield [f"127.0.0.1:{server.port}" for server in servers]
-    finally:
-        for server in servers:
-            await server.stop(0)
-        await core.close()
+    async with running_mesh(two_models, variant="fp32") as targets:
+        yield [targets.tokenizer, targets.inference, targets.postprocessor]
 
 
 async def test_rest_answers_unsupported_language_beside_labelled_english(mesh: list[str]) -> None:

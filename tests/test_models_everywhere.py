@@ -15,12 +15,6 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from services.inference.server import start as start_inference
-from services.inference.settings import InferenceSettings
-from services.postprocessor.server import start as start_postprocessor
-from services.postprocessor.settings import PostprocessorSettings
-from services.tokenizer.server import start as start_tokenizer
-from services.tokenizer.settings import TokenizerSettings
 from shared.classification import response_fields, score, sentiment_scores
 from shared.messages import NewsItem
 from shared.pb import pipeline_pb2 as pipeline_pb
@@ -32,6 +26,7 @@ from shared.pb import tokenizer_pb2_grpc as tok_grpc
 from shared.pipeline import Classification, PipelineClient, PipelineTargets
 from tests.conftest import MODEL, link_version
 from tests.gateway.conftest import client_for, settings_for_targets
+from tests.mesh import running_mesh
 from tests.test_import import import_cli
 from tests.tiny_checkpoints import FAMILIES, build_checkpoint
 from workers.sentiment_monitor.attribution import TickerAttributor
@@ -62,19 +57,8 @@ def two_models(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest_asyncio.fixture(scope="module")
 async def targets(two_models: Path) -> AsyncIterator[PipelineTargets]:
-    tokenizer = await start_tokenizer(TokenizerSettings(grpc_port=0, model_repository=two_models))
-    inference, core = await start_inference(InferenceSettings(grpc_port=0, model_repository=two_models))
-    postprocessor = await start_postprocessor(PostprocessorSettings(grpc_port=0, model_repository=two_models))
-    try:
-        yield PipelineTargets(
-            tokenizer=f"127.0.0.1:{tokenizer.port}",
-            inference=f"127.0.0.1:{inference.port}",
-            postprocessor=f"127.0.0.1:{postprocessor.port}",
-        )
-    finally:
-        for server in (tokenizer, inference, postprocessor):
-            await server.stop(0)
-        await core.close()
+    async with running_mesh(two_models) as running:
+        yield running
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -36,13 +36,6 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from prometheus_client import REGISTRY
 from transformers import AutoModelForSequenceClassification
 
-from services.inference.server import start as start_inference
-from services.inference.settings import InferenceSettings
-from services.postprocessor.server import start as start_postprocessor
-from services.postprocessor.settings import PostprocessorSettings
-from services.tokenizer.server import start as start_tokenizer
-from services.tokenizer.settings import TokenizerSettings
-from shared.grpc_server import RunningServer
 from shared.kafka import read_to_end
 from shared.messages import (
     ALERTS_TOPIC,
@@ -56,6 +49,7 @@ from shared.messages import (
 )
 from shared.pipeline import PipelineTargets
 from tests.conftest import MODEL, link_version
+from tests.mesh import running_mesh
 from tests.test_import import import_cli
 from tests.tiny_checkpoints import FAMILIES, LABELS, build_character_tokenizer, build_checkpoint
 from workers.sentiment_monitor.attribution import TickerAttributor
@@ -196,16 +190,8 @@ def repository(built_model: Path, chinese: ChineseModel, tmp_path_factory: pytes
 
 @pytest_asyncio.fixture(scope="module")
 async def mesh(repository: Path) -> AsyncIterator[PipelineTargets]:
-    tokenizer = await start_tokenizer(TokenizerSettings(grpc_port=0, model_repository=repository))
-    inference, core = await start_inference(InferenceSettings(grpc_port=0, model_repository=repository, variant="fp32"))
-    postprocessor = await start_postprocessor(PostprocessorSettings(grpc_port=0, model_repository=repository))
-    servers: list[RunningServer] = [tokenizer, inference, postprocessor]
-    try:
-        yield PipelineTargets(*(f"127.0.0.1:{server.port}" for server in servers))
-    finally:
-        for server in servers:
-            await server.stop(0)
-        await core.close()
+    async with running_mesh(repository, variant="fp32") as targets:
+        yield targets
 
 
 @dataclass(frozen=True)

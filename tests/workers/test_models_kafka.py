@@ -27,17 +27,11 @@ import pytest
 import pytest_asyncio
 from kafka import KafkaProducer
 
-from services.inference.server import start as start_inference
-from services.inference.settings import InferenceSettings
-from services.postprocessor.server import start as start_postprocessor
-from services.postprocessor.settings import PostprocessorSettings
-from services.tokenizer.server import start as start_tokenizer
-from services.tokenizer.settings import TokenizerSettings
-from shared.grpc_server import RunningServer
 from shared.kafka import read_to_end
 from shared.messages import DLQ_TOPIC, NEWS_TOPIC, SENTIMENT_TOPIC, TOPIC_SENTIMENT_TOPIC, ScoredItem
 from shared.pipeline import PipelineTargets
 from tests.conftest import MODEL, link_version
+from tests.mesh import running_mesh
 from tests.test_import import import_cli, transformers_probabilities
 from tests.tiny_checkpoints import FAMILIES, build_checkpoint
 from tests.workers.stages import scoring_stage
@@ -80,17 +74,8 @@ def repository(built_model: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 
 @pytest_asyncio.fixture(scope="module")
 async def mesh(repository: tuple[Path, dict[str, list[float]]]) -> AsyncIterator[PipelineTargets]:
-    root = repository[0]
-    tokenizer = await start_tokenizer(TokenizerSettings(grpc_port=0, model_repository=root))
-    inference, core = await start_inference(InferenceSettings(grpc_port=0, model_repository=root, variant="fp32"))
-    postprocessor = await start_postprocessor(PostprocessorSettings(grpc_port=0, model_repository=root))
-    servers: list[RunningServer] = [tokenizer, inference, postprocessor]
-    try:
-        yield PipelineTargets(*(f"127.0.0.1:{server.port}" for server in servers))
-    finally:
-        for server in servers:
-            await server.stop(0)
-        await core.close()
+    async with running_mesh(repository[0], variant="fp32") as targets:
+        yield targets
 
 
 def worker_environment(mesh: PipelineTargets, **extra: str) -> dict[str, str]:
