@@ -7,6 +7,7 @@ numbers the model card reports. The explainer's torch side applies the same rule
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 import numpy as np
@@ -38,6 +39,33 @@ def calibrated(logits: FloatArray, config: Calibration) -> npt.NDArray[np.float6
     # and inf - inf is NaN. What overflows now is -inf, which is right: exp gives 0.
     with np.errstate(over="ignore"):
         return softmax(matrix - matrix.max(axis=-1, keepdims=True), config.temperature)
+
+
+#: A multi-label head's threshold for a label neither the version nor the request names.
+DEFAULT_SIGMOID_THRESHOLD = 0.5
+
+
+def holding(
+    probabilities: FloatArray,
+    activation: Literal["softmax", "sigmoid"],
+    labels: Sequence[str],
+    thresholds: Mapping[str, float],
+) -> npt.NDArray[np.bool_]:
+    """Which labels a head answers, per row of calibrated probabilities: every label at or
+    above its threshold (sigmoid; DEFAULT_SIGMOID_THRESHOLD for labels not named), or the
+    top label when it reaches its threshold (softmax; 0 for labels not named). A row with
+    none holding is an abstention. The post-processor's rule; what a version answers is
+    compared by it too (`infermesh add-head`'s agreement with the base version)."""
+    matrix = np.asarray(probabilities)
+    if activation == "sigmoid":
+        limits = np.array([thresholds.get(label, DEFAULT_SIGMOID_THRESHOLD) for label in labels])
+        return np.asarray(matrix >= limits)
+    rows = np.arange(len(matrix))
+    top = matrix.argmax(axis=-1)
+    limits = np.array([thresholds.get(label, 0.0) for label in labels])
+    result = np.zeros(matrix.shape, dtype=bool)
+    result[rows, top] = matrix[rows, top] >= limits[top]
+    return result
 
 
 def sigmoid(logits: FloatArray, temperature: float = 1.0) -> npt.NDArray[np.float64]:

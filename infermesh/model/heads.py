@@ -207,29 +207,17 @@ def _agreements(kept: dict[str, dict[str, float]]) -> str:
     return ", ".join(f"{figures['label_agreement']:.1%} ({name})" for name, figures in kept.items())
 
 
-def decisions(probabilities: npt.NDArray[np.float64], head: Head) -> npt.NDArray[np.bool_]:
-    """What a head answers for each text, as the post-processor decides it, one row per
-    text: the top label, or none when it is under the head's threshold for it (abstain)
-    (softmax); every label at or above its threshold (sigmoid)."""
-    if head.activation == "sigmoid":
-        limits = np.array([head.thresholds.get(label, 0.5) for label in head.labels])
-        return np.asarray(probabilities >= limits)
-    top = probabilities.argmax(-1)
-    limits = np.array([head.thresholds.get(label, 0.0) for label in head.labels])
-    answered = probabilities[np.arange(len(top)), top] >= limits[top]
-    chosen = np.zeros(probabilities.shape, dtype=bool)
-    chosen[np.arange(len(top)), top] = answered
-    return chosen
-
-
 def label_agreement(before: npt.NDArray[np.float32], after: npt.NDArray[np.float32], head: Head) -> float:
-    """Share of texts on which `head` answers the same from two sets of logits (every
-    head's columns), at its own temperature and thresholds."""
-    from shared.calibration import calibrated
+    """Share of texts on which `head` answers the same (the labels that hold, or an
+    abstention, as the post-processor decides them) from two sets of logits (every head's
+    columns), at its own temperature and thresholds."""
+    from shared.calibration import calibrated, holding
 
-    columns = slice(head.start, head.stop)
-    same = decisions(calibrated(before[:, columns], head), head) == decisions(calibrated(after[:, columns], head), head)
-    return float(same.all(axis=1).mean())
+    def answers(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+        probabilities = calibrated(logits[:, head.start : head.stop], head)
+        return holding(probabilities, head.activation, head.labels, head.thresholds)
+
+    return float((answers(before) == answers(after)).all(axis=1).mean())
 
 
 def kept_heads(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from shared.calibration import calibrated
+from shared.calibration import calibrated, holding
 from shared.classification import score
 from shared.errors import InputTooLarge, InvalidInput
 from shared.model_repository import Head, ModelConfig, ModelRepository
@@ -33,10 +33,6 @@ class Aggregation(enum.Enum):
     """Token-weighted mean of the chunks' calibrated probabilities."""
     MAX_CONFIDENCE = "max_confidence"
     """The chunk with the most confident prediction decides."""
-
-
-#: A multi-label version's threshold for a label neither the version nor the request names.
-DEFAULT_SIGMOID_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -253,16 +249,9 @@ class Postprocessor:
                 chunk_weights = weights[rows_of_document] / weights[rows_of_document].max()
                 combined = (chunk_probabilities * chunk_weights[:, None]).sum(axis=0) / chunk_weights.sum()
             top = int(combined.argmax())
-            if head.activation == "sigmoid":
-                on = [
-                    labels[i]
-                    for i in np.argsort(-combined, kind="stable")
-                    if combined[i] >= limits.get(labels[i], DEFAULT_SIGMOID_THRESHOLD)
-                ]
-                abstained = not on
-            else:
-                abstained = bool(combined[top] < limits.get(labels[top], 0.0))
-                on = [] if abstained else [labels[top]]
+            holds = holding(combined[None, :], head.activation, labels, limits)[0]
+            on = [labels[i] for i in np.argsort(-combined, kind="stable") if holds[i]]  # the most probable first
+            abstained = not on
             by_label = dict(zip(labels, (float(p) for p in combined), strict=True))
             answer = HeadResult(
                 name=head.name,
